@@ -1,0 +1,166 @@
+"""The KV-capture LightningDataModule: ``prepare_data`` runs the capture, ``setup`` memory-maps it and splits it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kvprobe.capture import CaptureResult, GenerationSpec, capture
+from kvprobe.features import FeatureSpec
+from kvprobe.models import ModelSpec
+from kvprobe.prompts import PromptSpec
+from kvprobe.store import CaptureStore
+from kvprobe.tasks import TaskSpec
+
+SPLITS = ("train", "val", "test")
+
+
+class CaptureDataset(Dataset):
+    """Rows of a capture (memory-mapped shards) selected by global index."""
+
+    def __init__(self, shards: list[dict[str, torch.Tensor]], rows: list[dict], indices: list[int]):
+        self.shards, self.rows, self.indices = shards, rows, indices
+        self.where = [(s, r) for s, shard in enumerate(shards) for r in range(len(shard["response_kv"]))]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        g = self.indices[i]
+        s, r = self.where[g]
+        shard, row = self.shards[s], self.rows[g]
+        item = {"index": g, "correct": torch.tensor(float(row["correct"])), "gen_tokens": row["gen_tokens"]}
+        for name, tensor in shard.items():
+            if name not in ("token_kv", "token_offsets"):
+                item[name] = tensor[r].float()
+        for name in ("max_prob", "entropy"):
+            if row.get(name) is not None:
+                item[name] = torch.tensor(row[name], dtype=torch.float32)
+        return item
+
+    def token_kv(self, i: int) -> torch.Tensor:
+        """Per-token layer-averaged K,V of item ``i``'s response: (n_tokens, 2, kv_heads, head_dim) float32."""
+        s, r = self.where[self.indices[i]]
+        offsets = self.shards[s]["token_offsets"]
+        return self.shards[s]["token_kv"][int(offsets[r]) : int(offsets[r + 1])].float()
+
+
+@dataclass
+class SplitSpec:
+    """Train/val/test fractions of the *questions* (never of rows: variants of a question stay together).
+
+    Args:
+        train: fraction of questions for training.
+        val: fraction for model selection and calibration.
+        test: fraction for the report; nothing is tuned on it.
+        seed: permutation seed; the same seed gives the same split on any machine.
+    """
+
+    train: float = 0.6
+    val: float = 0.2
+    test: float = 0.2
+    seed: int = 0
+
+    def assign(self, qids: list[str]) -> dict[str, list[int]]:
+        total = self.train + self.val + self.test
+        if min(self.train, self.val, self.test) < 0 or abs(total - 1) > 1e-6:
+            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {self.train}, {self.val}, {self.test}")
+        unique = sorted(set(qids))
+        order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_train = round(self.train * len(unique))
+        n_val = round(self.val * len(unique))
+        split_of = {}
+        for rank, u in enumerate(order):
+            split_of[unique[u]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+        out = {name: [] for name in SPLITS}
+        for i, q in enumerate(qids):
+            out[split_of[q]].append(i)
+        return out
+
+
+class KVCaptureDataModule(L.LightningDataModule):
+    """Runs a frozen model over a task once, stores KV features, serves them as train/val/test.
+
+    Args:
+        model: which frozen model to run (alias, HF folder, GGUF file or hub id) and how.
+        task: which items.
+        prompt: chat-template prompt spec, including the mode (fast/slow).
+        generation: decoding settings, batch size and shard size.
+        features: what KV-derived tensors to store.
+        split: question-level train/val/test split.
+        cache_dir: where captures live; default ``$KVPROBE_CACHE/captures`` (``~/.cache/kvprobe/captures``).
+        batch_size: probe-training batch size of the dataloaders.
+        num_workers: dataloader workers.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec = ModelSpec(),
+        task: TaskSpec = TaskSpec(),
+        prompt: PromptSpec = PromptSpec(),
+        generation: GenerationSpec = GenerationSpec(),
+        features: FeatureSpec = FeatureSpec(),
+        split: SplitSpec = SplitSpec(),
+        cache_dir: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        # copies: the defaults above are shared instances, and specs are mutated by config overrides
+        model, task, prompt, generation, features, split = copy.deepcopy((model, task, prompt, generation, features, split))
+        self.model_spec, self.task, self.prompt = model, task, prompt
+        self.generation, self.features, self.split = generation, features, split
+        self.cache_dir, self.batch_size, self.num_workers = cache_dir, batch_size, num_workers
+        self.result: CaptureResult | None = None
+        self.datasets: dict[str, CaptureDataset] = {}
+
+    def _capture(self, rank: int = 0, world_size: int = 1, barrier=None) -> CaptureResult:
+        return capture(
+            self.model_spec, self.task, self.prompt, self.generation, self.features,
+            root=self.cache_dir, rank=rank, world_size=world_size, barrier=barrier,
+        )
+
+    def _distributed(self) -> bool:
+        return self.trainer is not None and self.trainer.world_size > 1
+
+    def prepare_data(self) -> None:
+        if not self._distributed():  # data-parallel runs capture in setup, where every rank works
+            self.result = self._capture()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.result is None:
+            if self._distributed():
+                strategy = self.trainer.strategy
+                self.result = self._capture(self.trainer.global_rank, self.trainer.world_size, strategy.barrier)
+            else:
+                self.result = self._capture()
+        shards, table = CaptureStore(self.result.path).open()
+        rows = table.to_pylist()
+        parts = self.split.assign([r["qid"] for r in rows])
+        self.datasets = {name: CaptureDataset(shards, rows, parts[name]) for name in SPLITS}
+
+    @property
+    def path(self) -> Path:
+        return self.result.path
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.split.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,74 @@
+"""The one place that reads KV caches.
+
+Every other module asks this one for per-layer (K, V) shaped (batch, kv_heads, seq, head_dim). It understands
+transformers 5.x caches (``cache.layers[i].keys/.values``), 4.5x caches (``key_cache[i]``/``value_cache[i]``) and
+legacy tuples, and refuses what it cannot read faithfully: a sliding-window layer that already dropped tokens,
+quantized or offloaded caches, linear-attention state, layers that disagree on length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class UnreadableCache(ValueError):
+    """The cache cannot be read as complete per-layer K and V."""
+
+
+def cache_of(obj):
+    """The cache inside a model/generate output, or ``obj`` itself when it already is one."""
+    for attr in ("cache", "past_key_values"):
+        cache = getattr(obj, attr, None) if not isinstance(obj, (tuple, list)) else None
+        if cache is not None:
+            return cache
+    return obj
+
+
+def _layer_kv(layer, index: int) -> KV:
+    name = type(layer).__name__
+    if "Quantized" in name:
+        raise UnreadableCache(f"layer {index} is a {name}: quantized K/V cannot be read faithfully; use a DynamicCache")
+    if "LinearAttention" in name:
+        raise UnreadableCache(f"layer {index} is a {name}: recurrent state is not a KV cache")
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if keys is None or values is None or keys.numel() == 0:
+        raise UnreadableCache(f"layer {index} ({name}) holds no keys yet: read the cache after a forward pass")
+    seen = getattr(layer, "cumulative_length", None)
+    seen = int(seen) if seen is not None else keys.shape[-2]
+    if keys.shape[-2] < seen:
+        raise UnreadableCache(
+            f"layer {index} ({name}) keeps {keys.shape[-2]} of {seen} positions: a sliding window dropped tokens, "
+            "so pooled features would silently miss the start of the sequence"
+        )
+    return keys, values
+
+
+def layer_kv(obj, device: torch.device | str | None = None) -> list[KV]:
+    """Per-layer (K, V), each (batch, kv_heads, seq, head_dim), optionally moved to ``device``.
+
+    Under ``device_map="auto"`` each layer lives on its own GPU; ``device`` gathers them where features are pooled.
+    """
+    cache = cache_of(obj)
+    if getattr(cache, "offloading", False):
+        raise UnreadableCache("the cache is offloaded: its layers are not resident; generate without offloading")
+    if hasattr(cache, "layers"):  # transformers >= 4.56 / 5.x
+        pairs = [_layer_kv(layer, i) for i, layer in enumerate(cache.layers)]
+    elif hasattr(cache, "key_cache"):  # transformers 4.4x-4.55
+        pairs = list(zip(cache.key_cache, cache.value_cache))
+    elif isinstance(cache, Sequence) and all(isinstance(p, Sequence) and len(p) >= 2 for p in cache):
+        pairs = [(p[0], p[1]) for p in cache]  # legacy tuple-of-tuples
+    else:
+        raise UnreadableCache(f"cannot read a KV cache from {type(cache).__name__}")
+    if not pairs:
+        raise UnreadableCache("the cache has no layers")
+    lengths = {k.shape[-2] for k, _ in pairs}
+    if len(lengths) != 1:
+        raise UnreadableCache(f"layers hold different numbers of positions {sorted(lengths)}: cannot align them")
+    if device is not None:
+        pairs = [(k.to(device, non_blocking=True), v.to(device, non_blocking=True)) for k, v in pairs]
+    return pairs
+

@@ -1,0 +1,256 @@
+"""Capture: generate -> grade -> KV features -> store. One process, data-parallel, or sharded over GPUs.
+
+    python -m kvprobe.capture --config configs/data/arithmetic.yaml      # the embedded model on arithmetic
+    python -m kvprobe.capture --task.name gsm8k --task.limit 32 --devices 2
+
+Nothing hooks the model: the KV cache is an ordinary output of ``generate``, and features are pooled from that
+very cache (a second forward pass would cost 5-6% of generation time; pooling costs ~0.05%).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+import kvprobe
+from kvprobe import features as F
+from kvprobe.assets import cache_dir
+from kvprobe.cache import layer_kv
+from kvprobe.features import FeatureSpec
+from kvprobe.models import LoadedModel, ModelSpec, load_model
+from kvprobe.prompts import PromptSpec, prompt_ids
+from kvprobe.store import CaptureStore, fingerprint
+from kvprobe.tasks import Item, TaskError, TaskSpec, grade, load_items
+
+
+@dataclass
+class GenerationSpec:
+    """How answers are generated.
+
+    Args:
+        max_new_tokens: cap per mode (fast answers are short; step-by-step ones need room).
+        batch_size: prompts per ``generate`` call (left-padded). Part of the fingerprint: padding changes
+            floating-point sums at the 1e-6 level, which can flip a greedy token.
+        do_sample: sample instead of greedy decoding.
+        temperature: sampling temperature (only with ``do_sample``).
+        top_p: nucleus sampling mass (only with ``do_sample``).
+        seed: sampling seed (each shard reseeds from it, so data-parallel runs sample the same tokens).
+        shard_size: items per shard on disk: the unit of resume and of data-parallel work.
+    """
+
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"fast": 32, "slow": 256})
+    batch_size: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    shard_size: int = 64
+
+
+@dataclass
+class CaptureResult:
+    path: Path
+    summary: dict
+
+
+def capture_spec(lm: LoadedModel, task: TaskSpec, prompt: PromptSpec, gen: GenerationSpec, feats: FeatureSpec) -> dict:
+    """Everything that changes what is stored. Its hash names the capture folder."""
+    return {
+        "kvprobe": kvprobe.__version__,
+        "model": {"fingerprint": lm.fingerprint, "dtype": lm.spec.dtype, "name": lm.spec.name},
+        "task": asdict(task),
+        "prompt": prompt.to_dict(),
+        "generation": asdict(gen),
+        "features": feats.to_dict(),
+    }
+
+
+def _validate(items: list[Item], ids: list[list[int]], lm: LoadedModel, max_new: int) -> None:
+    limit = lm.shape.max_positions
+    for item, prompt in zip(items, ids):
+        if limit and len(prompt) + max_new > limit:
+            raise TaskError(
+                f"item {item.qid}: prompt of {len(prompt)} tokens + max_new_tokens {max_new} exceeds the model's "
+                f"context of {limit}; shorten the question, lower generation.max_new_tokens, or drop the item"
+            )
+
+
+def _generate_batch(lm: LoadedModel, batch: list[list[int]], gen: GenerationSpec, max_new: int, feats: FeatureSpec):
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    tok = lm.tokenizer
+    width = max(len(x) for x in batch)
+    input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ids in enumerate(batch):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        mask[i, width - len(ids) :] = 1
+    eos = lm.model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [tok.eos_token_id])
+    config = GenerationConfig(
+        max_new_tokens=max_new, do_sample=gen.do_sample, pad_token_id=tok.pad_token_id, eos_token_id=eos,
+        **({"temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else {}),
+        return_dict_in_generate=True, output_hidden_states=feats.hidden_states,
+    )
+    stats = F.OutputStats()
+    device = lm.input_device
+    out = lm.model.generate(
+        input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config,
+        logits_processor=LogitsProcessorList([stats]),
+    )
+    new = out.sequences[:, width:].cpu()
+    is_eos = torch.isin(new, torch.tensor(eos))
+    finished = is_eos.any(1)
+    lengths = torch.where(finished, is_eos.int().argmax(1) + 1, torch.full_like(finished, new.shape[1], dtype=torch.long))
+    return out, new, lengths, finished, stats, width
+
+
+def _features(out, width: int, lengths: torch.Tensor, prompt_lengths: torch.Tensor, lm: LoadedModel, feats: FeatureSpec):
+    pairs = layer_kv(out, device=lm.input_device)
+    tensors = {"response_kv": F.pooled_response(pairs, width, lengths)}
+    if feats.prompt_window:
+        window = F.prompt_window(pairs, width, prompt_lengths, feats.prompt_window, feats.layer_ids(len(pairs)))
+        tensors["prompt_kv"] = window.half()
+    if feats.hidden_states:
+        tensors["hidden"] = F.pooled_hidden(out.hidden_states, lengths)
+    trajectory = F.token_trajectory(pairs, width, lengths) if feats.token_trajectory else None
+    return {k: v.cpu() for k, v in tensors.items()}, trajectory
+
+
+def _run_shard(lm, items, ids, gen, feats, prompt, progress) -> tuple[dict, list[dict]]:
+    """Generate, grade and featurise one shard's items; returns its tensors and table rows in item order."""
+    max_new = gen.max_new_tokens[prompt.mode]
+    order = sorted(range(len(items)), key=lambda i: -len(ids[i]))  # similar lengths batch with little padding
+    parts: dict[int, tuple] = {}
+    for start in range(0, len(order), gen.batch_size):
+        chunk = order[start : start + gen.batch_size]
+        prompt_lengths = torch.tensor([len(ids[i]) for i in chunk])
+        out, new, lengths, finished, stats, width = _generate_batch(lm, [ids[i] for i in chunk], gen, max_new, feats)
+        tensors, trajectory = _features(out, width, lengths, prompt_lengths, lm, feats)
+        max_prob, entropy = stats.means(lengths)
+        del out
+        for b, i in enumerate(chunk):
+            n = int(lengths[b])
+            response = lm.tokenizer.decode(new[b, :n], skip_special_tokens=True)
+            prediction, correct = grade(items[i], response)
+            row = {
+                "qid": items[i].qid, "question": items[i].question, "gold": items[i].gold,
+                "choices": json.dumps(items[i].choices) if items[i].choices else None,
+                "mode": prompt.mode, "response": response, "prediction": prediction, "correct": correct,
+                "extracted": prediction != "", "gen_tokens": n, "finished": bool(finished[b]),
+                "prompt_tokens": len(ids[i]), "model": lm.spec.name,
+            }
+            if feats.output_stats:
+                row |= {"max_prob": float(max_prob[b]), "entropy": float(entropy[b])}
+            item_tensors = {k: v[b] for k, v in tensors.items()}
+            if trajectory is not None:
+                item_tensors["token_kv"] = trajectory[b].half()
+            parts[i] = (item_tensors, row)
+        progress.tokens += int(lengths.sum())
+        progress.set_postfix(tok_s=f"{progress.tokens / max(1e-9, time.perf_counter() - progress.t0):.0f}", refresh=False)
+        progress.update(len(chunk))
+    rows = [parts[i][1] for i in range(len(items))]
+    names = parts[0][0].keys()
+    shard = {}
+    for name in names:
+        if name == "token_kv":
+            seqs = [parts[i][0][name] for i in range(len(items))]
+            shard["token_kv"] = torch.cat(seqs)
+            shard["token_offsets"] = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+        else:
+            shard[name] = torch.stack([parts[i][0][name] for i in range(len(items))])
+    return shard, rows
+
+
+def capture(
+    model: ModelSpec | None = None,
+    task: TaskSpec | None = None,
+    prompt: PromptSpec | None = None,
+    generation: GenerationSpec | None = None,
+    features: FeatureSpec | None = None,
+    root: str | Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
+    loaded: LoadedModel | None = None,
+    verbose: bool = True,
+) -> CaptureResult:
+    """Capture a task's answers and KV features into the store; reruns with the same fingerprint do no model work.
+
+    With ``world_size > 1`` each rank captures the shards ``j % world_size == rank`` and rank 0 merges the table.
+    """
+    model, task, prompt = model or ModelSpec(), task or TaskSpec(), prompt or PromptSpec()
+    generation, features = generation or GenerationSpec(), features or FeatureSpec()
+    if prompt.mode not in generation.max_new_tokens:
+        raise ValueError(f"generation.max_new_tokens has no entry for mode {prompt.mode!r}: {generation.max_new_tokens}")
+    barrier = barrier or (lambda: None)
+    items = load_items(task)  # bad task input fails here, before any model work
+    lm = loaded or load_model(model)
+    spec = capture_spec(lm, task, prompt, generation, features)
+    digest = fingerprint(spec)
+    store = CaptureStore(Path(root or cache_dir() / "captures") / f"{task.name}-{prompt.mode}-{digest[:16]}")
+    if store.complete and not store.verify():
+        return _finish(store, verbose, reused=True)
+    store.begin(spec | {"fingerprint": digest})
+    ids = [prompt_ids(item, prompt, lm.tokenizer) for item in items]
+    _validate(items, ids, lm, generation.max_new_tokens[prompt.mode])
+
+    shards = [range(s, min(s + generation.shard_size, len(items))) for s in range(0, len(items), generation.shard_size)]
+    mine = [j for j in range(len(shards)) if j % world_size == rank]
+    todo = [j for j in mine if not store.shard_ok(j)]
+    progress = tqdm(
+        total=sum(len(shards[j]) for j in todo), desc=f"capture {task.name}/{prompt.mode}" + (f" [rank {rank}]" if world_size > 1 else ""),
+        unit="item", disable=not verbose or not todo, position=rank,
+    )
+    progress.tokens, progress.t0 = 0, time.perf_counter()
+    t0 = time.perf_counter()
+    for j in todo:
+        torch.manual_seed(generation.seed + j)
+        with torch.inference_mode():
+            tensors, rows = _run_shard(lm, [items[i] for i in shards[j]], [ids[i] for i in shards[j]], generation, features, prompt, progress)
+        for r, i in zip(rows, shards[j]):
+            r["index"] = i
+        store.write_shard(j, tensors, rows)
+    progress.close()
+    seconds = time.perf_counter() - t0
+    barrier()
+    if rank == 0:
+        missing = [j for j in range(len(shards)) if not store.shard_ok(j)]
+        if missing:
+            raise RuntimeError(f"shards {missing} were not written by their ranks; rerun the capture to finish them")
+        store.finalize(len(shards), _summary(store, len(shards), seconds))
+    barrier()
+    return _finish(store, verbose and rank == 0, reused=False)
+
+
+def _summary(store: CaptureStore, n_shards: int, seconds: float) -> dict:
+    rows = store.rows(n_shards)
+    correct = sum(r["correct"] for r in rows)
+    return {
+        "items": len(rows), "correct": correct, "accuracy": correct / len(rows),
+        "extraction_failures": sum(not r["extracted"] for r in rows),
+        "unfinished": sum(not r["finished"] for r in rows),
+        "mean_gen_tokens": sum(r["gen_tokens"] for r in rows) / len(rows),
+        "capture_seconds": round(seconds, 1),
+    }
+
+
+def _finish(store: CaptureStore, verbose: bool, reused: bool) -> CaptureResult:
+    summary = store.manifest()["summary"] | {"bytes_on_disk": store.bytes_on_disk(), "reused": reused}
+    if verbose:
+        s = summary
+        print(
+            f"[kvprobe] {store.path.name}: {s['items']} items, accuracy {s['accuracy']:.1%} "
+            f"({s['correct']} correct / {s['items'] - s['correct']} wrong), {s['extraction_failures']} unextracted, "
+            f"{s['unfinished']} hit the token cap, {s['mean_gen_tokens']:.0f} tokens/answer, "
+            f"{s['capture_seconds']} s{' (reused from cache)' if reused else ''}, "
+            f"{s['bytes_on_disk'] / 1e6:.1f} MB on disk -> {store.path}",
+            flush=True,
+        )
+    return CaptureResult(store.path, summary)

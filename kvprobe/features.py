@@ -1,0 +1,144 @@
+"""KV-derived features. The same functions run at capture time and, later, live inside the decode loop.
+
+Coordinates: a batch is left-padded so every prompt ends at position ``P - 1``. A response of ``n`` tokens was
+produced by the ``n`` positions ``[P - 1, P - 1 + n)``: the last prompt position emitted the first answer token, and
+so on. Those are the response's positions here. (The last generated token is never fed back, so it has no KV; this
+definition needs none and is never empty.) Padded and finished-early positions are excluded by index, never by
+multiplying with a mask, because padded rows may hold non-finite values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from kvprobe.cache import KV
+
+
+@dataclass
+class FeatureSpec:
+    """What capture stores per item.
+
+    Args:
+        prompt_window: last positions of the prompt kept as raw KV (the difficulty probe's input, decided before
+            decoding). 0 stores none.
+        prompt_layers: layers whose prompt-window KV is stored; ``None`` stores every layer. Negative ids count
+            from the last layer.
+        token_trajectory: store the per-token, layer-averaged KV of the response (token-axis CoE), float16.
+        hidden_states: also store per-layer hidden states pooled over the response (the original CoE input;
+            for comparison; needs ``output_hidden_states`` and costs memory during generation).
+        output_stats: store mean max-probability and mean entropy of the output distribution per answer.
+    """
+
+    prompt_window: int = 8
+    prompt_layers: list[int] | None = None
+    token_trajectory: bool = True
+    hidden_states: bool = False
+    output_stats: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def layer_ids(self, n_layers: int) -> list[int]:
+        if self.prompt_layers is None:
+            return list(range(n_layers))
+        ids = [i % n_layers for i in self.prompt_layers]
+        if any(not -n_layers <= i < n_layers for i in self.prompt_layers):
+            raise ValueError(f"prompt_layers {self.prompt_layers} out of range for a model with {n_layers} layers")
+        return ids
+
+
+def response_index(prompt_end: int, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch ids, positions) of every response position in a padded batch, item by item."""
+    lengths = lengths.to("cpu")
+    batch = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    offset = torch.arange(int(lengths.sum())) - torch.repeat_interleave(starts, lengths)
+    return batch, prompt_end - 1 + offset
+
+
+def pooled_response(pairs: list[KV], prompt_end: int, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-layer K and V averaged over each item's response positions: (batch, layers, 2, kv_heads, head_dim).
+
+    Layer by layer, so no copy of the whole cache is ever made; float32 accumulation whatever the model dtype.
+    """
+    batch, pos = response_index(prompt_end, lengths)
+    out = []
+    for k, v in pairs:
+        b, p = batch.to(k.device), pos.to(k.device)
+        kv = torch.stack((k[b, :, p], v[b, :, p]), 1).float()  # (tokens, 2, heads, dim)
+        sums = torch.zeros((len(lengths),) + kv.shape[1:], dtype=torch.float32, device=k.device)
+        sums.index_add_(0, b, kv)
+        out.append((sums / lengths.to(k.device).view(-1, 1, 1, 1)).to(pairs[0][0].device))
+    return torch.stack(out, 1)
+
+
+def token_trajectory(pairs: list[KV], prompt_end: int, lengths: torch.Tensor) -> list[torch.Tensor]:
+    """Per item, the layer-averaged K and V at each response position: a list of (n_i, 2, kv_heads, head_dim)."""
+    batch, pos = response_index(prompt_end, lengths)
+    device = pairs[0][0].device
+    total = None
+    for k, v in pairs:
+        b, p = batch.to(k.device), pos.to(k.device)
+        kv = torch.stack((k[b, :, p], v[b, :, p]), 1).float().to(device)
+        total = kv if total is None else total + kv
+    return list((total / len(pairs)).split(lengths.tolist()))
+
+
+def prompt_window(pairs: list[KV], prompt_end: int, prompt_lengths: torch.Tensor, width: int, layers: list[int]) -> torch.Tensor:
+    """Raw K and V of the last ``width`` prompt positions: (batch, len(layers), 2, kv_heads, width, head_dim).
+
+    A prompt shorter than ``width`` is zero-filled on the left (its padding is never read).
+    """
+    start = prompt_end - width
+    k0 = pairs[0][0]
+    out = torch.zeros((k0.shape[0], len(layers), 2, k0.shape[1], width, k0.shape[-1]), dtype=torch.float32, device=k0.device)
+    for j, layer in enumerate(layers):
+        k, v = pairs[layer]
+        out[:, j, 0] = k[:, :, start:prompt_end].float().to(k0.device)
+        out[:, j, 1] = v[:, :, start:prompt_end].float().to(k0.device)
+    short = (prompt_lengths.to(k0.device) < width).nonzero().flatten().tolist()
+    for b in short:  # rare: only for prompts shorter than the window
+        out[b, :, :, :, : width - int(prompt_lengths[b])] = 0
+    return out
+
+
+def pooled_hidden(step_hidden: tuple, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-layer hidden states averaged over the response positions: (batch, layers + 1, hidden).
+
+    ``step_hidden`` is ``generate(..., output_hidden_states=True).hidden_states``: step 0 covers the prompt
+    (its last position produced the first token), each later step one position.
+    """
+    per_step = [torch.stack([h[:, -1] for h in step], 1).float() for step in step_hidden]  # (batch, layers+1, hidden)
+    stacked = torch.stack(per_step, 1)  # (batch, steps, layers+1, hidden)
+    keep = torch.arange(stacked.shape[1], device=stacked.device)[None] < lengths.to(stacked.device)[:, None]
+    summed = torch.where(keep[:, :, None, None], stacked, torch.zeros((), device=stacked.device)).sum(1)
+    return summed / lengths.to(stacked.device).view(-1, 1, 1)
+
+
+class OutputStats:
+    """A logits processor that records max-probability and entropy of each step's distribution, unchanged.
+
+    Keeping these two numbers per step avoids holding every step's full logits (vocab x steps x batch).
+    """
+
+    def __init__(self):
+        self.max_prob: list[torch.Tensor] = []
+        self.entropy: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(scores.float(), -1)
+        p = logp.exp()
+        self.max_prob.append(p.max(-1).values)
+        self.entropy.append(-(p * logp).nan_to_num().sum(-1))
+        return scores
+
+    def means(self, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean max-prob and mean entropy over each item's own generated tokens."""
+        keep = torch.arange(len(self.max_prob))[None] < lengths.cpu()[:, None]
+        out = []
+        for series in (self.max_prob, self.entropy):
+            values = torch.stack(series, 1).cpu()
+            out.append(torch.where(keep, values, 0).sum(1) / lengths.cpu())
+        return out[0], out[1]

