@@ -23,7 +23,8 @@ from kvprobe import features as F
 from kvprobe.assets import cache_dir
 from kvprobe.cache import layer_kv
 from kvprobe.features import FeatureSpec
-from kvprobe.models import LoadedModel, ModelSpec, load_model
+from kvprobe.models import LoadedModel, ModelSpec, load_model, load_tokenizer, model_shape
+from kvprobe.models import fingerprint as model_fingerprint
 from kvprobe.prompts import PromptSpec, prompt_ids
 from kvprobe.store import CaptureStore, fingerprint
 from kvprobe.tasks import Item, TaskError, TaskSpec, grade, load_items
@@ -59,11 +60,11 @@ class CaptureResult:
     summary: dict
 
 
-def capture_spec(lm: LoadedModel, task: TaskSpec, prompt: PromptSpec, gen: GenerationSpec, feats: FeatureSpec) -> dict:
-    """Everything that changes what is stored. Its hash names the capture folder."""
+def capture_spec(model: ModelSpec, task: TaskSpec, prompt: PromptSpec, gen: GenerationSpec, feats: FeatureSpec) -> dict:
+    """Everything that changes what is stored. Its hash names the capture folder. Loads no weights."""
     return {
         "kvprobe": kvprobe.__version__,
-        "model": {"fingerprint": lm.fingerprint, "dtype": lm.spec.dtype, "name": lm.spec.name},
+        "model": {"fingerprint": model_fingerprint(model)[1], "dtype": model.dtype, "name": model.name},
         "task": asdict(task),
         "prompt": prompt.to_dict(),
         "generation": asdict(gen),
@@ -71,8 +72,15 @@ def capture_spec(lm: LoadedModel, task: TaskSpec, prompt: PromptSpec, gen: Gener
     }
 
 
-def _validate(items: list[Item], ids: list[list[int]], lm: LoadedModel, max_new: int) -> None:
-    limit = lm.shape.max_positions
+def _context_length(model: ModelSpec, loaded: LoadedModel | None) -> int | None:
+    if loaded:
+        return loaded.shape.max_positions
+    from transformers import AutoConfig
+
+    return model_shape(AutoConfig.from_pretrained(model_fingerprint(model)[0])).max_positions
+
+
+def _validate(items: list[Item], ids: list[list[int]], limit: int | None, max_new: int) -> None:
     for item, prompt in zip(items, ids):
         if limit and len(prompt) + max_new > limit:
             raise TaskError(
@@ -191,15 +199,17 @@ def capture(
         raise ValueError(f"generation.max_new_tokens has no entry for mode {prompt.mode!r}: {generation.max_new_tokens}")
     barrier = barrier or (lambda: None)
     items = load_items(task)  # bad task input fails here, before any model work
-    lm = loaded or load_model(model)
-    spec = capture_spec(lm, task, prompt, generation, features)
+    model = loaded.spec if loaded else model
+    spec = capture_spec(model, task, prompt, generation, features)
     digest = fingerprint(spec)
     store = CaptureStore(Path(root or cache_dir() / "captures") / f"{task.name}-{prompt.mode}-{digest[:16]}")
     if store.complete and not store.verify():
         return _finish(store, verbose, reused=True)
+    tokenizer = loaded.tokenizer if loaded else load_tokenizer(model_fingerprint(model)[0])
+    ids = [prompt_ids(item, prompt, tokenizer) for item in items]
+    _validate(items, ids, _context_length(model, loaded), generation.max_new_tokens[prompt.mode])
     store.begin(spec | {"fingerprint": digest})
-    ids = [prompt_ids(item, prompt, lm.tokenizer) for item in items]
-    _validate(items, ids, lm, generation.max_new_tokens[prompt.mode])
+    lm = loaded or load_model(model)
 
     shards = [range(s, min(s + generation.shard_size, len(items))) for s in range(0, len(items), generation.shard_size)]
     mine = [j for j in range(len(shards)) if j % world_size == rank]
@@ -254,3 +264,30 @@ def _finish(store: CaptureStore, verbose: bool, reused: bool) -> CaptureResult:
             flush=True,
         )
     return CaptureResult(store.path, summary)
+
+
+def _capture_rank(fabric, datamodule) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads() // fabric.world_size))  # share the cores, don't fight
+    datamodule._capture(fabric.global_rank, fabric.world_size, fabric.barrier)
+
+
+def main(argv: list[str] | None = None) -> CaptureResult:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from datamodules import KVCaptureDataModule
+
+    parser = ArgumentParser(prog="python -m kvprobe.capture", description="Capture answers and KV features of a task.")
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with a `data:` section (see configs/)")
+    parser.add_class_arguments(KVCaptureDataModule, "data")
+    parser.add_argument("--devices", type=int, default=1, help="data-parallel processes (gloo on CPU, one GPU each on CUDA)")
+    cfg = parser.parse_args(argv)
+    datamodule = parser.instantiate_classes(cfg).data
+    if cfg.devices > 1:
+        from lightning.fabric import Fabric
+
+        Fabric(accelerator="auto", devices=cfg.devices, strategy="ddp_spawn").launch(_capture_rank, datamodule)
+    return datamodule._capture()  # complete now: reads the manifest and prints the summary
+
+
+if __name__ == "__main__":
+    main()

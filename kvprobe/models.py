@@ -112,32 +112,43 @@ def resolve(name: str) -> tuple[str, str]:
         raise FileNotFoundError(
             f"model {name!r} is neither an embedded alias ({', '.join(assets.EMBEDDED)}), a HF folder nor a .gguf file"
         )
-    return name, "hub:" + name  # a hub id: completed with the commit hash after loading
+    return name, "hub:" + name  # a hub id (needs a network): pin a revision by downloading it to a folder
+
+
+def fingerprint(spec: ModelSpec) -> tuple[str, str]:
+    """(what to load, content fingerprint of base weights + adapter), without loading any weights."""
+    source, digest = resolve(spec.name)
+    if spec.adapter:
+        adapter = Path(spec.adapter).expanduser()
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter {adapter} holds no adapter_config.json: not a PEFT adapter folder")
+        digest += "+adapter:" + _folder_fingerprint(adapter)
+    return source, digest
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if spec.dtype not in DTYPES:
         raise ValueError(f"dtype {spec.dtype!r} is not one of {sorted(DTYPES)}")
-    source, fingerprint = resolve(spec.name)
+    source, digest = fingerprint(spec)
     kwargs = {"dtype": DTYPES[spec.dtype]}
     if spec.device_map is not None:
         kwargs["device_map"] = spec.device_map
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if fingerprint.startswith("hub:"):
-        fingerprint += "@" + str(getattr(model.config, "_commit_hash", None))
     if spec.adapter:
         from peft import PeftModel
 
-        adapter = Path(spec.adapter).expanduser()
-        if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"adapter {adapter} holds no adapter_config.json: not a PEFT adapter folder")
-        model = PeftModel.from_pretrained(model, str(adapter))
-        fingerprint += "+adapter:" + _folder_fingerprint(adapter)
+        model = PeftModel.from_pretrained(model, str(Path(spec.adapter).expanduser()))
     model.eval().requires_grad_(False)
+    return LoadedModel(model, load_tokenizer(source), spec, source, digest, model_shape(model.config))
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token_id is None:  # batched generation needs a pad id; eos is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return LoadedModel(model, tokenizer, spec, source, fingerprint, model_shape(model.config))
+    return tokenizer

@@ -1,0 +1,180 @@
+"""Capture end to end on tiny models: store layout, fingerprint reuse, resume, corruption, data-parallel, PEFT."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from datamodules import KVCaptureDataModule, SplitSpec
+from kvprobe.capture import GenerationSpec, capture, main
+from kvprobe.features import FeatureSpec
+from kvprobe.models import ModelSpec, load_model
+from kvprobe.prompts import PromptSpec
+from kvprobe.store import CaptureStore
+from kvprobe.tasks import TaskError, TaskSpec
+
+TASK = TaskSpec("arithmetic", params={"n": 10, "seed": 1})
+GEN = GenerationSpec(max_new_tokens={"fast": 6, "slow": 10}, batch_size=3, shard_size=4)
+
+
+def run(tiny, root, **kw):
+    args = dict(model=ModelSpec(name=str(tiny)), task=TASK, prompt=PromptSpec(), generation=GEN, features=FeatureSpec(prompt_window=4), root=root, verbose=False)
+    return capture(**(args | kw))
+
+
+def shard_tensors(path):
+    # copies: load_file memory-maps, and some tests truncate the files afterwards
+    return [{k: v.clone() for k, v in load_file(f).items()} for f in sorted(path.glob("shard-*.safetensors"))]
+
+
+class CountingModel:
+    """Wraps a LoadedModel's generate to count (or forbid) model work."""
+
+    def __init__(self, lm, fail_on_call=None):
+        self.calls, self.fail_on_call, self.inner = 0, fail_on_call, lm.model.generate
+        lm.model.generate = self
+
+    def __call__(self, *a, **k):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise KeyboardInterrupt("simulated interruption")
+        return self.inner(*a, **k)
+
+
+def test_store_layout_and_table(tiny, tmp_path):
+    result = run(tiny, tmp_path)
+    files = {f.name for f in result.path.iterdir()}
+    assert {"spec.json", "manifest.json", "table.parquet", "shard-00000.safetensors", "shard-00002.done.json"} <= files
+    rows = pq.read_table(result.path / "table.parquet").to_pylist()
+    assert [r["index"] for r in rows] == list(range(10))
+    assert {"qid", "question", "gold", "response", "prediction", "correct", "gen_tokens", "mode", "max_prob", "entropy"} <= rows[0].keys()
+    shards = shard_tensors(result.path)
+    lm = load_model(ModelSpec(name=str(tiny)))
+    s = lm.shape
+    assert shards[0]["response_kv"].shape == (4, s.layers, 2, s.kv_heads, s.head_dim)
+    assert shards[0]["prompt_kv"].shape == (4, s.layers, 2, s.kv_heads, 4, s.head_dim)
+    offsets = shards[0]["token_offsets"]
+    assert offsets[-1] == len(shards[0]["token_kv"]) and (offsets.diff() == torch.tensor([r["gen_tokens"] for r in rows[:4]])).all()
+    assert result.summary["items"] == 10 and result.summary["bytes_on_disk"] > 0
+
+
+def test_rerun_with_same_fingerprint_does_no_model_work(tiny, tmp_path, monkeypatch):
+    first = run(tiny, tmp_path)
+    with monkeypatch.context() as m:  # not even a model load
+        m.setattr("kvprobe.capture.load_model", lambda spec: pytest.fail("the model was loaded on a cached rerun"))
+        assert run(tiny, tmp_path).summary["reused"]
+    lm = load_model(ModelSpec(name=str(tiny)))
+    counter = CountingModel(lm)
+    second = run(tiny, tmp_path, loaded=lm)
+    assert counter.calls == 0 and second.path == first.path and second.summary["reused"]
+    third = run(tiny, tmp_path, loaded=lm, prompt=PromptSpec(mode="fast"))  # another prompt: another fingerprint
+    assert counter.calls > 0 and third.path != first.path
+
+
+def test_interrupted_run_resumes_from_finished_shards(tiny, tmp_path):
+    lm = load_model(ModelSpec(name=str(tiny)))
+    counter = CountingModel(lm, fail_on_call=3)  # shard 0 = 2 batches, then die inside shard 1
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, tmp_path, loaded=lm)
+    [path] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert (path / "shard-00000.done.json").is_file() and not (path / "shard-00001.done.json").exists()
+    assert not (path / "manifest.json").exists()
+    counter.calls, counter.fail_on_call = 0, None
+    result = run(tiny, tmp_path, loaded=lm)
+    assert counter.calls == 3  # shard 1 (4 items: 2 batches) and shard 2 (2 items: 1 batch) only
+    reference = run(tiny, tmp_path / "fresh")
+    for a, b in zip(shard_tensors(result.path), shard_tensors(reference.path)):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name])
+
+
+def test_corrupt_shard_is_detected_and_recomputed(tiny, tmp_path):
+    result = run(tiny, tmp_path)
+    before = shard_tensors(result.path)
+    target = result.path / "shard-00001.safetensors"
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])  # truncated
+    lm = load_model(ModelSpec(name=str(tiny)))
+    counter = CountingModel(lm)
+    with pytest.warns(UserWarning, match="shard 1 is corrupt"):
+        again = run(tiny, tmp_path, loaded=lm)
+    assert counter.calls == 2  # only shard 1's two batches
+    for a, b in zip(before, shard_tensors(again.path)):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name])
+    with pytest.raises(Exception):  # the datamodule refuses to read a damaged capture it cannot repair
+        (again.path / "manifest.json").unlink()
+        CaptureStore(again.path).open()
+
+
+def test_two_process_capture_equals_one_process(tiny, tmp_path):
+    base = ["--data.model.name", str(tiny), "--data.task.name", "arithmetic", "--data.task.params", '{"n": 10, "seed": 1}',
+            "--data.generation.max_new_tokens", '{"fast": 6, "slow": 10}', "--data.generation.batch_size", "3",
+            "--data.generation.shard_size", "4", "--data.features.prompt_window", "4"]
+    one = main(base + ["--data.cache_dir", str(tmp_path / "one")])
+    two = main(base + ["--data.cache_dir", str(tmp_path / "two"), "--devices", "2"])
+    assert one.path.name == two.path.name  # world size is not part of the fingerprint
+    for a, b in zip(shard_tensors(one.path), shard_tensors(two.path), strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            tol = 2e-3 if a[name].dtype == torch.float16 else 1e-5  # fp16 storage: one rounding step apart at most
+            torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol)
+    t1, t2 = (pq.read_table(p / "table.parquet").to_pylist() for p in (one.path, two.path))
+    assert [r["response"] for r in t1] == [r["response"] for r in t2]
+
+
+def test_peft_adapter_changes_captured_tensors(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, target_modules=["k_proj", "v_proj"], init_lora_weights=False)  # random B: a real change
+    get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    plain = run(tiny, tmp_path / "caps")
+    adapted = run(tiny, tmp_path / "caps", model=ModelSpec(name=str(tiny), adapter=str(tmp_path / "adapter")))
+    assert plain.path != adapted.path
+    a, b = shard_tensors(plain.path)[0], shard_tensors(adapted.path)[0]
+    assert not torch.allclose(a["response_kv"], b["response_kv"], atol=1e-3)
+
+
+def test_datamodule_splits_by_question_and_serves_batches(tiny, tmp_path):
+    dm = KVCaptureDataModule(model=ModelSpec(name=str(tiny)), task=TASK, generation=GEN, features=FeatureSpec(prompt_window=4),
+                             split=SplitSpec(0.6, 0.2, 0.2, seed=5), cache_dir=str(tmp_path), batch_size=4)
+    dm.prepare_data()
+    dm.setup("fit")
+    qids = {name: {dm.datasets[name].rows[i]["qid"] for i in dm.datasets[name].indices} for name in ("train", "val", "test")}
+    assert not (qids["train"] & qids["val"]) and not (qids["train"] & qids["test"]) and not (qids["val"] & qids["test"])
+    assert sum(map(len, qids.values())) == 10 and len(qids["train"]) == 6
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["response_kv"].dtype == torch.float32 and batch["response_kv"].shape[0] == 4
+    assert batch["correct"].shape == (4,)
+    traj = dm.datasets["test"].token_kv(0)
+    assert traj.shape[0] == dm.datasets["test"].rows[dm.datasets["test"].indices[0]]["gen_tokens"]
+    again = SplitSpec(0.6, 0.2, 0.2, seed=5).assign([f"q{i % 4}" for i in range(12)])  # repeated questions stay together
+    owners = {f"q{i % 4}": name for name, idx in again.items() for i in idx}
+    assert all(owners[f"q{i % 4}"] == name for name, idx in again.items() for i in idx)
+
+
+def test_bad_input_is_named_and_loses_nothing(tiny, tmp_path):
+    done = run(tiny, tmp_path)
+    with pytest.raises(TaskError, match="unknown task 'gsm9k'.*known tasks"):
+        run(tiny, tmp_path, task=TaskSpec("gsm9k"))
+    with pytest.raises(FileNotFoundError, match="neither an embedded alias"):
+        run(tiny, tmp_path, model=ModelSpec(name="./no-such-model"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
+    with pytest.raises(TaskError, match=r"item 1 .*missing field 'answer'.*answer_field"):
+        run(tiny, tmp_path, task=TaskSpec("jsonl", params={"path": str(bad)}))
+    bad.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": 4\n')
+    with pytest.raises(TaskError, match=r"bad.jsonl:2: malformed JSON"):
+        run(tiny, tmp_path, task=TaskSpec("jsonl", params={"path": str(bad)}))
+    bad.write_text('{"question": "  ", "answer": "2"}\n')
+    with pytest.raises(TaskError, match="jsonl/0 .*empty question"):
+        run(tiny, tmp_path, task=TaskSpec("jsonl", params={"path": str(bad)}))
+    bad.write_text(json.dumps({"question": "1 + " * 400 + "1?", "answer": "401"}) + "\n")
+    with pytest.raises(TaskError, match="item jsonl/0: prompt of .* exceeds the model's context"):
+        run(tiny, tmp_path, task=TaskSpec("jsonl", params={"path": str(bad)}))
+    assert CaptureStore(done.path).complete and not CaptureStore(done.path).verify()
