@@ -27,7 +27,7 @@ from kvprobe.models import LoadedModel, ModelSpec, load_model, load_tokenizer, m
 from kvprobe.models import fingerprint as model_fingerprint
 from kvprobe.prompts import PromptSpec, prompt_ids
 from kvprobe.store import CaptureStore, fingerprint
-from kvprobe.tasks import Item, TaskError, TaskSpec, grade, load_items
+from kvprobe.tasks import GRADING_VERSION, Item, TaskError, TaskSpec, grade, load_items
 
 
 @dataclass
@@ -64,6 +64,7 @@ def capture_spec(model: ModelSpec, task: TaskSpec, prompt: PromptSpec, gen: Gene
     """Everything that changes what is stored. Its hash names the capture folder. Loads no weights."""
     return {
         "kvprobe": kvprobe.__version__,
+        "grading": GRADING_VERSION,
         "model": {"fingerprint": model_fingerprint(model)[1], "dtype": model.dtype, "name": model.name},
         "task": asdict(task),
         "prompt": prompt.to_dict(),

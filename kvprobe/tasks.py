@@ -18,6 +18,7 @@ from typing import Any, Callable
 from kvprobe.assets import package_dir
 
 LETTERS = "ABCDEFGHIJ"
+GRADING_VERSION = 2  # part of every capture's fingerprint: bump when grading changes, so stale grades are redone
 
 
 @dataclass(frozen=True)
@@ -264,20 +265,29 @@ def grade_math(response: str, gold: str) -> tuple[str, bool]:
     return shown, bool(verify(gold_parsed, pred, timeout_seconds=None))
 
 
-_LETTER_PATTERNS = (
-    re.compile(r"answer\s*(?:is)?\s*[:=]?\s*\(?([A-J])\b\)?", re.IGNORECASE),
-    re.compile(r"^\s*\(?([A-J])[\).:]", re.MULTILINE),
-    re.compile(r"^\s*([A-J])\s*$", re.MULTILINE),
-)
+_STATED = re.compile(r"answer\s*(?:is)?\s*[:=]?\s*\(?([A-J])\b\)?", re.IGNORECASE)
+_LINE_LETTER = re.compile(r"^\s*\(?([A-J])[\).:]", re.MULTILINE)
+_BARE_LETTER = re.compile(r"^\s*\(?([A-J])\)?\s*$", re.MULTILINE)
 
 
 def grade_choice(response: str, gold: str, choices: tuple[str, ...]) -> tuple[str, bool]:
-    """(letter, correct). A letter stated as the answer wins; else a choice quoted verbatim; '' when neither."""
+    """(letter, correct), or ('', False) when no single choice is named (an extraction failure).
+
+    A letter stated as the answer wins. A response that merely lists several choices ("A. ...\nB. ...") names
+    none of them, so it is a failure rather than a vote for its last line. Else a lone letter, else the text of
+    exactly one choice quoted verbatim.
+    """
     valid = LETTERS[: len(choices)]
-    for pattern in _LETTER_PATTERNS:
-        found = [m.group(1).upper() for m in pattern.finditer(response) if m.group(1).upper() in valid]
-        if found:
-            return found[-1], found[-1] == gold
+    stated = [m.group(1).upper() for m in _STATED.finditer(response) if m.group(1).upper() in valid]
+    if stated:
+        return stated[-1], stated[-1] == gold
+    for pattern in (_LINE_LETTER, _BARE_LETTER):
+        named = {m.group(1).upper() for m in pattern.finditer(response)} & set(valid)
+        if len(named) == 1:
+            letter = named.pop()
+            return letter, letter == gold
+        if len(named) > 1:
+            return "", False
     lowered = response.lower()
     quoted = [LETTERS[i] for i, c in enumerate(choices) if c.strip() and c.strip().lower() in lowered]
     if len(quoted) == 1:
