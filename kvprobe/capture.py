@@ -210,11 +210,11 @@ def capture(
     ids = [prompt_ids(item, prompt, tokenizer) for item in items]
     _validate(items, ids, _context_length(model, loaded), generation.max_new_tokens[prompt.mode])
     store.begin(spec | {"fingerprint": digest})
-    lm = loaded or load_model(model)
 
     shards = [range(s, min(s + generation.shard_size, len(items))) for s in range(0, len(items), generation.shard_size)]
     mine = [j for j in range(len(shards)) if j % world_size == rank]
     todo = [j for j in mine if not store.shard_ok(j)]
+    lm = loaded or (load_model(model) if todo else None)  # only a merge left to do: no weights needed
     progress = tqdm(
         total=sum(len(shards[j]) for j in todo), desc=f"capture {task.name}/{prompt.mode}" + (f" [rank {rank}]" if world_size > 1 else ""),
         unit="item", disable=not verbose or not todo, position=rank,
