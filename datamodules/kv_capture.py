@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from kvprobe.baselines import label_free_scores
 from kvprobe.capture import CaptureResult, GenerationSpec, capture
 from kvprobe.features import FeatureSpec
 from kvprobe.models import ModelSpec
@@ -23,8 +24,8 @@ SPLITS = ("train", "val", "test")
 class CaptureDataset(Dataset):
     """Rows of a capture (memory-mapped shards) selected by global index."""
 
-    def __init__(self, shards: list[dict[str, torch.Tensor]], rows: list[dict], indices: list[int]):
-        self.shards, self.rows, self.indices = shards, rows, indices
+    def __init__(self, shards: list[dict[str, torch.Tensor]], rows: list[dict], indices: list[int], scores: dict[str, torch.Tensor]):
+        self.shards, self.rows, self.indices, self.scores = shards, rows, indices, scores
         self.where = [(s, r) for s, shard in enumerate(shards) for r in range(len(shard["response_kv"]))]
 
     def __len__(self) -> int:
@@ -38,9 +39,7 @@ class CaptureDataset(Dataset):
         for name, tensor in shard.items():
             if name not in ("token_kv", "token_offsets"):
                 item[name] = tensor[r].float()
-        for name in ("max_prob", "entropy"):
-            if row.get(name) is not None:
-                item[name] = torch.tensor(row[name], dtype=torch.float32)
+        item["scores"] = {name: values[g] for name, values in self.scores.items()}
         return item
 
     def token_kv(self, i: int) -> torch.Tensor:
@@ -144,7 +143,8 @@ class KVCaptureDataModule(L.LightningDataModule):
         shards, table = CaptureStore(self.result.path).open()
         rows = table.to_pylist()
         parts = self.split.assign([r["qid"] for r in rows])
-        self.datasets = {name: CaptureDataset(shards, rows, parts[name]) for name in SPLITS}
+        scores = label_free_scores(shards, rows)
+        self.datasets = {name: CaptureDataset(shards, rows, parts[name], scores) for name in SPLITS}
 
     @property
     def path(self) -> Path:

@@ -62,23 +62,19 @@ class CaptureResult:
 
 def capture_spec(model: ModelSpec, task: TaskSpec, prompt: PromptSpec, gen: GenerationSpec, feats: FeatureSpec) -> dict:
     """Everything that changes what is stored. Its hash names the capture folder. Loads no weights."""
+    from transformers import AutoConfig
+
+    source, digest = model_fingerprint(model)
     return {
         "kvprobe": kvprobe.__version__,
+        "shape": asdict(model_shape(AutoConfig.from_pretrained(source))),
         "grading": GRADING_VERSION,
-        "model": {"fingerprint": model_fingerprint(model)[1], "dtype": model.dtype, "name": model.name},
+        "model": {"fingerprint": digest, "dtype": model.dtype, "name": model.name},
         "task": asdict(task),
         "prompt": prompt.to_dict(),
         "generation": asdict(gen),
         "features": feats.to_dict(),
     }
-
-
-def _context_length(model: ModelSpec, loaded: LoadedModel | None) -> int | None:
-    if loaded:
-        return loaded.shape.max_positions
-    from transformers import AutoConfig
-
-    return model_shape(AutoConfig.from_pretrained(model_fingerprint(model)[0])).max_positions
 
 
 def _validate(items: list[Item], ids: list[list[int]], limit: int | None, max_new: int) -> None:
@@ -208,7 +204,7 @@ def capture(
         return _finish(store, verbose, reused=True)
     tokenizer = loaded.tokenizer if loaded else load_tokenizer(model_fingerprint(model)[0])
     ids = [prompt_ids(item, prompt, tokenizer) for item in items]
-    _validate(items, ids, _context_length(model, loaded), generation.max_new_tokens[prompt.mode])
+    _validate(items, ids, spec["shape"]["max_positions"], generation.max_new_tokens[prompt.mode])
     store.begin(spec | {"fingerprint": digest})
 
     shards = [range(s, min(s + generation.shard_size, len(items))) for s in range(0, len(items), generation.shard_size)]

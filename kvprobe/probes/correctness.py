@@ -1,0 +1,178 @@
+"""Correctness probe: is this answer right? A small head on the answer's per-layer KV (or hidden states).
+
+Inputs are standardised with statistics of the training split; the loss is BCE in float32; after training the
+logits are calibrated on the validation split only (temperature or isotonic). ``source="hidden"`` trains the very
+same class on pooled hidden states, so KV-versus-hidden-state comparisons use equal machinery.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+from kvprobe import calibration
+from kvprobe.features import probe_input
+from kvprobe.metrics import score_metrics
+
+SOURCES = {"kv": "response_kv", "prompt_kv": "prompt_kv", "hidden": "hidden"}
+COE_INPUTS = ("kv_coe_r_layer", "kv_coe_c_layer", "kv_coe_r_token", "kv_coe_c_token")
+
+
+class CorrectnessProbe(L.LightningModule):
+    """A linear or MLP head over the answer's KV trajectory; outputs a calibrated P(correct).
+
+    Args:
+        source: ``kv`` (per-layer KV pooled over the response), ``prompt_kv`` (the prompt's last positions, known
+            before any answer token) or ``hidden`` (per-layer hidden states pooled over the response).
+        layers: layer ids to use (negative counts from the last); ``null`` = all.
+        kv: ``k``, ``v`` or ``both`` (ignored for hidden states).
+        head_pool: ``flatten`` keeps each KV head; ``mean`` averages heads.
+        layer_pool: ``flatten`` keeps each layer (the trajectory); ``mean``/``sum`` pool it away.
+        coe_features: append the label-free KV-CoE scores (layer and token axis) to the input.
+        head: ``linear`` (logistic regression) or ``mlp`` (one hidden layer).
+        hidden_dim: width of the MLP's hidden layer.
+        dropout: dropout on the standardised input.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay (the L2 strength of the linear head).
+        calibration: ``temperature``, ``isotonic`` or ``none``; fitted on the validation split only.
+        input_dim: set automatically from the data; given when a probe is reloaded.
+    """
+
+    def __init__(
+        self,
+        source: str = "kv",
+        layers: list[int] | None = None,
+        kv: str = "both",
+        head_pool: str = "flatten",
+        layer_pool: str = "flatten",
+        coe_features: bool = False,
+        head: str = "linear",
+        hidden_dim: int = 64,
+        dropout: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        calibration: str = "temperature",
+        input_dim: int | None = None,
+    ):
+        super().__init__()
+        if source not in SOURCES or kv not in ("k", "v", "both") or head not in ("linear", "mlp"):
+            raise ValueError(f"bad probe config: source={source!r} kv={kv!r} head={head!r}")
+        if calibration not in ("temperature", "isotonic", "none"):
+            raise ValueError(f"calibration {calibration!r} is not temperature, isotonic or none")
+        self.save_hyperparameters()
+        self.net: nn.Module | None = None
+        self.register_buffer("temperature", torch.ones(()))
+        self.register_buffer("iso_x", torch.zeros(0))
+        self.register_buffer("iso_y", torch.zeros(0))
+        if input_dim is not None:
+            self._build(input_dim)
+        self._outputs: list[dict] = []
+        self.test_results: dict[str, dict[str, float]] = {}
+        self.test_outputs: dict[str, torch.Tensor] = {}
+
+    # --- inputs -------------------------------------------------------------------------------------------
+    def inputs(self, batch: dict) -> torch.Tensor:
+        hp = self.hparams
+        key = SOURCES[hp.source]
+        if key not in batch:
+            raise KeyError(f"probe source {hp.source!r} needs {key!r} in the capture; capture with the matching feature flag")
+        x = batch[key].float()
+        if hp.source == "prompt_kv":
+            x = x.mean(-2)  # (batch, layers, 2, heads, window, dim) -> mean over the window
+        if hp.source == "hidden":
+            x = x[:, [i % x.shape[1] for i in hp.layers]] if hp.layers is not None else x
+            x = x.mean(1) if hp.layer_pool == "mean" else x.sum(1) if hp.layer_pool == "sum" else x.flatten(1)
+        else:
+            x = probe_input(x, hp.layers, hp.kv, hp.head_pool, hp.layer_pool)
+        if hp.coe_features:
+            x = torch.cat([x] + [batch["scores"][name].float()[:, None] for name in COE_INPUTS if name in batch["scores"]], 1)
+        return x
+
+    def _build(self, dim: int) -> None:
+        self.hparams.input_dim = dim
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        hp = self.hparams
+        if hp.head == "linear":
+            self.net = nn.Sequential(nn.Dropout(hp.dropout), nn.Linear(dim, 1))
+        else:
+            self.net = nn.Sequential(nn.Dropout(hp.dropout), nn.Linear(dim, hp.hidden_dim), nn.GELU(), nn.Linear(hp.hidden_dim, 1))
+
+    def setup(self, stage: str) -> None:
+        if self.net is not None or stage != "fit":
+            return
+        xs = torch.cat([self.inputs(b) for b in self.trainer.datamodule.train_dataloader()])
+        self._build(xs.shape[1])
+        self.mean.copy_(xs.mean(0))
+        self.std.copy_(xs.std(0).clamp_min(1e-6))
+
+    # --- model --------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw logits of 'correct' for already-pooled inputs."""
+        return self.net((x.float() - self.mean) / self.std).squeeze(-1)
+
+    def probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated P(correct) from raw logits."""
+        if self.hparams.calibration == "isotonic" and len(self.iso_x):
+            return calibration.apply_isotonic(logits, self.iso_x, self.iso_y)
+        return torch.sigmoid(logits / self.temperature)
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        logits = self(self.inputs(batch))
+        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["correct"].float())
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "train", on_epoch=True, on_step=False, batch_size=len(logits))
+        return loss if stage == "train" else logits
+
+    def training_step(self, batch: dict, _) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, _) -> None:
+        self._outputs.append({"logits": self._step(batch, "val"), "correct": batch["correct"]})
+
+    def on_validation_epoch_end(self) -> None:
+        logits = torch.cat([o["logits"] for o in self._outputs])
+        labels = torch.cat([o["correct"] for o in self._outputs]).long()
+        self._outputs.clear()
+        if labels.min() != labels.max():
+            from torchmetrics.functional.classification import binary_auroc
+
+            self.log("val/auroc", binary_auroc(logits, labels), prog_bar=True)
+        else:
+            self.log("val/auroc", torch.tensor(0.5))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # --- calibration and test -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, val_loader) -> None:
+        """Fit the calibration map on validation answers only."""
+        self.eval()
+        logits, labels = [], []
+        for batch in val_loader:
+            logits.append(self(self.inputs(batch)))
+            labels.append(batch["correct"])
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        if self.hparams.calibration == "temperature":
+            with torch.enable_grad():
+                self.temperature.fill_(calibration.fit_temperature(logits, labels))
+        elif self.hparams.calibration == "isotonic":
+            self.iso_x, self.iso_y = calibration.fit_isotonic(logits, labels)
+
+    def test_step(self, batch: dict, _) -> None:
+        out = {"probe": self.probability(self(self.inputs(batch))), "correct": batch["correct"]}
+        out |= {name: value for name, value in batch["scores"].items()}
+        self._outputs.append(out)
+
+    def on_test_epoch_end(self) -> None:
+        cols = {k: torch.cat([o[k] for o in self._outputs]).float().cpu() for k in self._outputs[0]}
+        self._outputs.clear()
+        labels = cols.pop("correct").long()
+        self.test_outputs = cols | {"correct": labels}
+        self.test_results = {name: score_metrics(s, labels, is_probability=name == "probe") for name, s in cols.items()}
+        for name, values in self.test_results.items():
+            for metric, v in values.items():
+                self.log(f"test/{name}/{metric}", v)
+        self.log("test/items", float(len(labels)))
+        self.log("test/correct_share", labels.float().mean())
