@@ -128,7 +128,7 @@ class KVCaptureDataModule(L.LightningDataModule):
         return self.trainer is not None and self.trainer.world_size > 1
 
     def prepare_data(self) -> None:
-        if not self._distributed():  # data-parallel runs capture in setup, where every rank works
+        if self.result is None and not self._distributed():  # data-parallel captures in setup, on every rank
             self.result = self._capture()
 
     def setup(self, stage: str | None = None) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from kvprobe.assets import package_dir
 
 LETTERS = "ABCDEFGHIJ"
-GRADING_VERSION = 2  # part of every capture's fingerprint: bump when grading changes, so stale grades are redone
+GRADING_VERSION = 3  # part of every capture's fingerprint: bump when grading changes, so stale grades are redone
 
 
 @dataclass(frozen=True)
@@ -132,20 +132,28 @@ def _asdiv(**_) -> list[Item]:
     return items
 
 
-def _arithmetic(n: int = 256, seed: int = 0, terms: int = 2, digits: int = 1, operators: str = "+-*", **_) -> list[Item]:
-    """Seeded expressions like ``7 + 3 * 4`` with exact integer answers (usual precedence).
+def _arithmetic(n: int = 240, seed: int = 0, terms: int = 2, digits: int = 1, operators: str = "+-*", **_) -> list[Item]:
+    """Seeded, distinct expressions like ``7 + 3 * 4`` with exact integer answers (usual precedence).
 
     Difficulty knobs: ``terms`` (operands), ``digits`` (max digits per operand), ``operators`` (subset of ``+-*``).
+    Expressions never repeat: a repeated question would sit in train and test at once and leak its label.
     """
     if terms < 2 or digits < 1 or not operators or set(operators) - set("+-*"):
         raise TaskError(f"arithmetic needs terms >= 2, digits >= 1 and operators from '+-*', got {terms}, {digits}, {operators!r}")
+    low, high = 1 if digits == 1 else 10 ** (digits - 2), 10**digits - 1
+    space = (high - low + 1) ** terms * len(set(operators)) ** (terms - 1)
+    if n > space:
+        raise TaskError(f"arithmetic with terms={terms}, digits={digits}, operators={operators!r} has only {space} "
+                        f"distinct questions; ask for n <= {space} or raise terms/digits")
     rng = random.Random(f"arithmetic:{seed}:{terms}:{digits}:{operators}")
-    items = []
-    for i in range(n):
-        numbers = [rng.randint(1 if digits == 1 else 10 ** (digits - 2), 10**digits - 1) for _ in range(terms)]
+    items, seen = [], set()
+    while len(items) < n:
+        numbers = [rng.randint(low, high) for _ in range(terms)]
         ops = [rng.choice(operators) for _ in range(terms - 1)]
         expr = " ".join(str(x) for pair in zip(numbers, ops + [""]) for x in pair if x != "")
-        items.append(Item(f"arithmetic/{seed}-{terms}-{digits}-{operators}/{i}", f"What is {expr}?", str(eval(expr))))
+        if expr not in seen:
+            seen.add(expr)
+            items.append(Item(f"arithmetic/{seed}-{terms}-{digits}-{operators}/{len(items)}", f"What is {expr}?", str(eval(expr))))
     return items
 
 

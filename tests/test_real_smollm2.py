@@ -65,3 +65,19 @@ def test_arc_capture_grades_agree_by_hand(smol, tmp_path):
             assert r["prediction"] == hand and r["correct"] == (hand == r["gold"]), r["response"]
         else:
             assert r["prediction"] in ("", *[c for c in "ABCDE"])
+
+
+def test_fit_on_real_model_small_slice_one_epoch(tmp_path):
+    from kvprobe.fit import main
+
+    results = main([
+        "--config", "configs/coe.yaml", "--data.task.params", '{"n": 40, "seed": 7, "terms": 2, "digits": 1}',
+        "--data.generation.max_new_tokens", '{"fast": 16, "slow": 64}', "--data.split.train", "0.4",
+        "--data.split.val", "0.2", "--data.split.test", "0.4", "--data.cache_dir", str(tmp_path / "captures"),
+        "--trainer.max_epochs", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ckpt"), "--export_dir", str(tmp_path / "export"),
+    ])
+    assert results["items"] == {"train": 16, "val": 8, "test": 16}
+    assert 0.0 <= results["test"]["probe"]["auroc"] <= 1.0 and "kv_coe_c_token" in results["test"]
+    assert (tmp_path / "export" / "probe.safetensors").is_file() and (tmp_path / "ckpt" / "best.ckpt").is_file()
+    assert list((tmp_path / "runs" / "wandb").glob("offline-run-*/files/results.json"))

@@ -17,6 +17,9 @@ def test_arithmetic_is_seeded_and_exact():
     for item in a:
         expr = item.question.removeprefix("What is ").removesuffix("?")
         assert len(expr.split()) == 5 and str(eval(expr)) == item.gold
+    assert len({i.question for i in a}) == 50  # distinct: a repeat would straddle train and test
+    with pytest.raises(TaskError, match="only 243 distinct questions"):
+        load_items(TaskSpec("arithmetic", params={"n": 300}))
     with pytest.raises(TaskError, match="operators"):
         load_items(TaskSpec("arithmetic", params={"operators": "/"}))
     assert len(load_items(TaskSpec("arithmetic", limit=5, offset=10))) == 5
