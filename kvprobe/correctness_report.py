@@ -19,6 +19,7 @@ from kvprobe.export import load_probe
 from kvprobe.metrics import score_metrics
 from kvprobe.store import CaptureStore
 
+NOTES = "<!-- notes: everything below this line is hand-written and kept when the tables are regenerated -->"
 PROBES = {"kv": "configs/model/coe_kv.yaml", "hidden": "configs/model/coe_hidden.yaml"}
 LABELS = {
     "probe:kv": "trained probe, answer KV (per layer, pooled)",
@@ -131,7 +132,10 @@ def main(argv: list[str] | None = None) -> None:
         "bootstrap resamples of the test questions. ECE applies to calibrated probabilities only.", "",
     ]
     text = "\n".join(header + [line for s in sections for line in s] + transfer) + "\n"
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    if out.is_file() and NOTES in out.read_text():  # hand-written reading of the numbers survives regeneration
+        text += "\n" + NOTES + out.read_text().split(NOTES, 1)[1]
+    out.write_text(text)
     print(text)
 
 
