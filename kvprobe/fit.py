@@ -50,6 +50,8 @@ def roc_figure(outputs: dict[str, torch.Tensor], title: str):
 
 def run(cli: LightningCLI, export_dir: str | Path) -> dict:
     trainer, probe, dm = cli.trainer, cli.model, cli.datamodule
+    for logger in trainer.loggers:  # the whole resolved config, not only the probe's arguments
+        logger.log_hyperparams({"config": cli.config.as_dict()})
     trainer.fit(probe, dm)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if best:  # our own checkpoint, read without unpickling arbitrary objects

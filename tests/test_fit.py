@@ -34,6 +34,18 @@ def test_fit_fast_dev_run_end_to_end(tiny, tmp_path, parity_grader):
     assert config["prompt"]["mode"] == "slow"
 
 
+@pytest.mark.parametrize("source", ["hidden", "prompt_kv"])
+def test_other_sources_and_coe_features(tiny_models, tmp_path, parity_grader, source):
+    results = main(fit_args(tiny_models["qwen2"], tmp_path, "--trainer.fast_dev_run", "true", "--trainer.logger", "false",
+                            "--model.init_args.source", source, "--model.init_args.coe_features", "true",
+                            "--model.init_args.layers", "[0, -1]"))
+    config = read_config(tmp_path / "export")
+    assert config["probe_args"]["source"] == source and config["probe_args"]["coe_features"]
+    per_layer = {"hidden": 64, "prompt_kv": 2 * 2 * 16}[source]  # hidden size; or K+V x kv heads x head dim
+    assert config["probe_args"]["input_dim"] == 2 * per_layer + 4  # two layers + four KV-CoE scores
+    assert 0 <= results["test"]["probe"]["auroc"] <= 1
+
+
 def test_export_round_trip_and_model_mismatch(tiny_models, tmp_path, parity_grader):
     main(fit_args(tiny_models["llama"], tmp_path, "--trainer.max_epochs", "2", "--trainer.logger", "false",
                   "--model.init_args.head", "mlp", "--model.init_args.calibration", "isotonic"))
@@ -61,3 +73,4 @@ def test_wandb_offline_run_holds_test_metrics(tiny_models, tmp_path, parity_grad
     assert (files / "roc.png").is_file() and not (files / "roc.png").is_symlink()
     log = next(run.glob("run-*.wandb")).read_bytes()
     assert b"test/probe/auroc" in log and b"val/auroc" in log  # logged metrics, in W&B's own record
+    assert b"max_new_tokens" in log  # the resolved config (data section included) is in the run
