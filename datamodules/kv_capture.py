@@ -35,7 +35,10 @@ class CaptureDataset(Dataset):
         g = self.indices[i]
         s, r = self.where[g]
         shard, row = self.shards[s], self.rows[g]
-        item = {"index": g, "correct": torch.tensor(float(row["correct"])), "gen_tokens": row["gen_tokens"]}
+        item = {
+            "index": g, "correct": torch.tensor(float(row["correct"])),
+            "gen_tokens": torch.tensor(float(row["gen_tokens"])), "finished": torch.tensor(float(row["finished"])),
+        }
         for name, tensor in shard.items():
             if name not in ("token_kv", "token_offsets"):
                 item[name] = tensor[r].float()

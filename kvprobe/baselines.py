@@ -1,7 +1,8 @@
 """Every label-free score of a captured answer, each oriented higher = more likely correct.
 
 KV-CoE on the layer and token axes, hidden-state CoE (when captured), mean max-probability and negative mean
-entropy. Computed from the stored tensors with the same functions live decoding uses.
+entropy, and the trivial ones any report must show beside them: negative response length (shorter = correct)
+and finished-before-the-cap. Computed from the stored tensors with the same functions live decoding uses.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def label_free_scores(shards: list[dict[str, torch.Tensor]], rows: list[dict]) -
             add("hs_coe_r", r)
             add("hs_coe_c", c)
     out = {name: torch.cat(values) for name, values in parts.items()}
+    out["neg_length"] = -torch.tensor([r["gen_tokens"] for r in rows], dtype=torch.float32)
+    out["finished"] = torch.tensor([float(r["finished"]) for r in rows])
     if rows and rows[0].get("max_prob") is not None:
         out["max_prob"] = torch.tensor([r["max_prob"] for r in rows], dtype=torch.float32)
         out["neg_entropy"] = torch.tensor([-r["entropy"] for r in rows], dtype=torch.float32)

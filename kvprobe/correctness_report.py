@@ -25,6 +25,7 @@ LABELS = {
     "probe:kv": "trained probe, answer KV (per layer, pooled)",
     "probe:hidden": "trained probe, hidden states (per layer, pooled)",
     "probe:prompt_kv": "trained probe, prompt KV only (before decoding)",
+    "probe:length": "trained probe, response length + finished-before-cap only",
     "kv_coe_r_layer": "KV-CoE-R, layer axis (label-free)",
     "kv_coe_c_layer": "KV-CoE-C, layer axis (label-free)",
     "kv_coe_r_token": "KV-CoE-R, token axis (label-free)",
@@ -33,6 +34,8 @@ LABELS = {
     "hs_coe_c": "hidden-state CoE-C (label-free)",
     "max_prob": "mean max-prob (output)",
     "neg_entropy": "- mean entropy (output)",
+    "neg_length": "- response length (shorter = correct)",
+    "finished": "finished before the token cap",
 }
 
 
@@ -41,8 +44,8 @@ def train(data: str, source: str, out: Path) -> tuple[dict, object]:
     args = ["--config", "configs/coe.yaml", "--data", data, "--model", model_cfg, "--export_dir", str(out),
             "--trainer.logger", "false", "--trainer.callbacks.init_args.dirpath", str(out / "lightning"),
             "--trainer.enable_progress_bar", "false"]
-    if source == "prompt_kv":
-        args += ["--model.init_args.source", "prompt_kv"]
+    if source in ("prompt_kv", "length"):
+        args += ["--model.init_args.source", source]
     cli = fit.FitCLI(fit.LightningModule, fit.KVCaptureDataModule, subclass_mode_model=True, run=False, args=args,
                      save_config_kwargs={"overwrite": True})
     return fit.run(cli, out), cli.datamodule
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     for data in args.tasks:
         task = Path(data).stem
         rows, dm = {}, None
-        for source in ("kv", "hidden", "prompt_kv"):
+        for source in ("kv", "hidden", "prompt_kv", "length"):
             out = Path(args.checkpoints) / f"{task}-{source}"
             results, dm = train(data, source, out)
             rows[f"probe:{source}"] = results["test"]["probe"]
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         "```bash", "python -m kvprobe.correctness_report", "```", "",
         "Correct = positive class. Every score keeps its fixed orientation (higher = more likely correct), never "
         "flipped on test data, so a label-free AUROC below 0.5 means the score points the wrong way on this model. "
-        "The three trained probes share one class (`kvprobe.probes.CorrectnessProbe`, linear head, standardised "
+        "The four trained probes share one class (`kvprobe.probes.CorrectnessProbe`, linear head, standardised "
         "inputs, BCE, temperature-calibrated on validation) and differ only in their input. 95% intervals: 1000 "
         "bootstrap resamples of the test questions. ECE applies to calibrated probabilities only.", "",
     ]

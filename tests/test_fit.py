@@ -26,7 +26,7 @@ def fit_args(tiny, tmp_path, *extra):
 
 def test_fit_fast_dev_run_end_to_end(tiny, tmp_path, parity_grader):
     results = main(fit_args(tiny, tmp_path, "--trainer.fast_dev_run", "true", "--trainer.logger", "false"))
-    assert {"probe", "kv_coe_r_layer", "kv_coe_c_token", "hs_coe_r", "max_prob", "neg_entropy"} <= results["test"].keys()
+    assert {"probe", "kv_coe_r_layer", "kv_coe_c_token", "hs_coe_r", "max_prob", "neg_entropy", "neg_length", "finished"} <= results["test"].keys()
     config = read_config(tmp_path / "export")
     base = config["base_model"]
     assert base["shape"]["layers"] == 3 and base["shape"]["kv_heads"] == 2 and base["fingerprint"] == fingerprint(ModelSpec(name=str(tiny)))[1]
@@ -34,15 +34,15 @@ def test_fit_fast_dev_run_end_to_end(tiny, tmp_path, parity_grader):
     assert config["prompt"]["mode"] == "slow"
 
 
-@pytest.mark.parametrize("source", ["hidden", "prompt_kv"])
+@pytest.mark.parametrize("source", ["hidden", "prompt_kv", "length"])
 def test_other_sources_and_coe_features(tiny_models, tmp_path, parity_grader, source):
     results = main(fit_args(tiny_models["qwen2"], tmp_path, "--trainer.fast_dev_run", "true", "--trainer.logger", "false",
                             "--model.init_args.source", source, "--model.init_args.coe_features", "true",
                             "--model.init_args.layers", "[0, -1]"))
     config = read_config(tmp_path / "export")
     assert config["probe_args"]["source"] == source and config["probe_args"]["coe_features"]
-    per_layer = {"hidden": 64, "prompt_kv": 2 * 2 * 16}[source]  # hidden size; or K+V x kv heads x head dim
-    assert config["probe_args"]["input_dim"] == 2 * per_layer + 4  # two layers + four KV-CoE scores
+    width = {"hidden": 2 * 64, "prompt_kv": 2 * 2 * 2 * 16, "length": 2}[source]  # 2 layers x (hidden | K,V x heads x dim)
+    assert config["probe_args"]["input_dim"] == width + 4  # + four KV-CoE scores
     assert 0 <= results["test"]["probe"]["auroc"] <= 1
 
 

@@ -15,7 +15,7 @@ from kvprobe import calibration
 from kvprobe.features import probe_input
 from kvprobe.metrics import score_metrics
 
-SOURCES = {"kv": "response_kv", "prompt_kv": "prompt_kv", "hidden": "hidden"}
+SOURCES = {"kv": "response_kv", "prompt_kv": "prompt_kv", "hidden": "hidden", "length": "gen_tokens"}
 COE_INPUTS = ("kv_coe_r_layer", "kv_coe_c_layer", "kv_coe_r_token", "kv_coe_c_token")
 
 
@@ -24,7 +24,8 @@ class CorrectnessProbe(L.LightningModule):
 
     Args:
         source: ``kv`` (per-layer KV pooled over the response), ``prompt_kv`` (the prompt's last positions, known
-            before any answer token) or ``hidden`` (per-layer hidden states pooled over the response).
+            before any answer token), ``hidden`` (per-layer hidden states pooled over the response) or ``length``
+            (log response length and finished-before-the-cap only: the trivial baseline a probe must beat).
         layers: layer ids to use (negative counts from the last); ``null`` = all.
         kv: ``k``, ``v`` or ``both`` (ignored for hidden states).
         head_pool: ``flatten`` keeps each KV head; ``mean`` averages heads.
@@ -78,12 +79,14 @@ class CorrectnessProbe(L.LightningModule):
         if key not in batch:
             raise KeyError(f"probe source {hp.source!r} needs {key!r} in the capture; capture with the matching feature flag")
         x = batch[key].float()
-        if hp.source == "prompt_kv":
-            x = x.mean(-2)  # (batch, layers, 2, heads, window, dim) -> mean over the window
-        if hp.source == "hidden":
+        if hp.source == "length":
+            x = torch.stack((torch.log1p(x), batch["finished"].float()), 1)
+        elif hp.source == "hidden":  # (batch, layers + 1, hidden)
             x = x[:, [i % x.shape[1] for i in hp.layers]] if hp.layers is not None else x
             x = x.mean(1) if hp.layer_pool == "mean" else x.sum(1) if hp.layer_pool == "sum" else x.flatten(1)
         else:
+            if hp.source == "prompt_kv":
+                x = x.mean(-2)  # (batch, layers, 2, heads, window, dim) -> mean over the window
             x = probe_input(x, hp.layers, hp.kv, hp.head_pool, hp.layer_pool)
         if hp.coe_features:
             x = torch.cat([x] + [batch["scores"][name].float()[:, None] for name in COE_INPUTS if name in batch["scores"]], 1)
