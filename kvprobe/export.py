@@ -60,22 +60,22 @@ def read_config(folder: str | Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({err}); re-export the probe") from None
 
 
-def check_model(config: dict, fingerprint: str, shape: dict | None, where: str) -> None:
+def check_model(config: dict, fingerprint: str, shape: dict | None, where: str, name: str = "the model given") -> None:
     """Raise ProbeMismatch unless the probe's recorded base model is the one given."""
     base = config["base_model"]
     if base["fingerprint"] != fingerprint or (shape and base.get("shape") and base["shape"] != shape):
         raise ProbeMismatch(
             f"the probe in {where} was trained on model {base['name']!r} (fingerprint {base['fingerprint'][:24]}, "
-            f"shape {base.get('shape')}), not on the model given ({fingerprint[:24]}, shape {shape}); "
+            f"shape {base.get('shape')}), not on {name!r} (fingerprint {fingerprint[:24]}, shape {shape}); "
             "retrain the probe on this model or load the model it was trained on"
         )
 
 
-def load_probe(folder: str | Path, fingerprint: str | None = None, shape: dict | None = None) -> torch.nn.Module:
+def load_probe(folder: str | Path, fingerprint: str | None = None, shape: dict | None = None, model_name: str = "the model given") -> torch.nn.Module:
     """Rebuild an exported probe; with ``fingerprint`` (and ``shape``), refuse one made for another model."""
     config = read_config(folder)
     if fingerprint is not None:
-        check_model(config, fingerprint, shape, str(folder))
+        check_model(config, fingerprint, shape, str(folder), model_name)
     if config["probe_class"] not in ALLOWED_CLASSES:
         raise ValueError(f"{folder}: unknown probe class {config['probe_class']!r}")
     module, name = config["probe_class"].rsplit(".", 1)

@@ -57,8 +57,8 @@ def test_export_round_trip_and_model_mismatch(tiny_models, tmp_path, parity_grad
     torch.testing.assert_close(probe.probability(probe(x)), again.probability(again(x)))
     assert len(probe.iso_x) > 0 and probe.hparams.head == "mlp"
     qwen_fp = fingerprint(ModelSpec(name=str(tiny_models["qwen2"])))[1]
-    with pytest.raises(ProbeMismatch, match="trained on model .*llama.*not on the model given"):
-        load_probe(folder, fingerprint=qwen_fp)
+    with pytest.raises(ProbeMismatch, match="trained on model .*llama.*not on '.*qwen2'"):
+        load_probe(folder, fingerprint=qwen_fp, model_name=str(tiny_models["qwen2"]))
     (folder / "probe.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_probe(folder)
