@@ -178,3 +178,25 @@ def test_bad_input_is_named_and_loses_nothing(tiny, tmp_path):
     with pytest.raises(TaskError, match="item jsonl/0: prompt of .* exceeds the model's context"):
         run(tiny, tmp_path, task=TaskSpec("jsonl", params={"path": str(bad)}))
     assert CaptureStore(done.path).complete and not CaptureStore(done.path).verify()
+
+
+def test_datamodule_captures_data_parallel_under_a_ddp_trainer(tiny_models, tmp_path, parity_grader, capfd):
+    """Under a 2-process Trainer each rank captures its shards in setup; the result equals a 1-process capture."""
+    from lightning import Trainer
+
+    from kvprobe.probes import CorrectnessProbe
+
+    kw = dict(model=ModelSpec(name=str(tiny_models["llama"])), task=TASK, generation=GEN, features=FeatureSpec(prompt_window=4), batch_size=4)
+    dm = KVCaptureDataModule(cache_dir=str(tmp_path / "ddp"), **kw)
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(CorrectnessProbe(head_pool="mean", layer_pool="mean"), dm)
+    [ddp_path] = [p for p in (tmp_path / "ddp").iterdir() if p.is_dir()]
+    err = capfd.readouterr().err
+    assert "[rank 0]" in err and "[rank 1]" in err  # both processes captured their own shards
+    single = run(tiny_models["llama"], tmp_path / "one")
+    assert ddp_path.name == single.path.name and CaptureStore(ddp_path).complete
+    for a, b in zip(shard_tensors(ddp_path), shard_tensors(single.path), strict=True):
+        for name in a:
+            tol = 2e-3 if a[name].dtype == torch.float16 else 1e-5
+            torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol)
