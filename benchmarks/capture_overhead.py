@@ -1,0 +1,92 @@
+"""Capture overhead: plain ``generate`` vs kvprobe capture vs capture through hidden states, same items, one run.
+
+    python benchmarks/capture_overhead.py                       # SmolLM2, 32 arithmetic items, batch 16
+    python benchmarks/capture_overhead.py --model <folder> --n 8 # any model; CI runs it reduced on a tiny one
+
+Prints one JSON line and writes it to benchmarks/results/capture_overhead.json. kvprobe capture = generate + KV
+features + grading + writing shards; the hidden-state route adds ``output_hidden_states=True`` and pools them.
+Plain generate runs before and after the captures and is averaged, so drift on a shared machine hits both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvprobe.capture import GenerationSpec, capture
+from kvprobe.features import FeatureSpec
+from kvprobe.models import ModelSpec, load_model
+from kvprobe.prompts import PromptSpec, prompt_ids
+from kvprobe.tasks import TaskSpec, load_items
+
+
+def plain_generate(lm, ids: list[list[int]], batch_size: int, max_new: int) -> float:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
+                              eos_token_id=lm.model.generation_config.eos_token_id)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # the batching capture uses
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            batch = [ids[i] for i in order[s : s + batch_size]]
+            width = max(map(len, batch))
+            input_ids = torch.tensor([[lm.tokenizer.pad_token_id] * (width - len(x)) + x for x in batch])
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
+            lm.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "capture_overhead.json"))
+    args = parser.parse_args(argv)
+
+    lm = load_model(ModelSpec(name=args.model, dtype=args.dtype))
+    task = TaskSpec("arithmetic", params={"n": args.n, "seed": 11})
+    prompt = PromptSpec(mode="slow")
+    gen = GenerationSpec(max_new_tokens={"fast": args.max_new_tokens, "slow": args.max_new_tokens},
+                         batch_size=args.batch_size, shard_size=args.n)
+    ids = [prompt_ids(item, prompt, lm.tokenizer) for item in load_items(task)]
+    plain_generate(lm, ids[: args.batch_size], args.batch_size, 4)  # warm-up: first-call kernel set-up
+
+    def timed_capture(features: FeatureSpec) -> tuple[float, int]:
+        with tempfile.TemporaryDirectory() as root:
+            t0 = time.perf_counter()
+            result = capture(task=task, prompt=prompt, generation=gen, features=features, root=root, loaded=lm, verbose=False)
+            return time.perf_counter() - t0, result.summary["bytes_on_disk"]
+
+    before = plain_generate(lm, ids, args.batch_size, args.max_new_tokens)
+    kv_s, kv_bytes = timed_capture(FeatureSpec(hidden_states=False))
+    hs_s, hs_bytes = timed_capture(FeatureSpec(hidden_states=True))
+    after = plain_generate(lm, ids, args.batch_size, args.max_new_tokens)
+    plain = (before + after) / 2
+    figures = {
+        "benchmark": "capture_overhead", "model": args.model, "dtype": args.dtype, "items": args.n,
+        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        "plain_generate_s": round(plain, 3), "plain_generate_spread_s": round(abs(before - after), 3),
+        "kvprobe_capture_s": round(kv_s, 3), "hidden_state_capture_s": round(hs_s, 3),
+        "capture_over_generate": round(kv_s / plain, 4), "hidden_capture_over_generate": round(hs_s / plain, 4),
+        "kvprobe_bytes_on_disk": kv_bytes, "hidden_state_bytes_on_disk": hs_bytes,
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
+    line = json.dumps(figures)
+    print(line)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(line + "\n")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
