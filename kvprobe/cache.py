@@ -21,9 +21,10 @@ class UnreadableCache(ValueError):
 
 def cache_of(obj):
     """The cache inside a model/generate output, or ``obj`` itself when it already is one."""
+    if isinstance(obj, (tuple, list)):  # a legacy tuple cache (its tuples have no such attributes anyway)
+        return obj
     for attr in ("cache", "past_key_values"):
-        cache = getattr(obj, attr, None) if not isinstance(obj, (tuple, list)) else None
-        if cache is not None:
+        if (cache := getattr(obj, attr, None)) is not None:
             return cache
     return obj
 

@@ -21,7 +21,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 200
         loss.backward()
         return loss
 
-    opt.step(closure)
+    with torch.enable_grad():  # callers may well sit under no_grad / inference_mode
+        opt.step(closure)
     return float(log_t.detach().exp().clamp(1e-2, 1e2))
 
 

@@ -60,11 +60,14 @@ class CaptureResult:
     summary: dict
 
 
-def capture_spec(model: ModelSpec, task: TaskSpec, prompt: PromptSpec, gen: GenerationSpec, feats: FeatureSpec) -> dict:
-    """Everything that changes what is stored. Its hash names the capture folder. Loads no weights."""
+def capture_spec(model: ModelSpec, source: str, digest: str, task: TaskSpec, prompt: PromptSpec, gen: GenerationSpec,
+                 feats: FeatureSpec) -> dict:
+    """Everything that changes what is stored. Its hash names the capture folder. Loads no weights.
+
+    ``source`` and ``digest`` are ``kvprobe.models.fingerprint(model)``: what to load, and its content hash.
+    """
     from transformers import AutoConfig
 
-    source, digest = model_fingerprint(model)
     return {
         "kvprobe": kvprobe.__version__,
         "shape": asdict(model_shape(AutoConfig.from_pretrained(source))),
@@ -197,12 +200,13 @@ def capture(
     barrier = barrier or (lambda: None)
     items = load_items(task)  # bad task input fails here, before any model work
     model = loaded.spec if loaded else model
-    spec = capture_spec(model, task, prompt, generation, features)
+    source, model_digest = (loaded.source, loaded.fingerprint) if loaded else model_fingerprint(model)
+    spec = capture_spec(model, source, model_digest, task, prompt, generation, features)
     digest = fingerprint(spec)
     store = CaptureStore(Path(root or cache_dir() / "captures") / f"{task.name}-{prompt.mode}-{digest[:16]}")
     if store.complete and not store.verify():
         return _finish(store, verbose, reused=True)
-    tokenizer = loaded.tokenizer if loaded else load_tokenizer(model_fingerprint(model)[0])
+    tokenizer = loaded.tokenizer if loaded else load_tokenizer(source)
     ids = [prompt_ids(item, prompt, tokenizer) for item in items]
     _validate(items, ids, spec["shape"]["max_positions"], generation.max_new_tokens[prompt.mode])
     store.begin(spec | {"fingerprint": digest})

@@ -46,18 +46,13 @@ def train(data: str, source: str, out: Path) -> tuple[dict, object]:
             "--trainer.enable_progress_bar", "false"]
     if source in ("prompt_kv", "length"):
         args += ["--model.init_args.source", source]
-    cli = fit.FitCLI(fit.LightningModule, fit.KVCaptureDataModule, subclass_mode_model=True, run=False, args=args,
-                     save_config_kwargs={"overwrite": True})
+    cli = fit.make_cli(args)
     return fit.run(cli, out), cli.datamodule
 
 
-@torch.no_grad()
 def evaluate(probe, loader) -> dict:
-    probs, labels = [], []
-    for batch in loader:
-        probs.append(probe.probability(probe(probe.inputs(batch))))
-        labels.append(batch["correct"])
-    return score_metrics(torch.cat(probs), torch.cat(labels), is_probability=True)
+    logits, labels = probe.predict_logits(loader)
+    return score_metrics(probe.probability(logits), labels, is_probability=True)
 
 
 def bytes_per_item(path: Path) -> dict[str, float]:
@@ -92,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     sections, exported, modules = [], {}, {}
     for data in args.tasks:
         task = Path(data).stem
-        rows, dm = {}, None
+        rows = {}
         for source in ("kv", "hidden", "prompt_kv", "length"):
             out = Path(args.checkpoints) / f"{task}-{source}"
             results, dm = train(data, source, out)

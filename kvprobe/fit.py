@@ -81,11 +81,16 @@ def run(cli: LightningCLI, export_dir: str | Path) -> dict:
     return results
 
 
-def main(args: list[str] | None = None) -> dict:
-    cli = FitCLI(
+def make_cli(args: list[str] | None = None) -> FitCLI:
+    """The parsed, instantiated CLI (probe, datamodule, trainer) without running anything."""
+    return FitCLI(
         LightningModule, KVCaptureDataModule, subclass_mode_model=True, run=False, args=args,
         save_config_kwargs={"overwrite": True}, parser_kwargs={"description": __doc__},
     )
+
+
+def main(args: list[str] | None = None) -> dict:
+    cli = make_cli(args)
     return run(cli, cli.config["export_dir"])
 
 

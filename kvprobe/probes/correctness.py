@@ -81,9 +81,8 @@ class CorrectnessProbe(L.LightningModule):
         x = batch[key].float()
         if hp.source == "length":
             x = torch.stack((torch.log1p(x), batch["finished"].float()), 1)
-        elif hp.source == "hidden":  # (batch, layers + 1, hidden)
-            x = x[:, [i % x.shape[1] for i in hp.layers]] if hp.layers is not None else x
-            x = x.mean(1) if hp.layer_pool == "mean" else x.sum(1) if hp.layer_pool == "sum" else x.flatten(1)
+        elif hp.source == "hidden":  # (batch, layers + 1, hidden) as one "head" of one "K/V" slot per layer
+            x = probe_input(x[:, :, None, None], hp.layers, "both", "flatten", hp.layer_pool)
         else:
             if hp.source == "prompt_kv":
                 x = x.mean(-2)  # (batch, layers, 2, heads, window, dim) -> mean over the window
@@ -149,17 +148,20 @@ class CorrectnessProbe(L.LightningModule):
 
     # --- calibration and test -------------------------------------------------------------------------------
     @torch.no_grad()
-    def calibrate(self, val_loader) -> None:
-        """Fit the calibration map on validation answers only."""
+    def predict_logits(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw logits, correct labels) over every batch of ``loader``, in eval mode."""
         self.eval()
         logits, labels = [], []
-        for batch in val_loader:
+        for batch in loader:
             logits.append(self(self.inputs(batch)))
             labels.append(batch["correct"])
-        logits, labels = torch.cat(logits), torch.cat(labels)
+        return torch.cat(logits), torch.cat(labels)
+
+    def calibrate(self, val_loader) -> None:
+        """Fit the calibration map on validation answers only."""
+        logits, labels = self.predict_logits(val_loader)
         if self.hparams.calibration == "temperature":
-            with torch.enable_grad():
-                self.temperature.fill_(calibration.fit_temperature(logits, labels))
+            self.temperature.fill_(calibration.fit_temperature(logits, labels))
         elif self.hparams.calibration == "isotonic":
             self.iso_x, self.iso_y = calibration.fit_isotonic(logits, labels)
 
