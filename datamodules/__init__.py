@@ -1,5 +1,6 @@
 """LightningDataModules over kvprobe captures."""
 
+from datamodules.difficulty import DifficultyDataModule
 from datamodules.kv_capture import CaptureDataset, KVCaptureDataModule, SplitSpec
 
-__all__ = ["CaptureDataset", "KVCaptureDataModule", "SplitSpec"]
+__all__ = ["CaptureDataset", "DifficultyDataModule", "KVCaptureDataModule", "SplitSpec"]

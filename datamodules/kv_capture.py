@@ -153,6 +153,10 @@ class KVCaptureDataModule(L.LightningDataModule):
     def path(self) -> Path:
         return self.result.path
 
+    def export_spec(self) -> dict:
+        """What an exported probe records about its data: the capture's spec (model, prompt, features, task)."""
+        return CaptureStore(self.path).spec()
+
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,

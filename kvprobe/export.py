@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import kvprobe
 
-ALLOWED_CLASSES = {"kvprobe.probes.correctness.CorrectnessProbe"}
+ALLOWED_CLASSES = {"kvprobe.probes.correctness.CorrectnessProbe", "kvprobe.probes.difficulty.DifficultyProbe"}
 
 
 class ProbeMismatch(ValueError):
@@ -36,12 +37,14 @@ def save_probe(probe: torch.nn.Module, folder: str | Path, capture_spec: dict, m
     cls = f"{type(probe).__module__}.{type(probe).__qualname__}"
     config = {
         "probe_class": cls,
-        "probe_args": {k: v for k, v in probe.hparams.items() if not k.startswith("_")},  # LightningCLI adds _class_path
+        "probe_args": {k: asdict(v) if is_dataclass(v) else v for k, v in probe.hparams.items() if not k.startswith("_")},  # LightningCLI adds _class_path
+        "calibration": probe.export_state(),
         "base_model": capture_spec["model"] | {"shape": capture_spec.get("shape")},
         "features": capture_spec["features"],
         "prompt": capture_spec["prompt"],
         "task": capture_spec["task"],
         "generation": capture_spec["generation"],
+        **({"difficulty": capture_spec["difficulty"]} if "difficulty" in capture_spec else {}),
         "metrics": metrics or {},
         "versions": _versions(),
     }
@@ -86,4 +89,5 @@ def load_probe(folder: str | Path, fingerprint: str | None = None, shape: dict |
         if key in state:
             setattr(probe, key, torch.empty_like(state[key]))
     probe.load_state_dict(state)
+    probe.load_export_state(config.get("calibration", {}))
     return probe.eval()

@@ -144,12 +144,28 @@ class OutputStats:
         return out[0], out[1]
 
 
+def pool_positions(window: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """Raw window KV (..., positions, head_dim) -> (..., head_dim) by ``sum``, ``mean`` or ``last`` position.
+
+    Live decoding keeps running sums of the same positions, so it reaches the same values without this call.
+    """
+    if how == "sum":
+        return window.sum(-2)
+    if how == "mean":
+        return window.mean(-2)
+    if how == "last":
+        return window[..., -1, :]
+    raise ValueError(f"position pooling {how!r} is not sum, mean or last")
+
+
 def probe_input(
-    x: torch.Tensor, layers: list[int] | None = None, kv: str = "both", head_pool: str = "flatten", layer_pool: str = "flatten"
+    x: torch.Tensor, layers: list[int] | None = None, kv: str = "both", head_pool: str = "flatten",
+    layer_pool: str = "flatten", l2_norm: bool = False,
 ) -> torch.Tensor:
     """Pooled per-layer KV (batch, layers, 2, heads, dim) -> probe input (batch, features), as configured.
 
-    ``kv``: ``k``, ``v`` or ``both``; ``head_pool``: ``flatten`` or ``mean``; ``layer_pool``: ``flatten``,
+    ``kv``: ``k``, ``v`` or ``both``; ``head_pool``: ``flatten`` or ``mean``; ``l2_norm`` scales each layer's
+    vector to unit length (the norm grows with depth; this evens the layers out); ``layer_pool``: ``flatten``,
     ``mean`` or ``sum``. The same call serves the captured tensors and the live ones.
     """
     if layers is not None:
@@ -157,6 +173,8 @@ def probe_input(
     x = {"k": x[:, :, :1], "v": x[:, :, 1:], "both": x}[kv]
     x = x.mean(3) if head_pool == "mean" else x.flatten(3)  # (batch, layers, kv, features)
     x = x.flatten(2)
+    if l2_norm:
+        x = torch.nn.functional.normalize(x, dim=-1)
     if layer_pool == "mean":
         return x.mean(1)
     if layer_pool == "sum":

@@ -1,8 +1,12 @@
-"""Train, calibrate, test and export a probe: ``python -m kvprobe.fit --config configs/coe.yaml``.
+"""Train, calibrate, test and export a probe.
+
+    python -m kvprobe.fit --config configs/coe.yaml          # correctness probe (SmolLM2, embedded default)
+    python -m kvprobe.fit --config configs/difficulty.yaml   # difficulty probe / router (Qwen2.5-Coder-0.5B)
 
 One run does it all: capture (skipped when cached) -> fit on train, select the best epoch on val -> calibrate on
-val -> test on the held-out questions beside every label-free baseline -> export under ``checkpoints/`` and log
-the lot (config, metrics, ROC plot, probe files) to W&B (offline unless you set ``trainer.logger.offline: false``).
+val (a temperature, or routing thresholds for each budget) -> test on held-out questions beside the baselines ->
+export under ``checkpoints/`` and log the lot (config, metrics, test figure, probe files) to W&B (offline unless
+you set ``trainer.logger.offline: false``).
 """
 
 from __future__ import annotations
@@ -26,28 +30,6 @@ class FitCLI(LightningCLI):
         parser.add_argument("--export_dir", type=str, default="checkpoints/coe", help="where the exported probe is written")
 
 
-def roc_figure(outputs: dict[str, torch.Tensor], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torchmetrics.functional.classification import binary_auroc, binary_roc
-
-    labels = outputs["correct"].long()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for name, scores in outputs.items():
-        if name == "correct":
-            continue
-        fpr, tpr, _ = binary_roc(scores.float(), labels)
-        auc = float(binary_auroc(scores.float(), labels))
-        ax.plot(fpr, tpr, lw=2.5 if name == "probe" else 1, label=f"{name} ({auc:.2f})")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate (correct = positive)", title=title)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
 def run(cli: LightningCLI, export_dir: str | Path) -> dict:
     trainer, probe, dm = cli.trainer, cli.model, cli.datamodule
     for logger in trainer.loggers:  # the whole resolved config, not only the probe's arguments
@@ -58,33 +40,36 @@ def run(cli: LightningCLI, export_dir: str | Path) -> dict:
         probe.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
     probe.calibrate(dm.val_dataloader())
     trainer.test(probe, dm)
-    spec = CaptureStore(dm.path).spec()
-    results = {"test": probe.test_results, "best_checkpoint": best, "temperature": float(probe.temperature),
+    spec = dm.export_spec()
+    score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    results = {"test": probe.test_results, "calibration": probe.export_state(), "best_checkpoint": best,
+               "val_select": None if score is None else float(score),
                "capture": str(dm.path), "items": {k: len(v) for k, v in dm.datasets.items()}}
     folder = save_probe(probe, export_dir, spec, results)
-    fig = roc_figure(probe.test_outputs, f"{spec['model']['name']} / {spec['task']['name']}: test ROC")
-    fig.savefig(Path(folder) / "roc.png", dpi=120)
+    fig = probe.figure(f"{spec['model']['name']} / {spec['task']['name']}: test split")
+    fig.savefig(Path(folder) / "test.png", dpi=120)
     (Path(folder) / "results.json").write_text(json.dumps(results, indent=1))
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             import wandb
 
             run_dir = Path(logger.experiment.dir)  # copies, not links: the run must outlive the export folder
-            logger.log_image("test/roc", [wandb.Image(fig)])
-            for f in ("probe.safetensors", "probe.json", "results.json", "roc.png"):
+            logger.log_image("test/figure", [wandb.Image(fig)])
+            for f in ("probe.safetensors", "probe.json", "results.json", "test.png"):
                 shutil.copy(Path(folder) / f, run_dir / f)
                 logger.experiment.save(str(run_dir / f), base_path=str(run_dir), policy="now")
-            logger.experiment.summary.update({f"test/{n}/{m}": v for n, d in probe.test_results.items() for m, v in d.items()})
+            summary = {f"test/{n}/{m}": v for n, d in probe.test_results.items() for m, v in d.items()}
+            summary |= {f"data/{k}": v for k, v in spec.get("difficulty", {}).get("label_counts", {}).items()}
+            logger.experiment.summary.update(summary)
             logger.experiment.finish()
-    print(f"[kvprobe] probe exported to {folder}; test AUROC {probe.test_results['probe']['auroc']:.3f} "
-          f"[{probe.test_results['probe']['auroc_lo']:.3f}, {probe.test_results['probe']['auroc_hi']:.3f}]")
+    print(f"[kvprobe] probe exported to {folder}; test: {probe.headline()}")
     return results
 
 
 def make_cli(args: list[str] | None = None) -> FitCLI:
     """The parsed, instantiated CLI (probe, datamodule, trainer) without running anything."""
     return FitCLI(
-        LightningModule, KVCaptureDataModule, subclass_mode_model=True, run=False, args=args,
+        LightningModule, KVCaptureDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False, args=args,
         save_config_kwargs={"overwrite": True}, parser_kwargs={"description": __doc__},
     )
 

@@ -35,11 +35,12 @@ class TaskSpec:
 
     Args:
         name: a registered task (see ``kvprobe.tasks.TASKS``): gsm8k, math500, math, arc_easy, arc_challenge,
-            commonsense_qa, asdiv, arithmetic, jsonl.
+            commonsense_qa, asdiv, arithmetic, jsonl, mix.
         limit: keep at most this many items (after ``offset``); ``None`` keeps all.
         offset: skip this many items first (items come in the source's own order, or seeded for arithmetic).
         params: task options. arithmetic: ``n``, ``seed``, ``terms``, ``digits``, ``operators``.
             jsonl: ``path``, ``question_field``, ``answer_field``, ``choices_field``, ``id_field``, ``kind``.
+            mix: ``parts`` (a list of task specs), ``seed`` (the shuffle).
     """
 
     name: str = "arithmetic"
@@ -157,6 +158,26 @@ def _arithmetic(n: int = 240, seed: int = 0, terms: int = 2, digits: int = 1, op
     return items
 
 
+def _mix(parts: list[dict] | None = None, seed: int = 0, **_) -> list[Item]:
+    """Several tasks as one, shuffled together (seeded): e.g. easy and hard arithmetic for a difficulty router.
+
+    ``parts``: a list of task specs ``{name, limit, offset, params}``. Question ids keep their task's prefix, so
+    they stay unique and a question keeps its id whichever mix it sits in.
+    """
+    if not parts:
+        raise TaskError("the mix task needs params.parts: a list of {name, limit, offset, params} task specs")
+    items = []
+    for part in parts:
+        unknown = set(part) - {"name", "limit", "offset", "params"}
+        if "name" not in part or unknown:
+            raise TaskError(f"mix part {part} needs a 'name' and may only have limit, offset, params")
+        if part["name"] == "mix":
+            raise TaskError("a mix cannot contain another mix")
+        items += load_items(TaskSpec(**part))
+    random.Random(f"mix:{seed}").shuffle(items)
+    return items
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as fh:
@@ -221,6 +242,7 @@ TASKS: dict[str, Callable[..., list[Item]]] = {
     "asdiv": _asdiv,
     "arithmetic": _arithmetic,
     "jsonl": _jsonl,
+    "mix": _mix,
 }
 
 

@@ -70,7 +70,7 @@ def test_wandb_offline_run_holds_test_metrics(tiny_models, tmp_path, parity_grad
     files = run / "files"
     results = json.loads((files / "results.json").read_text())
     assert "auroc" in results["test"]["probe"] and (files / "probe.safetensors").stat().st_size > 0
-    assert (files / "roc.png").is_file() and not (files / "roc.png").is_symlink()
+    assert (files / "test.png").is_file() and not (files / "test.png").is_symlink()
     log = next(run.glob("run-*.wandb")).read_bytes()
     assert b"test/probe/auroc" in log and b"val/auroc" in log  # logged metrics, in W&B's own record
     assert b"max_new_tokens" in log  # the resolved config (data section included) is in the run

@@ -139,9 +139,11 @@ class CorrectnessProbe(L.LightningModule):
         if labels.min() != labels.max():
             from torchmetrics.functional.classification import binary_auroc
 
-            self.log("val/auroc", binary_auroc(logits, labels), prog_bar=True)
+            auroc = binary_auroc(logits, labels)
         else:
-            self.log("val/auroc", torch.tensor(0.5))
+            auroc = torch.tensor(0.5)
+        self.log("val/auroc", auroc, prog_bar=True)
+        self.log("val/select", auroc)  # what checkpoint selection maximises (configs/trainer/)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -181,3 +183,40 @@ class CorrectnessProbe(L.LightningModule):
                 self.log(f"test/{name}/{metric}", v)
         self.log("test/items", float(len(labels)))
         self.log("test/correct_share", labels.float().mean())
+
+    # --- export and report ------------------------------------------------------------------------------------
+    def export_state(self) -> dict:
+        return {"temperature": float(self.temperature)}  # a buffer too; here for readers of results.json
+
+    def load_export_state(self, state: dict) -> None:
+        pass  # everything lives in the weights file
+
+    def figure(self, title: str):
+        """Test ROC of the probe beside every label-free baseline."""
+        return roc_figure(self.test_outputs, title)
+
+    def headline(self) -> str:
+        r = self.test_results["probe"]
+        return f"AUROC {r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}]"
+
+
+def roc_figure(outputs: dict[str, torch.Tensor], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+    labels = outputs["correct"].long()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, scores in outputs.items():
+        if name == "correct":
+            continue
+        fpr, tpr, _ = binary_roc(scores.float(), labels)
+        auc = float(binary_auroc(scores.float(), labels))
+        ax.plot(fpr, tpr, lw=2.5 if name == "probe" else 1, label=f"{name} ({auc:.2f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate (correct = positive)", title=f"{title}: ROC")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig

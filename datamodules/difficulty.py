@@ -1,0 +1,146 @@
+"""The difficulty DataModule: one task captured in both modes, joined per question, labelled for routing.
+
+Each question is answered fast (directly) and slow (step by step) with the same prompt spec the generator uses;
+the two captures are ordinary KV captures (cached, resumable). The probe reads the prompt-window KV of the
+``route_on`` mode's prompt (known before any answer token); the labels come from both modes' grades.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import torch
+
+from datamodules.kv_capture import SPLITS, CaptureDataset, KVCaptureDataModule, SplitSpec
+from kvprobe.baselines import label_free_scores
+from kvprobe.capture import CaptureResult, GenerationSpec, capture
+from kvprobe.features import FeatureSpec
+from kvprobe.models import ModelSpec
+from kvprobe.prompts import MODES, PromptSpec
+from kvprobe.routing import LABELS, difficulty_labels
+from kvprobe.store import CaptureStore
+from kvprobe.tasks import TaskSpec
+
+
+class DifficultyDataset(CaptureDataset):
+    """Rows of the ``route_on`` capture plus, per question, both modes' outcomes and the difficulty labels."""
+
+    def __init__(self, base: CaptureDataset, outcomes: dict[str, torch.Tensor]):
+        super().__init__(base.shards, base.rows, base.indices, base.scores)
+        self.outcomes = outcomes
+
+    def __getitem__(self, i: int) -> dict:
+        g = self.indices[i]
+        return super().__getitem__(i) | {name: values[g] for name, values in self.outcomes.items()}
+
+
+class DifficultyDataModule(KVCaptureDataModule):
+    """Captures a task in fast and slow mode and serves prompt KV with routing labels, split by question.
+
+    Args:
+        model: which frozen model to run (alias, HF folder, GGUF file or hub id) and how.
+        task: which items.
+        prompt: the prompt spec of both modes (its ``mode`` is set per capture; the instructions are shared).
+        generation: decoding settings; ``max_new_tokens`` needs an entry for each mode.
+        features: what KV-derived tensors to store (``prompt_window`` > 0: the probe's input).
+        split: question-level train/val/test split.
+        short_tokens: a fast answer counts as short (label 0, else 25) under this many generated tokens.
+        route_on: whose prompt the probe reads: ``fast`` (the generator prefills the fast prompt first and moves on
+            to slow only when the probe says so) or ``slow``.
+        cache_dir: where captures live; default ``$KVPROBE_CACHE/captures``.
+        batch_size: probe-training batch size.
+        num_workers: dataloader workers.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec = ModelSpec(),
+        task: TaskSpec = TaskSpec(),
+        prompt: PromptSpec = PromptSpec(),
+        generation: GenerationSpec = GenerationSpec(),
+        features: FeatureSpec = FeatureSpec(),
+        split: SplitSpec = SplitSpec(),
+        short_tokens: int = 128,
+        route_on: str = "fast",
+        cache_dir: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ):
+        super().__init__(model, task, prompt, generation, features, split, cache_dir, batch_size, num_workers)
+        if route_on not in MODES:
+            raise ValueError(f"route_on {route_on!r} is not one of {MODES}")
+        if not features.prompt_window:
+            raise ValueError("the difficulty probe reads the prompt window: set features.prompt_window > 0")
+        self.short_tokens, self.route_on = short_tokens, route_on
+        self.results: dict[str, CaptureResult] = {}
+        self.label_counts: dict[str, int] = {}
+
+    def mode_prompt(self, mode: str) -> PromptSpec:
+        prompt = copy.deepcopy(self.prompt)
+        prompt.mode = mode
+        return prompt
+
+    def _capture(self, rank: int = 0, world_size: int = 1, barrier=None) -> CaptureResult:
+        for mode in MODES:  # the cheap fast mode first: its summary shows up in minutes
+            self.results[mode] = capture(
+                self.model_spec, self.task, self.mode_prompt(mode), self.generation, self.features,
+                root=self.cache_dir, rank=rank, world_size=world_size, barrier=barrier,
+            )
+        if rank == 0:
+            self._join()
+            print(f"[kvprobe] difficulty labels (short_tokens={self.short_tokens}): {self.label_histogram()}", flush=True)
+        return self.results[self.route_on]
+
+    def _join(self) -> list[dict]:
+        """Per question of the route_on capture: both modes' outcomes and labels (NaN where a grade is missing)."""
+        tables = {mode: CaptureStore(r.path).open()[1].to_pylist() for mode, r in self.results.items()}
+        by_qid = {mode: {row["qid"]: row for row in rows} for mode, rows in tables.items()}
+        rows = tables[self.route_on]
+        nan = float("nan")
+
+        def column(mode: str, key: str) -> torch.Tensor:
+            return torch.tensor([float(by_qid[mode][r["qid"]][key]) if r["qid"] in by_qid[mode] else nan for r in rows])
+
+        out = {f"{mode}_{key}": column(mode, key) for mode in MODES for key in ("correct", "gen_tokens")}
+        out = {k.replace("gen_tokens", "tokens"): v for k, v in out.items()}
+        out["label"] = difficulty_labels(out["fast_correct"], out["fast_tokens"], out["slow_correct"], self.short_tokens)
+        out["slow_needed"] = (out["label"] == 75).float().where(~out["label"].isnan(), torch.tensor(nan))
+        self.outcomes = out
+        counts = Counter("unlabelled" if v != v else str(int(v)) for v in out["label"].tolist())
+        self.label_counts = {str(k): counts.get(str(k), 0) for k in LABELS} | {"unlabelled": counts.get("unlabelled", 0)}
+        return rows
+
+    def label_histogram(self) -> str:
+        n = sum(self.label_counts.values())
+        return ", ".join(f"{k}: {v} ({v / n:.0%})" for k, v in self.label_counts.items() if v or k != "unlabelled")
+
+    def prepare_data(self) -> None:
+        if not self.results and not self._distributed():
+            self.result = self._capture()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if not self.results:
+            if self._distributed():
+                self.result = self._capture(self.trainer.global_rank, self.trainer.world_size, self.trainer.strategy.barrier)
+            else:
+                self.result = self._capture()
+        if not self.label_counts:
+            self._join()
+        shards, table = CaptureStore(self.result.path).open()
+        rows = table.to_pylist()
+        labelled = ~self.outcomes["label"].isnan()
+        parts = self.split.assign([r["qid"] for r in rows])  # by question: the same split in every mode
+        scores = label_free_scores(shards, rows)
+        self.datasets = {
+            name: DifficultyDataset(CaptureDataset(shards, rows, [i for i in parts[name] if labelled[i]], scores), self.outcomes)
+            for name in SPLITS
+        }
+
+    def export_spec(self) -> dict:
+        return super().export_spec() | {
+            "difficulty": {"short_tokens": self.short_tokens, "route_on": self.route_on, "label_counts": self.label_counts,
+                           "captures": {mode: str(r.path) for mode, r in self.results.items()}},
+        }
