@@ -45,3 +45,20 @@ def fit_isotonic(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 def apply_isotonic(logits: torch.Tensor, thresholds: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     index = (torch.searchsorted(thresholds, logits.float().contiguous(), right=True) - 1).clamp(0, len(values) - 1)
     return values[index]
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3) -> torch.Tensor:
+    """Logistic regression by L-BFGS on a few features: returns (weights..., bias). Features are used as given."""
+    x, y = x.float(), y.float()
+    coef = torch.zeros(x.shape[1] + 1, requires_grad=True)
+    opt = torch.optim.LBFGS([coef], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ coef[:-1] + coef[-1], y) + l2 * coef[:-1].pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return coef.detach()

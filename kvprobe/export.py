@@ -48,6 +48,14 @@ def save_probe(probe: torch.nn.Module, folder: str | Path, capture_spec: dict, m
         "metrics": metrics or {},
         "versions": _versions(),
     }
+    return write_probe(probe, folder, config)
+
+
+def write_probe(probe: torch.nn.Module, folder: str | Path, config: dict) -> Path:
+    """Weights as safetensors, ``config`` as probe.json (its calibration refreshed from the probe)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = config | {"calibration": probe.export_state()}
     save_file({k: v.detach().contiguous().cpu() for k, v in probe.state_dict().items()}, folder / "probe.safetensors")
     (folder / "probe.json").write_text(json.dumps(config, indent=1, default=str))
     return folder

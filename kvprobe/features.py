@@ -89,18 +89,36 @@ def token_trajectory(pairs: list[KV], prompt_end: int, lengths: torch.Tensor) ->
 def prompt_window(pairs: list[KV], prompt_end: int, prompt_lengths: torch.Tensor, width: int, layers: list[int]) -> torch.Tensor:
     """Raw K and V of the last ``width`` prompt positions: (batch, len(layers), 2, kv_heads, width, head_dim).
 
-    A prompt shorter than ``width`` is zero-filled on the left (its padding is never read).
+    The prompts of a left-padded batch end at ``prompt_end``; a prompt shorter than ``width`` is zero-filled on the
+    left (its padding is never read).
     """
-    start = prompt_end - width
+    columns = torch.arange(prompt_end)
+    mask = columns[None] >= prompt_end - prompt_lengths.cpu()[:, None]
+    return window_kv(pairs, mask, width, layers)
+
+
+def window_kv(pairs: list[KV], mask: torch.Tensor, width: int, layers: list[int]) -> torch.Tensor:
+    """Raw K and V of each row's last ``width`` real positions, (batch, len(layers), 2, kv_heads, width, head_dim).
+
+    ``mask`` (batch, columns) marks real positions; padding may sit anywhere (left padding, or inside the sequence
+    where a batch fed a multi-token cue to some rows). Rows with fewer than ``width`` real positions are zero-filled
+    on the left. Capture (the prompt's window) and live decoding (the latest tokens' window) both read windows here.
+    """
     k0 = pairs[0][0]
+    mask = mask[:, : k0.shape[-2]].bool().cpu()
+    real = mask.sum(1)
+    # column of the j-th of the last `width` real positions: rank real columns from the right
+    rank_from_end = real[:, None] - mask.long().cumsum(1)  # 0 for the last real column
+    slot = width - 1 - rank_from_end  # where a real column lands in the window
+    keep = mask & (slot >= 0)
+    rows, cols = keep.nonzero(as_tuple=True)
+    slots = slot[rows, cols]
     out = torch.zeros((k0.shape[0], len(layers), 2, k0.shape[1], width, k0.shape[-1]), dtype=torch.float32, device=k0.device)
+    r, c, s = rows.to(k0.device), cols.to(k0.device), slots.to(k0.device)
     for j, layer in enumerate(layers):
         k, v = pairs[layer]
-        out[:, j, 0] = k[:, :, start:prompt_end].float().to(k0.device)
-        out[:, j, 1] = v[:, :, start:prompt_end].float().to(k0.device)
-    short = (prompt_lengths.to(k0.device) < width).nonzero().flatten().tolist()
-    for b in short:  # rare: only for prompts shorter than the window
-        out[b, :, :, :, : width - int(prompt_lengths[b])] = 0
+        out[r, j, 0, :, s] = k[r.to(k.device), :, c.to(k.device)].float().to(k0.device)
+        out[r, j, 1, :, s] = v[r.to(k.device), :, c.to(k.device)].float().to(k0.device)
     return out
 
 

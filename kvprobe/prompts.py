@@ -71,8 +71,28 @@ def messages(item: Item, spec: PromptSpec, template_switch: bool = False) -> lis
 def prompt_ids(item: Item, spec: PromptSpec, tokenizer) -> list[int]:
     """Token ids of the full prompt, ending where the assistant's answer begins."""
     switch = uses_template_switch(spec, tokenizer)
-    kwargs = {"enable_thinking": spec.mode == "slow"} if switch else {}
-    ids = tokenizer.apply_chat_template(
-        messages(item, spec, switch), add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs
-    )
+    return chat_ids(messages(item, spec, switch), spec, tokenizer)
+
+
+def chat_ids(msgs: list[dict], spec: PromptSpec, tokenizer) -> list[int]:
+    """Token ids of chat ``msgs`` (already carrying the mode's instruction) with the generation prompt appended."""
+    kwargs = {"enable_thinking": spec.mode == "slow"} if uses_template_switch(spec, tokenizer) else {}
+    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def with_instruction(msgs: list[dict], spec: PromptSpec, tokenizer) -> list[dict]:
+    """A user's own chat with the mode's instruction appended to its last user message (what ``messages`` does
+    for a task item), so live chats and captured questions are prompted alike."""
+    users = [i for i, m in enumerate(msgs) if m.get("role") == "user"]
+    if not users:
+        raise ValueError("a chat prompt needs at least one message with role 'user'")
+    out = [dict(m) for m in msgs]
+    last = out[users[-1]]
+    instruction = getattr(spec, spec.mode)
+    if uses_template_switch(spec, tokenizer):
+        instruction = spec.fast if spec.mode == "fast" else "Write the final answer on the last line as 'Answer: <answer>'."
+    last["content"] = f"{last['content']}\n\n{instruction}"
+    if spec.system and not any(m.get("role") == "system" for m in out):
+        out.insert(0, {"role": "system", "content": spec.system})
+    return out

@@ -67,3 +67,21 @@ def test_probe_input_pooling_by_hand():
     assert probe_input(x, layers=[-1], kv="k").tolist() == [[8.0, 9.0], [20.0, 21.0]]  # last layer, K, both heads
     assert probe_input(x, layers=[0], kv="v", head_pool="mean").tolist() == [[2.5], [14.5]]
     assert probe_input(x, kv="k", head_pool="mean", layer_pool="mean")[0].item() == (0.5 + 4.5 + 8.5) / 3
+
+
+def test_paired_bootstrap_and_length_buckets_separate_information_from_length():
+    from kvprobe.metrics import bucketed_auroc, paired_bootstrap_auroc
+
+    g = torch.Generator().manual_seed(1)
+    n = 400
+    length = torch.rand(n, generator=g) * 200
+    hidden = torch.randn(n, generator=g)  # what a good probe sees beyond length
+    labels = ((200 - length) / 100 + 1.5 * hidden + 0.5 * torch.randn(n, generator=g) > 1).long()
+    probe, length_only = -length / 100 + 1.5 * hidden, -length
+    paired = paired_bootstrap_auroc(probe, length_only, labels)
+    assert paired["lo"] > 0 and paired["lo"] <= paired["diff"] <= paired["hi"] and paired["p_le_0"] == 0
+    same = paired_bootstrap_auroc(probe, probe, labels)
+    assert same["diff"] == same["lo"] == same["hi"] == 0
+    rows = bucketed_auroc({"probe": probe, "length": length_only}, labels, length, buckets=4)
+    assert [r["n"] for r in rows[:-1]] == [100] * 4 and rows[-1]["n"] == 400
+    assert rows[-1]["probe"] > 0.8 and rows[-1]["length"] < 0.7  # within a bucket, length explains little

@@ -200,3 +200,13 @@ def test_export_round_trip_keeps_thresholds_and_refuses_other_models(tiny_models
     torch.testing.assert_close(probe.score(probe(probe.inputs({"prompt_kv": x}))), again.score(again(again.inputs({"prompt_kv": x}))))
     with pytest.raises(ProbeMismatch, match="not on"):
         load_probe(folder, fingerprint=fingerprint(ModelSpec(name=str(tiny_models["qwen3"])))[1])
+
+
+def test_qwen_correctness_config_reuses_the_difficulty_capture():
+    import yaml
+
+    difficulty = yaml.safe_load(open("configs/data/difficulty_mix.yaml"))["init_args"]
+    correctness = yaml.safe_load(open("configs/data/qwen_mix_slow.yaml"))
+    for key in ("model", "task", "generation", "features", "split"):
+        assert correctness[key] == difficulty[key], key
+    assert correctness["prompt"] == {"mode": "slow"} and set(difficulty["prompt"]) == {"mode"}

@@ -26,7 +26,11 @@ def fit_args(tiny, tmp_path, *extra):
 
 def test_fit_fast_dev_run_end_to_end(tiny, tmp_path, parity_grader):
     results = main(fit_args(tiny, tmp_path, "--trainer.fast_dev_run", "true", "--trainer.logger", "false"))
-    assert {"probe", "kv_coe_r_layer", "kv_coe_c_token", "hs_coe_r", "max_prob", "neg_entropy", "neg_length", "finished"} <= results["test"].keys()
+    test = results["test"]
+    assert {"probe", "kv_coe_r_layer", "kv_coe_c_token", "hs_coe_r", "max_prob", "neg_entropy", "neg_length", "finished", "length_probe"} <= test.keys()
+    paired = test["probe_minus_length_probe"]
+    assert paired["lo"] <= paired["diff"] <= paired["hi"] and paired["diff"] == pytest.approx(test["probe"]["auroc"] - test["length_probe"]["auroc"])
+    assert test["within_length_buckets"]["n"] <= results["items"]["test"]  # buckets holding one class are left out
     config = read_config(tmp_path / "export")
     base = config["base_model"]
     assert base["shape"]["layers"] == 3 and base["shape"]["kv_heads"] == 2 and base["fingerprint"] == fingerprint(ModelSpec(name=str(tiny)))[1]

@@ -13,10 +13,15 @@ from torch import nn
 
 from kvprobe import calibration
 from kvprobe.features import probe_input
-from kvprobe.metrics import score_metrics
+from kvprobe.metrics import bucketed_auroc, paired_bootstrap_auroc, score_metrics
 
 SOURCES = {"kv": "response_kv", "prompt_kv": "prompt_kv", "hidden": "hidden", "length": "gen_tokens"}
 COE_INPUTS = ("kv_coe_r_layer", "kv_coe_c_layer", "kv_coe_r_token", "kv_coe_c_token")
+
+
+def length_features(batch: dict) -> torch.Tensor:
+    """(log(1 + generated tokens), finished before the cap): all a length-only baseline sees."""
+    return torch.stack((torch.log1p(batch["gen_tokens"].float()), batch["finished"].float()), 1)
 
 
 class CorrectnessProbe(L.LightningModule):
@@ -66,6 +71,7 @@ class CorrectnessProbe(L.LightningModule):
         self.register_buffer("temperature", torch.ones(()))
         self.register_buffer("iso_x", torch.zeros(0))
         self.register_buffer("iso_y", torch.zeros(0))
+        self.register_buffer("length_coef", torch.zeros(3))  # the trivial baseline: logistic on (log length, finished)
         if input_dim is not None:
             self._build(input_dim)
         self._outputs: list[dict] = []
@@ -80,7 +86,7 @@ class CorrectnessProbe(L.LightningModule):
             raise KeyError(f"probe source {hp.source!r} needs {key!r} in the capture; capture with the matching feature flag")
         x = batch[key].float()
         if hp.source == "length":
-            x = torch.stack((torch.log1p(x), batch["finished"].float()), 1)
+            x = length_features(batch)
         elif hp.source == "hidden":  # (batch, layers + 1, hidden) as one "head" of one "K/V" slot per layer
             x = probe_input(x[:, :, None, None], hp.layers, "both", "flatten", hp.layer_pool)
         else:
@@ -108,6 +114,9 @@ class CorrectnessProbe(L.LightningModule):
         self._build(xs.shape[1])
         self.mean.copy_(xs.mean(0))
         self.std.copy_(xs.std(0).clamp_min(1e-6))
+        batches = list(self.trainer.datamodule.train_dataloader())
+        self.length_coef.copy_(calibration.fit_logistic(
+            torch.cat([length_features(b) for b in batches]), torch.cat([b["correct"] for b in batches])))
 
     # --- model --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,16 +177,22 @@ class CorrectnessProbe(L.LightningModule):
             self.iso_x, self.iso_y = calibration.fit_isotonic(logits, labels)
 
     def test_step(self, batch: dict, _) -> None:
-        out = {"probe": self.probability(self(self.inputs(batch))), "correct": batch["correct"]}
+        out = {"probe": self.probability(self(self.inputs(batch))), "correct": batch["correct"], "length_probe":
+               torch.sigmoid(length_features(batch) @ self.length_coef[:2] + self.length_coef[2]), "gen_tokens": batch["gen_tokens"]}
         out |= {name: value for name, value in batch["scores"].items()}
         self._outputs.append(out)
 
     def on_test_epoch_end(self) -> None:
         cols = {k: torch.cat([o[k] for o in self._outputs]).float().cpu() for k in self._outputs[0]}
         self._outputs.clear()
-        labels = cols.pop("correct").long()
-        self.test_outputs = cols | {"correct": labels}
-        self.test_results = {name: score_metrics(s, labels, is_probability=name == "probe") for name, s in cols.items()}
+        labels, lengths = cols.pop("correct").long(), cols.pop("gen_tokens")
+        self.test_outputs = cols | {"correct": labels, "gen_tokens": lengths}
+        self.test_results = {name: score_metrics(s, labels, is_probability=name.endswith("probe")) for name, s in cols.items()}
+        # what the probe knows beyond length: paired difference to the length-only baseline, and within length buckets
+        self.test_results["probe_minus_length_probe"] = paired_bootstrap_auroc(cols["probe"], cols["length_probe"], labels)
+        self.test_results["within_length_buckets"] = {
+            k: v for k, v in bucketed_auroc({"probe": cols["probe"], "length_probe": cols["length_probe"]}, labels, lengths)[-1].items() if k != "range"
+        }
         for name, values in self.test_results.items():
             for metric, v in values.items():
                 self.log(f"test/{name}/{metric}", v)
@@ -210,7 +225,7 @@ def roc_figure(outputs: dict[str, torch.Tensor], title: str):
     labels = outputs["correct"].long()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for name, scores in outputs.items():
-        if name == "correct":
+        if name in ("correct", "gen_tokens"):
             continue
         fpr, tpr, _ = binary_roc(scores.float(), labels)
         auc = float(binary_auroc(scores.float(), labels))

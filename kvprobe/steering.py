@@ -1,0 +1,459 @@
+"""KVProbeGenerator: trained probes steer generation live, from the very KV cache the decode loop builds.
+
+    gen = KVProbeGenerator.from_pretrained("checkpoints/smollm2")
+    answer, record = gen.generate("What is 17 * 3?", policy="route")
+
+The loop is our own greedy decode over a ``DynamicCache``, so the probes run between steps:
+
+- ``route``: prefill the ``route_on`` prompt (fast by default), read its last ``window`` positions from the cache
+  (``features.window_kv``, the function capture used), score difficulty, pick a mode. A question routed to the other
+  mode keeps the cached KV of the prompt prefix both modes share and prefills only the differing instruction.
+- ``route+switch``: as ``route``, then every ``probe_every`` tokens score the window of the latest positions; a
+  slow answer whose score falls below ``switch_low`` gets the answer cue appended (stop reasoning, answer now), a
+  fast one whose score rises above ``switch_high`` gets the think cue. At most one switch; decoding continues from
+  the same cache and token ids, with no decode-to-text and re-prefill.
+- ``fast``/``slow``: a fixed mode; ``oracle``: the modes given per prompt (evaluation on labelled data).
+
+The correctness probe (when present) reads the per-layer K and V pooled over the answer's positions, kept as
+running sums as tokens are appended (O(layers) per token), and gives every answer a confidence.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+import kvprobe
+from kvprobe import features as F
+from kvprobe.cache import layer_kv
+from kvprobe.export import ProbeMismatch, check_model, load_probe, read_config, write_probe
+from kvprobe.features import FeatureSpec
+from kvprobe.models import LoadedModel, ModelSpec, fingerprint, load_model, model_shape
+from kvprobe.prompts import PromptSpec, chat_ids, prompt_ids, with_instruction
+from kvprobe.tasks import Item
+
+POLICIES = ("fast", "slow", "route", "route+switch", "oracle")
+REPO = Path(__file__).resolve().parents[1]
+GENERATOR_FILE = "generator.json"
+
+
+@dataclass
+class SteeringSpec:
+    """How a generator steers; saved in ``generator.json`` beside its probes.
+
+    Args:
+        threshold: which calibrated threshold of the difficulty probe routes before decoding (see its export).
+        switch_low: ``route+switch``: a slow answer whose live score drops below this switches to answering.
+        switch_high: ``route+switch``: a fast answer whose live score rises above this switches to thinking.
+        probe_every: score the live window every this many decoded tokens.
+        min_tokens: no switch before this many tokens in the current mode (the window must hold the answer's own
+            tokens, not the prompt's).
+        answer_cue: appended to switch slow -> fast (prompt-based modes; for hybrid thinking models use the
+            template's end-of-thinking text, e.g. ``</think>``).
+        think_cue: appended to switch fast -> slow.
+    """
+
+    threshold: str = "best_at_0.5x_slow"
+    switch_low: float = 0.3
+    switch_high: float = 0.7
+    probe_every: int = 1
+    min_tokens: int = 16
+    answer_cue: str = "\n\nAnswer:"
+    think_cue: str = "\nWait, let me think step by step.\n"
+
+
+@dataclass
+class GenerationResult:
+    """What happened for one prompt. ``tokens`` counts every decoded token per mode (the token decoded at a
+    switch counts in the mode that decoded it); cue tokens are forced, not decoded, and counted apart."""
+
+    text: str
+    mode: str  # chosen before decoding
+    final_mode: str
+    route_score: float | None
+    switched_at: int | None  # decoded tokens before the switch
+    switch_score: float | None
+    tokens: dict[str, int]
+    cue_tokens: int
+    prompt_tokens: int  # prompt positions prefilled (both modes' shared prefix counted once)
+    confidence: float | None  # calibrated P(correct) from the correctness probe
+    seconds: float
+    probe_seconds: float
+    token_ids: list[int] = field(repr=False, default_factory=list)
+
+    @property
+    def decoded_tokens(self) -> int:
+        return sum(self.tokens.values())
+
+
+@dataclass
+class _Row:
+    index: int
+    ids: list[int]  # every position fed so far, prompt included
+    mode: str
+    route_score: float | None = None
+    prompt_tokens: int = 0
+    out: list[int] = field(default_factory=list)  # decoded and cue tokens, in order
+    tokens: dict[str, int] = field(default_factory=lambda: {"fast": 0, "slow": 0})
+    in_mode: int = 0
+    cue: int = 0
+    switched_at: int | None = None
+    switch_score: float | None = None
+    chosen: str = ""  # the mode decoding started in
+    done: bool = False
+    t0: float = 0.0
+    probe_seconds: float = 0.0
+
+
+class KVProbeGenerator:
+    """A frozen causal LM plus its trained probes (difficulty, and optionally correctness), steering live."""
+
+    def __init__(self, lm: LoadedModel, difficulty=None, correctness=None, configs: dict | None = None,
+                 steering: SteeringSpec | None = None):
+        if difficulty is None and correctness is None:
+            raise ValueError("a KVProbeGenerator needs at least one probe (difficulty and/or correctness)")
+        self.lm, self.difficulty, self.correctness = lm, difficulty, correctness
+        self.configs = configs or {}
+        self.steering = steering or SteeringSpec()
+        main = self.configs.get("difficulty") or self.configs["correctness"]
+        self.prompt = PromptSpec(**main["prompt"])
+        self.max_new_tokens = dict(main["generation"]["max_new_tokens"])
+        self.route_on = main.get("difficulty", {}).get("route_on", "fast")
+        self.window_layers = FeatureSpec(**main["features"]).layer_ids(lm.shape.layers)
+        if correctness is not None and (correctness.hparams.source != "kv" or correctness.hparams.coe_features):
+            raise ValueError("live correctness needs a probe on the answer's KV alone (source 'kv', coe_features false), "
+                             f"not source={correctness.hparams.source!r} coe_features={correctness.hparams.coe_features}")
+        if difficulty is not None and self.steering.threshold not in difficulty.thresholds:
+            raise ValueError(f"threshold {self.steering.threshold!r} is not among the probe's calibrated thresholds "
+                             f"{sorted(difficulty.thresholds)}")
+
+    # --- loading and saving -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, model: LoadedModel | None = None, device_map: str | None = None,
+                        dtype: str | None = None, steering: SteeringSpec | None = None) -> "KVProbeGenerator":
+        """Probes from a generator folder (``generator.json`` + ``difficulty/`` + ``correctness/``), a single exported
+        probe folder, or an alias under ``checkpoints/``; the base model they record (or ``model``), checked to match."""
+        folder = Path(path).expanduser()
+        if not folder.exists() and (REPO / "checkpoints" / str(path)).is_dir():
+            folder = REPO / "checkpoints" / str(path)
+        if (folder / GENERATOR_FILE).is_file():
+            meta = json.loads((folder / GENERATOR_FILE).read_text())
+            probes = {name: folder / sub for name, sub in meta["probes"].items()}
+            steering = steering or SteeringSpec(**meta.get("steering", {}))
+        elif (folder / "probe.json").is_file():
+            kind = "difficulty" if read_config(folder)["probe_class"].endswith("DifficultyProbe") else "correctness"
+            probes = {kind: folder}
+        else:
+            raise FileNotFoundError(f"{path} holds neither {GENERATOR_FILE} nor probe.json: not a kvprobe generator or probe")
+        configs = {name: read_config(p) for name, p in probes.items()}
+        base = next(iter(configs.values()))["base_model"]
+        for name, config in configs.items():  # every probe must belong to the same base model
+            if config["base_model"]["fingerprint"] != base["fingerprint"]:
+                raise ProbeMismatch(f"probe {name!r} in {probes[name]} was trained on {config['base_model']['name']!r}, "
+                                    f"the others on {base['name']!r}: a generator's probes must share one base model")
+        if model is None:
+            model = load_model(ModelSpec(name=base["name"], dtype=dtype or base["dtype"], device_map=device_map))
+        shape = {k: v for k, v in asdict(model.shape).items()}
+        loaded = {name: load_probe(p, model.fingerprint, shape, model.spec.name) for name, p in probes.items()}
+        return cls(model, loaded.get("difficulty"), loaded.get("correctness"), configs, steering)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        probes = {}
+        for name, probe in (("difficulty", self.difficulty), ("correctness", self.correctness)):
+            if probe is not None:
+                write_probe(probe, folder / name, self.configs[name])
+                probes[name] = name
+        meta = {"format": "kvprobe-generator", "kvprobe": kvprobe.__version__, "probes": probes,
+                "base_model": next(iter(self.configs.values()))["base_model"], "steering": asdict(self.steering)}
+        (folder / GENERATOR_FILE).write_text(json.dumps(meta, indent=1))
+        return folder
+
+    @classmethod
+    def from_probes(cls, lm: LoadedModel, difficulty: str | Path | None = None, correctness: str | Path | None = None,
+                    steering: SteeringSpec | None = None) -> "KVProbeGenerator":
+        """Assemble a generator from exported probe folders (e.g. ``python -m kvprobe.fit`` outputs)."""
+        folders = {k: Path(v) for k, v in (("difficulty", difficulty), ("correctness", correctness)) if v}
+        shape = asdict(lm.shape)
+        loaded = {k: load_probe(v, lm.fingerprint, shape, lm.spec.name) for k, v in folders.items()}
+        return cls(lm, loaded.get("difficulty"), loaded.get("correctness"), {k: read_config(v) for k, v in folders.items()}, steering)
+
+    # --- prompts ----------------------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt, mode: str) -> list[int]:
+        """Token ids of ``prompt`` (a question string, an ``Item`` or a chat message list) in ``mode``."""
+        spec = copy.deepcopy(self.prompt)
+        spec.mode = mode
+        if isinstance(prompt, str):
+            prompt = Item("live", prompt, "")
+        if isinstance(prompt, Item):
+            return prompt_ids(prompt, spec, self.lm.tokenizer)
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            return chat_ids(with_instruction(prompt, spec, self.lm.tokenizer), spec, self.lm.tokenizer)
+        raise TypeError(f"a prompt is a string, a kvprobe Item or a list of chat messages, not {type(prompt).__name__}")
+
+    # --- generation ---------------------------------------------------------------------------------------------------
+    def generate(self, prompts, policy: str = "route", max_new_tokens: dict[str, int] | int | None = None,
+                 stream: bool = False, oracle_modes: list[str] | None = None):
+        """Greedy generation under ``policy``. One prompt -> ``(text, GenerationResult)``; a list -> a list of them.
+
+        With ``stream=True`` returns an iterator of events (dicts with ``type`` in ``route``, ``text``, ``switch``,
+        ``done``; each names its ``row``) as they happen.
+        """
+        single = isinstance(prompts, (str, Item)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise ValueError("generate needs at least one prompt")
+        events = self._events(batch, policy, self._caps(max_new_tokens), oracle_modes)
+        if stream:
+            return events
+        results: dict[int, GenerationResult] = {}
+        for event in events:
+            if event["type"] == "done":
+                results[event["row"]] = event["result"]
+        out = [(results[i].text, results[i]) for i in range(len(batch))]
+        return out[0] if single else out
+
+    def _caps(self, max_new_tokens) -> dict[str, int]:
+        if max_new_tokens is None:
+            return dict(self.max_new_tokens)
+        if isinstance(max_new_tokens, int):
+            return {"fast": max_new_tokens, "slow": max_new_tokens}
+        return dict(self.max_new_tokens) | dict(max_new_tokens)
+
+    def _events(self, batch: list, policy: str, caps: dict[str, int], oracle_modes) -> Iterator[dict]:
+        if policy not in POLICIES:
+            raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
+        if policy.startswith("route") and self.difficulty is None:
+            raise ValueError(f"policy {policy!r} needs a difficulty probe; this generator has only a correctness probe")
+        if policy == "oracle" and (oracle_modes is None or len(oracle_modes) != len(batch)):
+            raise ValueError("policy 'oracle' needs oracle_modes: one 'fast'/'slow' per prompt")
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if policy.startswith("route"):
+                groups = yield from self._route(batch, t0)
+            else:
+                modes = oracle_modes if policy == "oracle" else [policy] * len(batch)
+                groups = []
+                for mode in ("fast", "slow"):
+                    rows = [_Row(i, self.prompt_ids(p, mode), mode, t0=t0) for i, (p, m) in enumerate(zip(batch, modes)) if m == mode]
+                    if rows:
+                        groups.append((rows, None))
+            for rows, state in groups:
+                if state is None:
+                    state = self._prefill(rows)
+                yield from self._decode(rows, state, caps, switch=policy == "route+switch")
+
+    # --- the decode loop's pieces -------------------------------------------------------------------------------------
+    def _forward(self, state: dict, block: list[list[int]], fed: list[bool] | None = None) -> torch.Tensor:
+        """Feed one right-aligned block per row (shorter rows padded inside the sequence, masked); returns the last
+        column's logits. ``fed[i]`` False: row i is finished and feeds only masked padding."""
+        pad = self.lm.tokenizer.pad_token_id
+        width = max(len(b) for b in block)
+        ids = torch.full((len(block), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(block), width), dtype=torch.long)
+        for i, b in enumerate(block):
+            if b and (fed is None or fed[i]):
+                ids[i, width - len(b):] = torch.tensor(b)
+                mask[i, width - len(b):] = 1
+        state["mask"] = mask if state.get("mask") is None else torch.cat([state["mask"], mask], 1)
+        positions = (state["mask"].cumsum(1) - 1).clamp_min(0)[:, -width:]
+        device = self.lm.input_device
+        out = self.lm.model(input_ids=ids.to(device), attention_mask=state["mask"].to(device), position_ids=positions.to(device),
+                            past_key_values=state["cache"], use_cache=True)
+        self._accumulate(state, mask)
+        return out.logits[:, -1].float()
+
+    def _accumulate(self, state: dict, block_mask: torch.Tensor) -> None:
+        """Add the newly fed positions' K and V to each row's running answer sums (what ``pooled_response`` averages)."""
+        if self.correctness is None:
+            return
+        pairs = layer_kv(state["cache"], device=self.lm.input_device)
+        width = block_mask.shape[1]
+        take = block_mask.clone()
+        if state.get("prefill"):  # of a prompt, only its last position emits an answer token
+            take[:, :-1] = 0
+        w = take.to(pairs[0][0].device, torch.float32)[:, None, :, None]  # (batch, 1, width, 1)
+        new = torch.stack([torch.stack(((k[:, :, -width:].float() * w).sum(2), (v[:, :, -width:].float() * w).sum(2)), 1)
+                           for k, v in pairs], 1)  # (batch, layers, 2, heads, dim)
+        state["sums"] = new if state.get("sums") is None else state["sums"] + new
+        state["counts"] = take.sum(1) + (0 if state.get("counts") is None else state["counts"])
+
+    def _window_scores(self, state: dict) -> torch.Tensor:
+        """Difficulty scores from each row's last ``window`` real positions, as capture stored them (fp16)."""
+        probe = self.difficulty
+        pairs = layer_kv(state["cache"], device=self.lm.input_device)
+        window = F.window_kv(pairs, state["mask"], probe.hparams.window, self.window_layers).half().float()
+        pooled = F.pool_positions(window, probe.hparams.position_pool)
+        return probe.score(probe(probe.pooled_inputs(pooled))).cpu()
+
+    def _prefill(self, rows: list[_Row]) -> dict:
+        """Left-padded prefill of each row's prompt."""
+        state = {"cache": self._new_cache(), "mask": None, "prefill": True}
+        state["logits"] = self._forward(state, [r.ids for r in rows])
+        state["prefill"] = False
+        for r in rows:
+            r.prompt_tokens += len(r.ids)
+        return state
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.lm.model.config)
+
+    def _route(self, batch: list, t0: float):
+        """Prefill the route_on prompts, score them, split the batch by mode; rows whose mode differs from route_on
+        keep their shared prompt prefix from the cache and prefill only the rest. Returns (rows, state) groups."""
+        first = self.route_on
+        other = "slow" if first == "fast" else "fast"
+        rows = [_Row(i, self.prompt_ids(p, first), first, t0=t0) for i, p in enumerate(batch)]
+        state = self._prefill(rows)
+        t = time.perf_counter()
+        scores = self._window_scores(state)
+        threshold = self.difficulty.thresholds[self.steering.threshold]["threshold"]
+        per_row = (time.perf_counter() - t) / len(rows)
+        picks = {"fast": [], "slow": []}
+        for j, r in enumerate(rows):
+            r.route_score, r.probe_seconds = float(scores[j]), per_row
+            r.mode = "slow" if r.route_score > threshold else "fast"
+            picks[r.mode].append(j)
+            yield {"type": "route", "row": r.index, "mode": r.mode, "score": r.route_score, "threshold": threshold}
+        groups = []
+        if picks[first]:
+            keep = torch.tensor(picks[first])
+            kept = {"cache": self._select(state["cache"], keep), "mask": state["mask"][keep], "logits": state["logits"][keep],
+                    "sums": None if state.get("sums") is None else state["sums"][keep],
+                    "counts": None if state.get("counts") is None else state["counts"][keep]}
+            groups.append(([rows[j] for j in picks[first]], kept))
+        if picks[other]:
+            groups.append(self._reroute([rows[j] for j in picks[other]], picks[other], state, batch, other))
+        return groups
+
+    def _select(self, cache, keep: torch.Tensor):
+        pairs = layer_kv(cache)
+        new = self._new_cache()
+        for i, (k, v) in enumerate(pairs):
+            new.update(k[keep.to(k.device)], v[keep.to(k.device)], i)
+        return new
+
+    def _reroute(self, rows: list[_Row], where: list[int], state: dict, batch: list, mode: str):
+        """Rows switching prompt before decoding: copy the shared prefix's KV out of the routing cache, prefill the rest."""
+        pairs = layer_kv(state["cache"])
+        width = state["mask"].shape[1]
+        targets = [self.prompt_ids(batch[r.index], mode) for r in rows]
+        shared = [_common_prefix(r.ids, t) for r, t in zip(rows, targets)]
+        lp = max(shared)
+        cache = self._new_cache()
+        for layer, (k, v) in enumerate(pairs):
+            nk = torch.zeros((len(rows),) + k.shape[1:2] + (lp,) + k.shape[3:], dtype=k.dtype, device=k.device)
+            nv = torch.zeros_like(nk)
+            for i, (j, r, c) in enumerate(zip(where, rows, shared)):
+                start = width - len(r.ids)  # this row's prompt began here (left padding)
+                nk[i, :, lp - c:] = k[j, :, start:start + c]
+                nv[i, :, lp - c:] = v[j, :, start:start + c]
+            cache.update(nk, nv, layer)
+        mask = torch.zeros((len(rows), lp), dtype=torch.long)
+        for i, c in enumerate(shared):
+            mask[i, lp - c:] = 1
+        new = {"cache": cache, "mask": mask, "prefill": True}
+        if self.correctness is not None:
+            new["sums"], new["counts"] = None, None
+        new["logits"] = self._forward(new, [t[c:] for t, c in zip(targets, shared)])
+        new["prefill"] = False
+        for r, t, c in zip(rows, targets, shared):
+            r.ids, r.prompt_tokens = list(t), r.prompt_tokens + len(t) - c
+        return rows, new
+
+    def _decode(self, rows: list[_Row], state: dict, caps: dict[str, int], switch: bool) -> Iterator[dict]:
+        tok = self.lm.tokenizer
+        eos = self.lm.model.generation_config.eos_token_id
+        eos = set([eos] if isinstance(eos, int) else (eos or [tok.eos_token_id]))
+        cues = {"fast": tok.encode(self.steering.answer_cue, add_special_tokens=False),
+                "slow": tok.encode(self.steering.think_cue, add_special_tokens=False)}
+        texts = {r.index: "" for r in rows}
+        for r in rows:
+            r.chosen = r.mode
+        logits = state.pop("logits")
+        while True:
+            next_ids = logits.argmax(-1).tolist()
+            blocks, fed = [], []
+            for j, r in enumerate(rows):
+                if r.done:
+                    blocks.append([tok.pad_token_id]), fed.append(False)
+                    continue
+                t = next_ids[j]
+                r.out.append(t)
+                r.tokens[r.mode] += 1
+                r.in_mode += 1
+                text = tok.decode(r.out, skip_special_tokens=True)
+                if text != texts[r.index]:
+                    yield {"type": "text", "row": r.index, "text": text[len(texts[r.index]):]}
+                    texts[r.index] = text
+                if t in eos or r.in_mode >= caps[r.mode]:
+                    r.done = True
+                    blocks.append([tok.pad_token_id]), fed.append(False)
+                else:
+                    blocks.append([t]), fed.append(True)
+            if switch:
+                yield from self._maybe_switch(rows, state, blocks, cues, texts)
+            if all(r.done for r in rows):
+                break
+            for r, b, f in zip(rows, blocks, fed):
+                if f:
+                    r.ids.extend(b)
+            logits = self._forward(state, blocks, fed)
+        confidence = self._confidence(state) if self.correctness is not None else [None] * len(rows)
+        for j, r in enumerate(rows):
+            result = GenerationResult(
+                text=texts[r.index], mode=r.chosen, final_mode=r.mode, route_score=r.route_score, switched_at=r.switched_at,
+                switch_score=r.switch_score, tokens=dict(r.tokens), cue_tokens=r.cue, prompt_tokens=r.prompt_tokens,
+                confidence=confidence[j], seconds=time.perf_counter() - r.t0, probe_seconds=r.probe_seconds, token_ids=list(r.out),
+            )
+            yield {"type": "done", "row": r.index, "result": result}
+
+    def _maybe_switch(self, rows: list[_Row], state: dict, blocks: list[list[int]], cues: dict, texts: dict) -> Iterator[dict]:
+        """Score the latest window of every row due for a probe; switch those past the hysteresis threshold."""
+        s = self.steering
+        due = [j for j, r in enumerate(rows) if not r.done and r.switched_at is None and r.in_mode >= s.min_tokens
+               and r.in_mode % s.probe_every == 0]
+        if not due:
+            return
+        t = time.perf_counter()
+        scores = self._window_scores(state)
+        spent = (time.perf_counter() - t) / len(due)
+        for j in due:
+            r = rows[j]
+            r.probe_seconds += spent
+            score = float(scores[j])
+            to = "fast" if r.mode == "slow" and score < s.switch_low else "slow" if r.mode == "fast" and score > s.switch_high else None
+            if to is None:
+                continue
+            r.switched_at, r.switch_score = r.tokens["fast"] + r.tokens["slow"], score
+            r.mode, r.in_mode = to, 0
+            blocks[j] = blocks[j] + cues[to]
+            r.out.extend(cues[to])
+            r.cue += len(cues[to])
+            yield {"type": "switch", "row": r.index, "at": r.switched_at, "score": score, "to": to}
+            text = self.lm.tokenizer.decode(r.out, skip_special_tokens=True)
+            yield {"type": "text", "row": r.index, "text": text[len(texts[r.index]):]}
+            texts[r.index] = text
+
+    def _confidence(self, state: dict) -> list[float]:
+        pooled = state["sums"] / state["counts"].clamp_min(1).to(state["sums"].device).view(-1, 1, 1, 1, 1)
+        probe = self.correctness
+        return probe.probability(probe(probe.inputs({"response_kv": pooled.cpu()}))).tolist()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,161 @@
+"""KVProbeGenerator on tiny models: live features equal captured ones, cache reuse equals fresh prefill, accounting."""
+
+import json
+
+import pytest
+import torch
+
+from kvprobe import features as F
+from kvprobe.export import ProbeMismatch
+from kvprobe.fit import main
+from kvprobe.models import ModelSpec, load_model
+from kvprobe.steering import KVProbeGenerator, SteeringSpec
+from kvprobe.store import CaptureStore
+
+QUESTIONS = ["What is 3 + 4?", "What is 7 * 2 - 5?", "What is 9?"]
+
+
+def common_args(tiny, root):
+    return ["--data.model.name", str(tiny), "--data.model.dtype", "float32", "--data.task.name", "arithmetic",
+            "--data.task.params", '{"n": 40, "seed": 5}', "--data.generation.max_new_tokens", '{"fast": 5, "slow": 24}',
+            "--data.generation.batch_size", "8", "--data.generation.shard_size", "16", "--data.features.hidden_states", "false",
+            "--data.cache_dir", str(root / "captures"), "--trainer.logger", "false", "--trainer.max_epochs", "2",
+            "--trainer.default_root_dir", str(root / "runs"), "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, tmp_path_factory):
+    """A difficulty and a correctness probe fitted on the tiny Llama (grades faked per question id and mode)."""
+    import kvprobe.capture as capture_module
+
+    root = tmp_path_factory.mktemp("steer")
+    tiny = tiny_models["llama"]
+    state, run_shard = {}, capture_module._run_shard
+
+    def tracking(lm, items, ids, gen, feats, prompt, progress):
+        state["mode"] = prompt.mode
+        return run_shard(lm, items, ids, gen, feats, prompt, progress)
+
+    def grade(item, response):
+        k = int(item.qid.rsplit("/", 1)[-1]) % 3
+        return "x", {0: True, 1: state["mode"] == "slow", 2: False}[k]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(capture_module, "_run_shard", tracking)
+        mp.setattr(capture_module, "grade", grade)
+        main(["--config", "configs/difficulty.yaml", *common_args(tiny, root), "--export_dir", str(root / "difficulty")])
+        main(["--config", "configs/coe.yaml", *common_args(tiny, root), "--data.prompt.mode", "fast", "--export_dir", str(root / "correctness")])
+    return {"root": root, "model": tiny}
+
+
+@pytest.fixture(scope="module")
+def gen(trained):
+    lm = load_model(ModelSpec(name=str(trained["model"])))
+    return KVProbeGenerator.from_probes(lm, trained["root"] / "difficulty", trained["root"] / "correctness")
+
+
+def forced(gen, **steering):
+    """The same generator with a route threshold that sends everything to slow, and the given steering."""
+    gen.difficulty.thresholds = dict(gen.difficulty.thresholds) | {"force": {"threshold": -1.0}}
+    return KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.configs, SteeringSpec(threshold="force", **steering))
+
+
+def greedy(lm, ids, n):
+    out = lm.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    return out[0, len(ids):].tolist()
+
+
+def test_live_features_equal_captured(gen, trained):
+    """The route score and the answer confidence computed live equal the probes applied to the capture's tensors."""
+    fast = next(p for p in (trained["root"] / "captures").iterdir() if p.name.startswith("arithmetic-fast"))
+    shards, table = CaptureStore(fast).open()
+    rows = table.to_pylist()[:6]
+    items = [r["question"] for r in rows]
+    results = gen.generate(items, policy="fast")
+    d, c = gen.difficulty, gen.correctness
+    captured = {k: torch.cat([s[k] for s in shards])[:6].float() for k in ("prompt_kv", "response_kv")}
+    want_route = d.score(d(d.inputs({"prompt_kv": captured["prompt_kv"]})))
+    live = gen.generate(items, policy="route")
+    torch.testing.assert_close(torch.tensor([r.route_score for _, r in live]), want_route, atol=1e-4, rtol=1e-4)
+    want_conf = c.probability(c(c.inputs({"response_kv": captured["response_kv"]})))
+    same = [i for i, (_, r) in enumerate(results) if r.decoded_tokens == rows[i]["gen_tokens"] and r.text == rows[i]["response"]]
+    assert len(same) >= 5  # greedy on the same prompt; padding noise may flip a rare near-tie token
+    torch.testing.assert_close(torch.tensor([results[i][1].confidence for i in same]), want_conf[same], atol=1e-4, rtol=1e-4)
+
+
+def test_window_kv_reads_around_inner_padding():
+    k = torch.arange(2 * 1 * 6 * 1, dtype=torch.float32).view(2, 1, 6, 1)
+    mask = torch.tensor([[0, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1]])
+    w = F.window_kv([(k, -k)], mask, 3, [0])  # (batch, layers, 2, heads, width, dim)
+    assert w[0, 0, 0, 0, :, 0].tolist() == [2.0, 4.0, 5.0]  # column 3 is padding inside the sequence
+    assert w[1, 0, 1, 0, :, 0].tolist() == [-9.0, -10.0, -11.0]
+    assert F.window_kv([(k, k)], mask, 6, [0])[0, 0, 0, 0, :, 0].tolist() == [0.0, 0.0, 1.0, 2.0, 4.0, 5.0]
+
+
+def test_rerouted_prompt_reuses_prefix_and_equals_fresh_slow(gen):
+    """Routed to slow after the fast prefill: the shared prefix comes from the cache, the tokens equal a fresh slow run."""
+    routed = forced(gen).generate(QUESTIONS, policy="route")
+    fresh = gen.generate(QUESTIONS, policy="slow")
+    for q, (text, r), (text2, f) in zip(QUESTIONS, routed, fresh):
+        assert r.mode == "slow" and r.token_ids == f.token_ids and text == text2
+        fast_ids, slow_ids = gen.prompt_ids(q, "fast"), gen.prompt_ids(q, "slow")
+        shared = next(i for i, (a, b) in enumerate(zip(fast_ids, slow_ids)) if a != b)
+        assert shared > len(fast_ids) // 2  # the question and the template's head are shared
+        assert r.prompt_tokens == len(fast_ids) + len(slow_ids) - shared  # only the differing suffix is prefilled again
+
+
+def test_forced_switch_continues_from_cache_like_a_fresh_prefill(gen):
+    g = forced(gen, switch_low=2.0, min_tokens=3)  # every score is below 2: the switch fires at the third slow token
+    text, r = g.generate(QUESTIONS[1], policy="route+switch")
+    cue = gen.lm.tokenizer.encode(g.steering.answer_cue, add_special_tokens=False)
+    assert (r.mode, r.final_mode, r.switched_at) == ("slow", "fast", 3) and r.switch_score < 2.0
+    assert r.token_ids[3:3 + len(cue)] == cue and r.cue_tokens == len(cue)
+    assert r.tokens["slow"] == 3 and r.tokens["fast"] == len(r.token_ids) - 3 - len(cue) and r.decoded_tokens == len(r.token_ids) - len(cue)
+    prefix = gen.prompt_ids(QUESTIONS[1], "slow") + r.token_ids[: 3 + len(cue)]
+    after = r.token_ids[3 + len(cue):]
+    assert greedy(gen.lm, prefix, len(after)) == after  # a fresh prefill of the switched text decodes the same tokens
+    assert 0.0 <= r.confidence <= 1.0 and r.probe_seconds > 0
+
+
+def test_batching_with_left_padding_equals_one_by_one(gen):
+    together = gen.generate(QUESTIONS, policy="slow")
+    for q, (text, r) in zip(QUESTIONS, together):
+        alone_text, alone = gen.generate(q, policy="slow")
+        assert r.token_ids == alone.token_ids and text == alone_text
+        assert r.tokens == {"fast": 0, "slow": len(r.token_ids)} and r.prompt_tokens == len(gen.prompt_ids(q, "slow"))
+        assert r.token_ids == greedy(gen.lm, gen.prompt_ids(q, "slow"), len(r.token_ids))  # the loop decodes as HF does
+
+
+def test_streaming_events(gen):
+    g = forced(gen, switch_low=2.0, min_tokens=2)
+    events = list(g.generate(QUESTIONS[:2], policy="route+switch", stream=True))
+    kinds = [e["type"] for e in events]
+    assert kinds[:2] == ["route", "route"] and kinds.count("done") == 2 and kinds.count("switch") == 2
+    for row in (0, 1):
+        streamed = "".join(e["text"] for e in events if e["type"] == "text" and e["row"] == row)
+        done = next(e["result"] for e in events if e["type"] == "done" and e["row"] == row)
+        assert streamed == done.text
+        switch = next(i for i, e in enumerate(events) if e["type"] == "switch" and e["row"] == row)
+        assert events[switch]["at"] == 2 and switch < kinds.index("done")
+
+
+def test_round_trip_mismatch_and_bad_input(gen, trained, tiny_models, tmp_path):
+    folder = gen.save_pretrained(tmp_path / "gen")
+    meta = json.loads((folder / "generator.json").read_text())
+    assert meta["probes"] == {"difficulty": "difficulty", "correctness": "correctness"}
+    again = KVProbeGenerator.from_pretrained(folder, model=gen.lm)
+    assert again.difficulty.thresholds == gen.difficulty.thresholds and again.steering == gen.steering
+    a, b = gen.generate(QUESTIONS[0], policy="route"), again.generate(QUESTIONS[0], policy="route")
+    assert a[1].token_ids == b[1].token_ids and a[1].route_score == pytest.approx(b[1].route_score)
+    other = load_model(ModelSpec(name=str(tiny_models["qwen2"])))
+    with pytest.raises(ProbeMismatch, match="not on"):
+        KVProbeGenerator.from_pretrained(folder, model=other)
+    with pytest.raises(ValueError, match="policy 'oracle' needs oracle_modes"):
+        gen.generate(QUESTIONS, policy="oracle")
+    with pytest.raises(ValueError, match="not one of"):
+        gen.generate(QUESTIONS, policy="sometimes")
+    with pytest.raises(FileNotFoundError, match="neither generator.json nor probe.json"):
+        KVProbeGenerator.from_pretrained(tmp_path)
+    modes = ["slow", "fast", "slow"]
+    oracle = gen.generate(QUESTIONS, policy="oracle", oracle_modes=modes)
+    assert [r.mode for _, r in oracle] == modes
