@@ -100,7 +100,7 @@ def test_rerouted_prompt_reuses_prefix_and_equals_fresh_slow(gen):
         assert r.mode == "slow" and r.token_ids == f.token_ids and text == text2
         fast_ids, slow_ids = gen.prompt_ids(q, "fast"), gen.prompt_ids(q, "slow")
         shared = next(i for i, (a, b) in enumerate(zip(fast_ids, slow_ids)) if a != b)
-        assert shared > len(fast_ids) // 2  # the question and the template's head are shared
+        assert shared >= 8  # at least the template head and the question are shared
         assert r.prompt_tokens == len(fast_ids) + len(slow_ids) - shared  # only the differing suffix is prefilled again
 
 
