@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         if name.startswith("router_"):
             budget = name.removeprefix("router_")
             table.append(fmt_row(f"probe router, {budget}", rows[name], slow_tokens))
-            table.append(fmt_row(f"random router, same slow share", rows[f"random_{budget}"], slow_tokens))
+            table.append(fmt_row("random router, same slow share", rows[f"random_{budget}"], slow_tokens))
             table.append(fmt_row(f"prompt-length router, {budget}", length_rows[name], slow_tokens))
 
     objectives = ["| probe | objective | val routing gain | val AUROC (slow needed) | test routing gain | test AUROC (slow needed) | test acc @ best_at_0.5x_slow | tokens |",

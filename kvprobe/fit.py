@@ -22,7 +22,6 @@ from lightning.pytorch.loggers import WandbLogger
 
 from datamodules import KVCaptureDataModule
 from kvprobe.export import save_probe
-from kvprobe.store import CaptureStore
 
 
 class FitCLI(LightningCLI):

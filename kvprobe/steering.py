@@ -32,9 +32,9 @@ import torch
 import kvprobe
 from kvprobe import features as F
 from kvprobe.cache import layer_kv
-from kvprobe.export import ProbeMismatch, check_model, load_probe, read_config, write_probe
+from kvprobe.export import ProbeMismatch, load_probe, read_config, write_probe
 from kvprobe.features import FeatureSpec
-from kvprobe.models import LoadedModel, ModelSpec, fingerprint, load_model, model_shape
+from kvprobe.models import LoadedModel, ModelSpec, load_model
 from kvprobe.prompts import PromptSpec, chat_ids, prompt_ids, with_instruction
 from kvprobe.tasks import Item
 
@@ -457,3 +457,28 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Assemble a generator folder from exported probes: ``python -m kvprobe.steering --difficulty D --correctness C --out O``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kvprobe.steering", description=main.__doc__)
+    parser.add_argument("--difficulty", help="exported difficulty probe folder (python -m kvprobe.fit --config configs/difficulty.yaml)")
+    parser.add_argument("--correctness", help="exported correctness probe folder (source kv)")
+    parser.add_argument("--out", required=True, help="generator folder to write")
+    parser.add_argument("--threshold", default=SteeringSpec.threshold, help="calibrated threshold that routes")
+    args = parser.parse_args(argv)
+    first = args.difficulty or args.correctness
+    if not first:
+        parser.error("give --difficulty and/or --correctness")
+    base = read_config(first)["base_model"]
+    lm = load_model(ModelSpec(name=base["name"], dtype=base["dtype"]))
+    gen = KVProbeGenerator.from_probes(lm, args.difficulty, args.correctness, SteeringSpec(threshold=args.threshold))
+    folder = gen.save_pretrained(args.out)
+    print(f"[kvprobe] generator for {base['name']} written to {folder}")
+    return folder
+
+
+if __name__ == "__main__":
+    main()

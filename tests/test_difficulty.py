@@ -210,3 +210,8 @@ def test_qwen_correctness_config_reuses_the_difficulty_capture():
     for key in ("model", "task", "generation", "features", "split"):
         assert correctness[key] == difficulty[key], key
     assert correctness["prompt"] == {"mode": "slow"} and set(difficulty["prompt"]) == {"mode"}
+    # and the embedded model's difficulty data reuses the correctness capture of configs/data/arithmetic.yaml
+    smollm2 = yaml.safe_load(open("configs/data/difficulty_smollm2.yaml"))["init_args"]
+    arithmetic = yaml.safe_load(open("configs/data/arithmetic.yaml"))
+    for key in ("model", "task", "generation", "features", "split"):
+        assert smollm2[key] == arithmetic[key], key
