@@ -159,3 +159,13 @@ def test_round_trip_mismatch_and_bad_input(gen, trained, tiny_models, tmp_path):
     modes = ["slow", "fast", "slow"]
     oracle = gen.generate(QUESTIONS, policy="oracle", oracle_modes=modes)
     assert [r.mode for _, r in oracle] == modes
+
+
+def test_switch_cost_benchmark_reduced(gen, tmp_path):
+    from tests.test_benchmarks import load
+
+    folder = gen.save_pretrained(tmp_path / "gen")
+    out = tmp_path / "switch_cost.json"
+    figures = load("switch_cost").main(["--generator", str(folder), "--n", "2", "--at", "3", "--out", str(out)])
+    assert json.loads(out.read_text()) == figures and figures["switched_items"] == 2
+    assert figures["same_switch_point_every_item"] and figures["live_fewer_tokens_every_item"]

@@ -1,0 +1,115 @@
+"""Switch cost: a live switch from the same cache vs the KV paper's post-hoc procedure, same prompts, one run.
+
+    python benchmarks/switch_cost.py                                   # the shipped SmolLM2 generator, 16 questions
+    python benchmarks/switch_cost.py --generator <folder> --n 2        # any generator; CI runs it reduced
+
+Both start in slow mode and switch to answering at the same point (the first probe call after ``--at`` tokens, with
+the switch threshold forced so it fires; the mechanism is measured, not the probe's judgement):
+
+- live (``KVProbeGenerator``, policy ``route+switch``): decode ``at`` tokens, append the answer cue's token ids to
+  the same cache, keep decoding. Tokens processed = prompt + decoded + cue.
+- post hoc (the paper's procedure): generate the slow answer in full, score the probe over its windows afterwards
+  to find the switch point, decode the prefix to text, append the cue as text, re-tokenise and prefill the whole
+  thing again, generate the answer. Tokens processed = prompt + full answer + re-prefill + answer.
+
+Prints one JSON line and writes it to benchmarks/results/switch_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from kvprobe import features as F
+from kvprobe.cache import layer_kv
+from kvprobe.steering import KVProbeGenerator, SteeringSpec
+from kvprobe.tasks import TaskSpec, load_items
+
+
+def greedy(lm, ids: list[int], max_new: int):
+    out = lm.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            max_new_tokens=max_new, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
+                            return_dict_in_generate=True)
+    return out, out.sequences[0, len(ids):].tolist()
+
+
+def post_hoc(gen: KVProbeGenerator, question: str, at: int, caps: dict) -> dict:
+    lm, probe, tok = gen.lm, gen.difficulty, gen.lm.tokenizer
+    t0 = time.perf_counter()
+    prompt = gen.prompt_ids(question, "slow")
+    out, full = greedy(lm, prompt, caps["slow"])  # 1. the whole slow answer
+    pairs = layer_kv(out)  # 2. find the switch point afterwards: score every window from `at` on
+    seq = len(prompt) + len(full) - 1  # positions that have KV (the last token was never fed)
+    point = None
+    for t in range(at, len(full)):  # after decoding token t, the positions fed so far are the prompt and t - 1 tokens
+        end = len(prompt) + t - 1
+        mask = torch.ones(1, end)
+        window = F.window_kv([(k[:, :, :end], v[:, :, :end]) for k, v in pairs], mask,
+                             probe.hparams.window, gen.window_layers).half().float()
+        score = float(probe.score(probe(probe.pooled_inputs(F.pool_positions(window, probe.hparams.position_pool)))))
+        if score < gen.steering.switch_low:
+            point = t
+            break
+    point = point if point is not None else len(full)
+    # 3. back to text, append the cue, re-tokenise, prefill everything again, answer
+    text = tok.decode(prompt + full[:point], skip_special_tokens=False) + gen.steering.answer_cue
+    again = tok.encode(text, add_special_tokens=False)
+    _, answer = greedy(lm, again, caps["fast"])
+    return {"seconds": time.perf_counter() - t0, "tokens": len(prompt) + len(full) + len(again) + len(answer),
+            "switch_at": point, "full_answer": len(full), "kv_positions": seq}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generator", default="smollm2", help="generator folder or alias under checkpoints/")
+    parser.add_argument("--n", type=int, default=16, help="questions (seeded arithmetic)")
+    parser.add_argument("--at", type=int, default=24, help="switch after this many slow tokens")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "switch_cost.json"))
+    args = parser.parse_args(argv)
+
+    base = KVProbeGenerator.from_pretrained(args.generator)
+    base.difficulty.thresholds = dict(base.difficulty.thresholds) | {"always_slow": {"threshold": -1.0}}
+    gen = KVProbeGenerator(base.lm, base.difficulty, base.correctness, base.configs,
+                           SteeringSpec(threshold="always_slow", switch_low=2.0, min_tokens=args.at))
+    caps = dict(gen.max_new_tokens)
+    caps["slow"] = max(caps["slow"], args.at + 8)
+    questions = [item.question for item in load_items(TaskSpec("arithmetic", params={"n": args.n, "seed": 11}))]
+    gen.generate(questions[0], policy="slow", max_new_tokens=4)  # warm-up
+    per_item = []
+    with torch.inference_mode():
+        for q in questions:
+            t0 = time.perf_counter()
+            _, r = gen.generate(q, policy="route+switch", max_new_tokens=caps)
+            live_s = time.perf_counter() - t0
+            live_tokens = r.prompt_tokens + r.decoded_tokens + r.cue_tokens - 1  # the last decoded token is never fed
+            ph = post_hoc(gen, q, args.at, caps)
+            per_item.append({"switched": r.switched_at is not None, "live_s": live_s, "live_tokens": live_tokens,
+                             "post_hoc_s": ph["seconds"], "post_hoc_tokens": ph["tokens"], "live_at": r.switched_at, "post_hoc_at": ph["switch_at"]})
+    switched = [p for p in per_item if p["switched"]]
+    total = lambda key: sum(p[key] for p in switched)
+    figures = {
+        "benchmark": "switch_cost", "generator": str(args.generator), "model": gen.lm.spec.name, "items": len(per_item),
+        "switched_items": len(switched), "switch_after": args.at,
+        "live_tokens_processed": total("live_tokens"), "post_hoc_tokens_processed": total("post_hoc_tokens"),
+        "live_s": round(total("live_s"), 3), "post_hoc_s": round(total("post_hoc_s"), 3),
+        "tokens_ratio_live_over_post_hoc": round(total("live_tokens") / max(1, total("post_hoc_tokens")), 4),
+        "time_ratio_live_over_post_hoc": round(total("live_s") / max(1e-9, total("post_hoc_s")), 4),
+        "live_fewer_tokens_every_item": all(p["live_tokens"] < p["post_hoc_tokens"] for p in switched),
+        "live_faster_every_item": all(p["live_s"] < p["post_hoc_s"] for p in switched),
+        "same_switch_point_every_item": all(p["live_at"] == p["post_hoc_at"] for p in switched),
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
+    line = json.dumps(figures)
+    print(line)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(line + "\n")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
