@@ -18,3 +18,24 @@ def test_capture_overhead_reduced(tiny_models, tmp_path):
                                              "--max-new-tokens", "4", "--out", str(out)])
     assert json.loads(out.read_text()) == figures
     assert figures["capture_over_generate"] > 0 and figures["hidden_state_bytes_on_disk"] > figures["kvprobe_bytes_on_disk"]
+
+
+def test_memory_bytes_reduced(tiny_models, tmp_path):
+    out = tmp_path / "memory_bytes.json"
+    figures = load("memory_bytes").main(["--model", str(tiny_models["qwen2"]), "--contexts", "16", "64", "--out", str(out)])
+    assert json.loads(out.read_text()) == figures
+    short, long = figures["in_flight"]
+    assert long["kv_cache_bytes"] == 4 * short["kv_cache_bytes"]  # the cache grows linearly with context
+    per_token = figures["this_model_per_token"]  # fp32 tiny model: 3 layers, 2 KV heads x 16, hidden 64
+    assert per_token["kv_bytes_per_token"] == 2 * 3 * 2 * 16 * 4 and long["kv_cache_bytes"] == 64 * per_token["kv_bytes_per_token"]
+    assert long["hidden_states_bytes"] == 64 * per_token["hidden_bytes_per_token"]
+    assert figures["paper_models_per_token_bf16"]["Llama-3.1-8B"]["kv_bytes_per_token"] == 2 * 32 * 8 * 128 * 2
+
+
+def test_probe_cost_reduced(tiny_models, tmp_path):
+    out = tmp_path / "probe_cost.json"
+    figures = load("probe_cost").main(["--model", str(tiny_models["llama"]), "--windows", "4", "--steps", "2",
+                                       "--train-items", "256", "--out", str(out)])
+    assert json.loads(out.read_text()) == figures
+    assert [(r["window"], r["layers"]) for r in figures["live"]] == [(4, 3)]
+    assert figures["training"]["difficulty"]["examples_per_s"] > 0 and figures["training"]["correctness"]["items"] == 256
