@@ -94,14 +94,14 @@ class BudgetSpec:
         slow_share: target shares of questions sent to slow mode.
         mean_tokens: target mean decoded tokens per question (the most slow questions that fit).
         token_ratio: maximise accuracy at no more than this multiple of always-slow's mean tokens.
-        paper: raw score thresholds of the KV paper (50 on its 0-100 scale), kept for parity; applied to scores
-            in [0, 1] as they are, so they are not calibrated to anything.
+        paper: raw score thresholds of the KV paper (30 / 50 / 70 on its 0-100 scale), kept for parity; applied to
+            scores in [0, 1] as they are, so they are not calibrated to anything.
     """
 
     slow_share: list[float] = field(default_factory=lambda: [0.25, 0.4, 0.5])
     mean_tokens: list[float] = field(default_factory=list)
     token_ratio: list[float] = field(default_factory=lambda: [0.5])
-    paper: list[float] = field(default_factory=lambda: [0.5])
+    paper: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
 
 
 def calibrate(scores: torch.Tensor, outcomes: Outcomes, budgets: BudgetSpec) -> dict[str, dict[str, float]]:
