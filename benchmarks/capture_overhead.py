@@ -6,6 +6,8 @@
 Prints one JSON line and writes it to benchmarks/results/capture_overhead.json. kvprobe capture = generate + KV
 features + grading + writing shards; the hidden-state route adds ``output_hidden_states=True`` and pools them.
 Plain generate runs before and after the captures and is averaged, so drift on a shared machine hits both sides.
+Peak memory: each route runs once more in a fresh process of its own, which reports its peak resident set (model
+load included, the same for every route), so one route's allocations cannot hide another's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +29,9 @@ from kvprobe.features import FeatureSpec
 from kvprobe.models import ModelSpec, load_model
 from kvprobe.prompts import PromptSpec, prompt_ids
 from kvprobe.tasks import TaskSpec, load_items
+
+
+ROUTES = ("plain", "kvprobe", "hidden")
 
 
 def plain_generate(lm, ids: list[list[int]], batch_size: int, max_new: int) -> float:
@@ -51,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "capture_overhead.json"))
+    parser.add_argument("--route", choices=ROUTES, help=argparse.SUPPRESS)  # internal: one route, report peak memory
     args = parser.parse_args(argv)
 
     lm = load_model(ModelSpec(name=args.model, dtype=args.dtype))
@@ -60,6 +69,17 @@ def main(argv: list[str] | None = None) -> dict:
                          batch_size=args.batch_size, shard_size=args.n)
     ids = [prompt_ids(item, prompt, lm.tokenizer) for item in load_items(task)]
     plain_generate(lm, ids[: args.batch_size], args.batch_size, 4)  # warm-up: first-call kernel set-up
+
+    if args.route:  # a child process: run one route, print its peak resident set
+        if args.route == "plain":
+            plain_generate(lm, ids, args.batch_size, args.max_new_tokens)
+        else:
+            with tempfile.TemporaryDirectory() as root:
+                capture(task=task, prompt=prompt, generation=gen, features=FeatureSpec(hidden_states=args.route == "hidden"),
+                        root=root, loaded=lm, verbose=False)
+        peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        print(json.dumps(peak))
+        return peak
 
     def timed_capture(features: FeatureSpec) -> tuple[float, int]:
         with tempfile.TemporaryDirectory() as root:
@@ -72,6 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     hs_s, hs_bytes = timed_capture(FeatureSpec(hidden_states=True))
     after = plain_generate(lm, ids, args.batch_size, args.max_new_tokens)
     plain = (before + after) / 2
+    own = [a for a in (argv if argv is not None else sys.argv[1:])]
+    peak = {route: json.loads(subprocess.run([sys.executable, __file__, *own, "--route", route], capture_output=True, text=True,
+                                             check=True).stdout.strip().splitlines()[-1])["peak_rss_bytes"] for route in ROUTES}
     figures = {
         "benchmark": "capture_overhead", "model": args.model, "dtype": args.dtype, "items": args.n,
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
@@ -79,6 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
         "kvprobe_capture_s": round(kv_s, 3), "hidden_state_capture_s": round(hs_s, 3),
         "capture_over_generate": round(kv_s / plain, 4), "hidden_capture_over_generate": round(hs_s / plain, 4),
         "kvprobe_bytes_on_disk": kv_bytes, "hidden_state_bytes_on_disk": hs_bytes,
+        "plain_peak_rss_bytes": peak["plain"], "kvprobe_peak_rss_bytes": peak["kvprobe"], "hidden_peak_rss_bytes": peak["hidden"],
+        "capture_peak_over_generate": round(peak["kvprobe"] / peak["plain"], 4),
+        "hidden_peak_over_generate": round(peak["hidden"] / peak["plain"], 4),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     line = json.dumps(figures)

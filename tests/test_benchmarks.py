@@ -18,6 +18,7 @@ def test_capture_overhead_reduced(tiny_models, tmp_path):
                                              "--max-new-tokens", "4", "--out", str(out)])
     assert json.loads(out.read_text()) == figures
     assert figures["capture_over_generate"] > 0 and figures["hidden_state_bytes_on_disk"] > figures["kvprobe_bytes_on_disk"]
+    assert figures["kvprobe_peak_rss_bytes"] > 0 and figures["capture_peak_over_generate"] > 0
 
 
 def test_memory_bytes_reduced(tiny_models, tmp_path):
