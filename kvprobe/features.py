@@ -105,21 +105,23 @@ def window_kv(pairs: list[KV], mask: torch.Tensor, width: int, layers: list[int]
     on the left. Capture (the prompt's window) and live decoding (the latest tokens' window) both read windows here.
     """
     k0 = pairs[0][0]
-    mask = mask[:, : k0.shape[-2]].bool().cpu()
-    real = mask.sum(1)
-    # column of the j-th of the last `width` real positions: rank real columns from the right
-    rank_from_end = real[:, None] - mask.long().cumsum(1)  # 0 for the last real column
-    slot = width - 1 - rank_from_end  # where a real column lands in the window
-    keep = mask & (slot >= 0)
-    rows, cols = keep.nonzero(as_tuple=True)
-    slots = slot[rows, cols]
-    out = torch.zeros((k0.shape[0], len(layers), 2, k0.shape[1], width, k0.shape[-1]), dtype=torch.float32, device=k0.device)
-    r, c, s = rows.to(k0.device), cols.to(k0.device), slots.to(k0.device)
+    mask = mask[:, : k0.shape[-2]].bool().to(k0.device)
+    batch, heads, _, dim = k0.shape
+    columns = mask.shape[1]  # the mask may end before the cache does (a prompt's window inside a longer sequence)
+    # columns of each row's last `width` real positions, in order; -1 marks a slot the row cannot fill
+    key = torch.where(mask, torch.arange(columns, device=k0.device), -1)
+    take = min(width, columns)
+    cols = key.topk(take, dim=1).values.flip(1)
+    if take < width:
+        cols = torch.cat([torch.full((batch, width - take), -1, device=k0.device, dtype=cols.dtype), cols], 1)
+    filled = cols >= 0
+    index = cols.clamp_min(0)[:, None, :, None].expand(batch, heads, width, dim)
+    out = torch.empty((batch, len(layers), 2, heads, width, dim), dtype=torch.float32, device=k0.device)
     for j, layer in enumerate(layers):
         k, v = pairs[layer]
-        out[r, j, 0, :, s] = k[r.to(k.device), :, c.to(k.device)].float().to(k0.device)
-        out[r, j, 1, :, s] = v[r.to(k.device), :, c.to(k.device)].float().to(k0.device)
-    return out
+        out[:, j, 0] = k.gather(2, index.to(k.device)).float().to(k0.device)
+        out[:, j, 1] = v.gather(2, index.to(k.device)).float().to(k0.device)
+    return out * filled[:, None, None, None, :, None]
 
 
 def pooled_hidden(step_hidden: tuple, lengths: torch.Tensor) -> torch.Tensor:
