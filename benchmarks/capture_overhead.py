@@ -6,8 +6,9 @@
 Prints one JSON line and writes it to benchmarks/results/capture_overhead.json. kvprobe capture = generate + KV
 features + grading + writing shards; the hidden-state route adds ``output_hidden_states=True`` and pools them.
 Plain generate runs before and after the captures and is averaged, so drift on a shared machine hits both sides.
-Peak memory: each route runs once more in a fresh process of its own, which reports its peak resident set (model
-load included, the same for every route), so one route's allocations cannot hide another's.
+Peak memory: each route runs once more in a fresh process of its own, which resets its peak resident set after the
+model is loaded (Linux ``clear_refs``) and reports the peak of the route alone (weights included, the same for every
+route), so neither the load nor another route's allocations can hide a difference.
 """
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ from kvprobe.tasks import TaskSpec, load_items
 
 
 ROUTES = ("plain", "kvprobe", "hidden")
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM) to its current size."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def plain_generate(lm, ids: list[list[int]], batch_size: int, max_new: int) -> float:
@@ -71,13 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
     plain_generate(lm, ids[: args.batch_size], args.batch_size, 4)  # warm-up: first-call kernel set-up
 
     if args.route:  # a child process: run one route, print its peak resident set
+        reset_peak_rss()  # the model load peaks higher than any route: measure from here on
         if args.route == "plain":
             plain_generate(lm, ids, args.batch_size, args.max_new_tokens)
         else:
             with tempfile.TemporaryDirectory() as root:
                 capture(task=task, prompt=prompt, generation=gen, features=FeatureSpec(hidden_states=args.route == "hidden"),
                         root=root, loaded=lm, verbose=False)
-        peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        peak = {"peak_rss_bytes": peak_rss()}
         print(json.dumps(peak))
         return peak
 

@@ -40,3 +40,12 @@ def test_probe_cost_reduced(tiny_models, tmp_path):
     assert json.loads(out.read_text()) == figures
     assert [(r["window"], r["layers"]) for r in figures["live"]] == [(4, 3)]
     assert figures["training"]["difficulty"]["examples_per_s"] > 0 and figures["training"]["correctness"]["items"] == 256
+
+
+def test_capture_scaling_reduced(tiny_models, tmp_path):
+    out = tmp_path / "capture_scaling.json"
+    figures = load("capture_scaling").main(["--model", str(tiny_models["llama"]), "--items", "2", "4", "--lengths", "2", "4",
+                                            "--parallel-items", "4", "--batch-size", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == figures
+    assert [r["items"] for r in figures["by_items"]] == [2, 4] and figures["same_capture"]
+    assert figures["max_abs_tensor_difference"] < 1e-4  # two processes store what one stores

@@ -169,3 +169,11 @@ def test_switch_cost_benchmark_reduced(gen, tmp_path):
     figures = load("switch_cost").main(["--generator", str(folder), "--n", "2", "--at", "3", "--out", str(out)])
     assert json.loads(out.read_text()) == figures and figures["switched_items"] == 2
     assert figures["same_switch_point_every_item"] and figures["live_fewer_tokens_every_item"]
+
+
+def test_window_kv_never_reads_padding_values():
+    k = torch.ones(2, 1, 5, 1)
+    k[0, :, :3] = float("nan")  # left padding may hold anything
+    mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+    w = F.window_kv([(k, k)], mask, 4, [0])
+    assert torch.isfinite(w).all() and w[0, 0, 0, 0, :, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
