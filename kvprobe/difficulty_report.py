@@ -45,12 +45,9 @@ def split_columns(dm, name: str) -> tuple[routing.Outcomes, list[dict]]:
 
 
 def fmt_row(name: str, r: dict, slow_tokens: float) -> str:
-    extra = ""
-    if "meets_bar" in r:
-        extra = f" | {'yes' if r['dominates_slow'] else 'no'} | {'**yes**' if r['meets_bar'] else 'no'}"
-    else:
-        extra = " | | "
-    return f"| {name} | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | {r['mean_tokens'] / slow_tokens:.2f} | {r['slow_share']:.2f}{extra} |"
+    verdicts = ("yes" if r["dominates_slow"] else "no", "**yes**" if r["meets_bar"] else "no") if "meets_bar" in r else ("", "")
+    return (f"| {name} | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | {r['mean_tokens'] / slow_tokens:.2f} | "
+            f"{r['slow_share']:.2f} | {verdicts[0]} | {verdicts[1]} |")
 
 
 def main(argv: list[str] | None = None) -> None:
