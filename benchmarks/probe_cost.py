@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kvprobe import features as F
-from kvprobe.cache import layer_kv
+from kvprobe.cache import cache_argument, layer_kv
 from kvprobe.models import ModelSpec, load_model
 from kvprobe.probes import CorrectnessProbe, DifficultyProbe
 
@@ -39,11 +39,11 @@ def live_cost(lm, windows: list[int], steps: int) -> list[dict]:
     rows = []
     with torch.inference_mode():
         cache = DynamicCache(config=lm.model.config)
-        out = lm.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = lm.model(input_ids=ids, use_cache=True, **cache_argument(lm.model, cache))
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         t0 = time.perf_counter()
         for _ in range(steps):  # decode steps on a growing cache
-            out = lm.model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = lm.model(input_ids=token, use_cache=True, **cache_argument(lm.model, cache))
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         step = (time.perf_counter() - t0) / steps
         mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long)

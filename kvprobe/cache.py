@@ -73,3 +73,13 @@ def layer_kv(obj, device: torch.device | str | None = None) -> list[KV]:
         pairs = [(k.to(device, non_blocking=True), v.to(device, non_blocking=True)) for k, v in pairs]
     return pairs
 
+
+
+def cache_argument(model, cache) -> dict:
+    """The keyword that hands ``cache`` to ``model``'s forward: ``cache`` in transformers 5.x (``past_key_values``
+    is deprecated there), ``past_key_values`` before. A PEFT wrapper is looked through to its base model."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    takes = inspect.signature(base.forward).parameters
+    return {"cache": cache} if "cache" in takes else {"past_key_values": cache}

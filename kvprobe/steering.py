@@ -31,7 +31,7 @@ import torch
 
 import kvprobe
 from kvprobe import features as F
-from kvprobe.cache import layer_kv
+from kvprobe.cache import cache_argument, layer_kv
 from kvprobe.export import ProbeMismatch, load_probe, read_config, write_probe
 from kvprobe.features import FeatureSpec
 from kvprobe.models import LoadedModel, ModelSpec, load_model
@@ -266,7 +266,7 @@ class KVProbeGenerator:
         positions = (state["mask"].cumsum(1) - 1).clamp_min(0)[:, -width:]
         device = self.lm.input_device
         out = self.lm.model(input_ids=ids.to(device), attention_mask=state["mask"].to(device), position_ids=positions.to(device),
-                            past_key_values=state["cache"], use_cache=True)
+                            use_cache=True, **cache_argument(self.lm.model, state["cache"]))
         self._accumulate(state, mask)
         return out.logits[:, -1].float()
 
