@@ -149,10 +149,9 @@ class OutputStats:
         self.entropy: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(scores.float(), -1)
-        p = logp.exp()
-        self.max_prob.append(p.max(-1).values)
-        self.entropy.append(-(p * logp).nan_to_num().sum(-1))
+        p = torch.softmax(scores.float(), -1)  # one softmax; xlogy gives 0 log 0 = 0 for masked (-inf) tokens
+        self.max_prob.append(p.amax(-1))
+        self.entropy.append(-torch.special.xlogy(p, p).sum(-1))
         return scores
 
     def means(self, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
