@@ -34,7 +34,7 @@ from kvprobe import features as F
 from kvprobe.cache import cache_argument, layer_kv
 from kvprobe.export import ProbeMismatch, load_probe, read_config, write_probe
 from kvprobe.features import FeatureSpec
-from kvprobe.models import LoadedModel, ModelSpec, load_model
+from kvprobe.models import LoadedModel, ModelSpec, load_model, model_shape, resolve
 from kvprobe.prompts import PromptSpec, chat_ids, prompt_ids, with_instruction
 from kvprobe.tasks import Item
 
@@ -135,10 +135,11 @@ class KVProbeGenerator:
 
     # --- loading and saving -----------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, model: LoadedModel | None = None, device_map: str | None = None,
+    def from_pretrained(cls, path: str | Path, model=None, tokenizer=None, device_map: str | None = None,
                         dtype: str | None = None, steering: SteeringSpec | None = None) -> "KVProbeGenerator":
         """Probes from a generator folder (``generator.json`` + ``difficulty/`` + ``correctness/``), a single exported
-        probe folder, or an alias under ``checkpoints/``; the base model they record (or ``model``), checked to match."""
+        probe folder, or an alias under ``checkpoints/``; the base model they record, or ``model`` (a kvprobe
+        ``LoadedModel``, or a transformers model with its ``tokenizer``), checked to match."""
         folder = Path(path).expanduser()
         if not folder.exists() and (REPO / "checkpoints" / str(path)).is_dir():
             folder = REPO / "checkpoints" / str(path)
@@ -159,6 +160,8 @@ class KVProbeGenerator:
                                     f"the others on {base['name']!r}: a generator's probes must share one base model")
         if model is None:
             model = load_model(ModelSpec(name=base["name"], dtype=dtype or base["dtype"], device_map=device_map))
+        elif not isinstance(model, LoadedModel):
+            model = _wrap(model, tokenizer)
         shape = {k: v for k, v in asdict(model.shape).items()}
         loaded = {name: load_probe(p, model.fingerprint, shape, model.spec.name) for name, p in probes.items()}
         return cls(model, loaded.get("difficulty"), loaded.get("correctness"), configs, steering)
@@ -448,6 +451,22 @@ class KVProbeGenerator:
         pooled = state["sums"] / state["counts"].clamp_min(1).to(state["sums"].device).view(-1, 1, 1, 1, 1)
         probe = self.correctness
         return probe.probability(probe(probe.inputs({"response_kv": pooled.cpu()}))).tolist()
+
+
+def _wrap(model, tokenizer) -> LoadedModel:
+    """A transformers model and tokenizer as a LoadedModel; its fingerprint comes from the folder it was loaded from."""
+    if tokenizer is None:
+        raise ValueError("pass the model's tokenizer too (tokenizer=...), or a kvprobe LoadedModel")
+    source = getattr(model, "name_or_path", "") or ""
+    try:
+        _, digest = resolve(source)
+    except (FileNotFoundError, ValueError):
+        digest = "unknown"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    spec = ModelSpec(name=source or type(model).__name__, dtype=str(model.dtype).removeprefix("torch."))
+    return LoadedModel(model.eval(), tokenizer, spec, source, digest, model_shape(model.config))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -150,6 +150,10 @@ def test_round_trip_mismatch_and_bad_input(gen, trained, tiny_models, tmp_path):
     other = load_model(ModelSpec(name=str(tiny_models["qwen2"])))
     with pytest.raises(ProbeMismatch, match="not on"):
         KVProbeGenerator.from_pretrained(folder, model=other)
+    with pytest.raises(ProbeMismatch, match="not on"):  # a plain transformers model is fingerprinted by its folder
+        KVProbeGenerator.from_pretrained(folder, model=other.model, tokenizer=other.tokenizer)
+    plain = KVProbeGenerator.from_pretrained(folder, model=gen.lm.model, tokenizer=gen.lm.tokenizer)
+    assert plain.generate(QUESTIONS[0], policy="route")[1].token_ids == a[1].token_ids
     with pytest.raises(ValueError, match="policy 'oracle' needs oracle_modes"):
         gen.generate(QUESTIONS, policy="oracle")
     with pytest.raises(ValueError, match="not one of"):
