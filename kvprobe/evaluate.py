@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     dm = load_data(args.data)
+    if not hasattr(dm, "outcomes"):
+        parser.error(f"--data {args.data} is a one-mode capture; give a difficulty data config (class_path "
+                     "datamodules.DifficultyDataModule, both modes), e.g. configs/data/difficulty_mix.yaml")
     ds = dm.datasets[args.split]
     indices = ds.indices[: args.limit]
     items = [Item(ds.rows[g]["qid"], ds.rows[g]["question"], ds.rows[g]["gold"]) for g in indices]
