@@ -7,13 +7,13 @@ same class on pooled hidden states, so KV-versus-hidden-state comparisons use eq
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch import nn
 
 from kvprobe import calibration
 from kvprobe.features import probe_input
 from kvprobe.metrics import bucketed_auroc, paired_bootstrap_auroc, score_metrics
+from kvprobe.probes.head import HeadProbe
 
 SOURCES = {"kv": "response_kv", "prompt_kv": "prompt_kv", "hidden": "hidden", "length": "gen_tokens"}
 COE_INPUTS = ("kv_coe_r_layer", "kv_coe_c_layer", "kv_coe_r_token", "kv_coe_c_token")
@@ -24,7 +24,7 @@ def length_features(batch: dict) -> torch.Tensor:
     return torch.stack((torch.log1p(batch["gen_tokens"].float()), batch["finished"].float()), 1)
 
 
-class CorrectnessProbe(L.LightningModule):
+class CorrectnessProbe(HeadProbe):
     """A linear or MLP head over the answer's KV trajectory; outputs a calibrated P(correct).
 
     Args:
@@ -97,31 +97,14 @@ class CorrectnessProbe(L.LightningModule):
             x = torch.cat([x] + [batch["scores"][name].float()[:, None] for name in COE_INPUTS if name in batch["scores"]], 1)
         return x
 
-    def _build(self, dim: int) -> None:
-        self.hparams.input_dim = dim
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-        hp = self.hparams
-        if hp.head == "linear":
-            self.net = nn.Sequential(nn.Dropout(hp.dropout), nn.Linear(dim, 1))
-        else:
-            self.net = nn.Sequential(nn.Dropout(hp.dropout), nn.Linear(dim, hp.hidden_dim), nn.GELU(), nn.Linear(hp.hidden_dim, 1))
-
-    def setup(self, stage: str) -> None:
-        if self.net is not None or stage != "fit":
-            return
-        xs = torch.cat([self.inputs(b) for b in self.trainer.datamodule.train_dataloader()])
-        self._build(xs.shape[1])
-        self.mean.copy_(xs.mean(0))
-        self.std.copy_(xs.std(0).clamp_min(1e-6))
-        batches = list(self.trainer.datamodule.train_dataloader())
+    def fit_on_train(self, batches: list[dict]) -> None:
         self.length_coef.copy_(calibration.fit_logistic(
             torch.cat([length_features(b) for b in batches]), torch.cat([b["correct"] for b in batches])))
 
     # --- model --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw logits of 'correct' for already-pooled inputs."""
-        return self.net((x.float() - self.mean) / self.std).squeeze(-1)
+        return self.head_outputs(x).squeeze(-1)
 
     def probability(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated P(correct) from raw logits."""
@@ -153,9 +136,6 @@ class CorrectnessProbe(L.LightningModule):
             auroc = torch.tensor(0.5)
         self.log("val/auroc", auroc, prog_bar=True)
         self.log("val/select", auroc)  # what checkpoint selection maximises (configs/trainer/)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     # --- calibration and test -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -10,19 +10,19 @@ split (``kvprobe.routing``) and travel with the export.
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch import nn
 
 from kvprobe import routing
 from kvprobe.features import pool_positions, probe_input
 from kvprobe.metrics import score_metrics
+from kvprobe.probes.head import HeadProbe
 
 OBJECTIVES = ("bce", "regression", "ce")
 OUTCOME_KEYS = ("fast_correct", "slow_correct", "fast_tokens", "slow_tokens")
 
 
-class DifficultyProbe(L.LightningModule):
+class DifficultyProbe(HeadProbe):
     """A small head on pooled prompt-window KV that scores how much a question needs slow (step-by-step) mode.
 
     Args:
@@ -102,29 +102,14 @@ class DifficultyProbe(L.LightningModule):
             raise ValueError(f"window={self.hparams.window} but the capture kept only {x.shape[-2]} prompt positions (features.prompt_window)")
         return self.pooled_inputs(pool_positions(x[..., -self.hparams.window :, :].float(), self.hparams.position_pool))
 
-    def _build(self, dim: int) -> None:
-        self.hparams.input_dim = dim
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-        hp = self.hparams
-        out = 4 if hp.objective == "ce" else 1
-        if hp.head == "linear":
-            self.net = nn.Sequential(nn.Dropout(hp.dropout), nn.Linear(dim, out))
-        else:
-            self.net = nn.Sequential(nn.Dropout(hp.dropout), nn.Linear(dim, hp.hidden_dim), nn.GELU(), nn.Linear(hp.hidden_dim, out))
-
-    def setup(self, stage: str) -> None:
-        if self.net is not None or stage != "fit":
-            return
-        xs = torch.cat([self.inputs(b) for b in self.trainer.datamodule.train_dataloader()])
-        self._build(xs.shape[1])
-        self.mean.copy_(xs.mean(0))
-        self.std.copy_(xs.std(0).clamp_min(1e-6))
+    @property
+    def n_outputs(self) -> int:
+        return 4 if self.hparams.objective == "ce" else 1
 
     # --- model --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw outputs (logits) for already-pooled inputs: (batch,) or (batch, 4) for ``ce``."""
-        out = self.net((x.float() - self.mean) / self.std)
+        out = self.head_outputs(x)
         return out if self.hparams.objective == "ce" else out.squeeze(-1)
 
     def score(self, out: torch.Tensor) -> torch.Tensor:
@@ -169,9 +154,6 @@ class DifficultyProbe(L.LightningModule):
         cols = {k: torch.cat([o[k] for o in self._outputs]).float().cpu() for k in self._outputs[0]}
         self._outputs.clear()
         return cols
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     # --- calibration and test -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,49 @@
+"""What every probe shares: inputs standardised with training-split statistics, a linear or one-hidden-layer MLP
+head, AdamW. A probe subclass says how a batch becomes inputs (``inputs``) and how many outputs its head has."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+
+class HeadProbe(L.LightningModule):
+    """Base of the probes; expects hyperparameters ``head``, ``hidden_dim``, ``dropout``, ``lr``, ``weight_decay``."""
+
+    n_outputs = 1
+
+    def inputs(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _build(self, dim: int) -> None:
+        self.hparams.input_dim = dim
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        hp = self.hparams
+        if hp.head == "linear":
+            self.net = nn.Sequential(nn.Dropout(hp.dropout), nn.Linear(dim, self.n_outputs))
+        else:
+            self.net = nn.Sequential(nn.Dropout(hp.dropout), nn.Linear(dim, hp.hidden_dim), nn.GELU(),
+                                     nn.Linear(hp.hidden_dim, self.n_outputs))
+
+    def setup(self, stage: str) -> None:
+        """Size the head and fit the standardisation on the training split (one pass over it)."""
+        if self.net is not None or stage != "fit":
+            return
+        batches = list(self.trainer.datamodule.train_dataloader())
+        xs = torch.cat([self.inputs(b) for b in batches])
+        self._build(xs.shape[1])
+        self.mean.copy_(xs.mean(0))
+        self.std.copy_(xs.std(0).clamp_min(1e-6))
+        self.fit_on_train(batches)
+
+    def fit_on_train(self, batches: list[dict]) -> None:
+        """Anything else a probe fits on the training split before training (nothing by default)."""
+
+    def head_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The head on standardised inputs: (batch, n_outputs)."""
+        return self.net((x.float() - self.mean) / self.std)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
