@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from kvprobe.features import FeatureSpec
 from kvprobe.models import ModelSpec, load_model
 from kvprobe.prompts import PromptSpec, prompt_ids
 from kvprobe.tasks import TaskSpec, load_items
+
+from common import emit
 
 
 ROUTES = ("plain", "kvprobe", "hidden")
@@ -119,13 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
         "plain_peak_rss_bytes": peak["plain"], "kvprobe_peak_rss_bytes": peak["kvprobe"], "hidden_peak_rss_bytes": peak["hidden"],
         "capture_peak_over_generate": round(peak["kvprobe"] / peak["plain"], 4),
         "hidden_peak_over_generate": round(peak["hidden"] / peak["plain"], 4),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
-    line = json.dumps(figures)
-    print(line)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(line + "\n")
-    return figures
+    return emit(figures, args.out)
 
 
 if __name__ == "__main__":

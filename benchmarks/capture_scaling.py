@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from kvprobe.models import ModelSpec, load_model
 from kvprobe.prompts import PromptSpec
 from kvprobe.store import CaptureStore
 from kvprobe.tasks import TaskSpec
+
+from common import emit
 
 
 def timed(lm, task: TaskSpec, gen: GenerationSpec) -> tuple[float, float]:
@@ -97,13 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
         "parallel_items": args.parallel_items, "one_process_s": round(t1, 3), "two_processes_s": round(t2, 3),
         "speedup_two_over_one": round(t1 / t2, 3), "same_capture": same,
         "max_abs_tensor_difference": diff,
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
-    line = json.dumps(figures)
-    print(line)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(line + "\n")
-    return figures
+    return emit(figures, args.out)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ Prints one JSON line and writes it to benchmarks/results/memory_bytes.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 from pathlib import Path
 
 import torch
@@ -24,6 +22,8 @@ import torch
 from kvprobe.cache import layer_kv
 from kvprobe.models import ModelSpec, load_model
 from kvprobe.store import CaptureStore
+
+from common import emit
 
 # (layers, kv_heads, head_dim, hidden_size) from each model's config.json
 PAPER_MODELS = {
@@ -90,12 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     bytes_per = torch.tensor([], dtype=lm.model.dtype).element_size()
     figures["this_model_per_token"] = per_token_bytes(s.layers, s.kv_heads, s.head_dim, s.hidden_size, bytes_per)
     figures["paper_models_per_token_bf16"] = {name: per_token_bytes(*shape) for name, shape in PAPER_MODELS.items()}
-    figures["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
-    line = json.dumps(figures)
-    print(line)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(line + "\n")
-    return figures
+    return emit(figures, args.out)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ Prints one JSON line and writes it to benchmarks/results/probe_cost.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
@@ -29,6 +27,8 @@ from kvprobe import features as F
 from kvprobe.cache import cache_argument, layer_kv
 from kvprobe.models import ModelSpec, load_model
 from kvprobe.probes import CorrectnessProbe, DifficultyProbe
+
+from common import emit
 
 
 def live_cost(lm, windows: list[int], steps: int) -> list[dict]:
@@ -117,13 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     figures = {
         "benchmark": "probe_cost", "model": args.model, "dtype": args.dtype, "live": live,
         "probe_over_decode_step_default": default["probe_over_step"], "training": training_throughput(lm, args.train_items),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
-    line = json.dumps(figures)
-    print(line)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(line + "\n")
-    return figures
+    return emit(figures, args.out)
 
 
 if __name__ == "__main__":

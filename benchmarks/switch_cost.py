@@ -18,8 +18,6 @@ Prints one JSON line and writes it to benchmarks/results/switch_cost.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
@@ -29,6 +27,8 @@ from kvprobe import features as F
 from kvprobe.cache import layer_kv
 from kvprobe.steering import KVProbeGenerator, SteeringSpec
 from kvprobe.tasks import TaskSpec, load_items
+
+from common import emit
 
 
 def greedy(lm, ids: list[int], max_new: int):
@@ -102,13 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         "live_fewer_tokens_every_item": all(p["live_tokens"] < p["post_hoc_tokens"] for p in switched),
         "live_faster_every_item": all(p["live_s"] < p["post_hoc_s"] for p in switched),
         "same_switch_point_every_item": all(p["live_at"] == p["post_hoc_at"] for p in switched),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
-    line = json.dumps(figures)
-    print(line)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(line + "\n")
-    return figures
+    return emit(figures, args.out)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,16 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    if str(BENCHMARKS) not in sys.path:  # as when run as a script: its folder first, for `from common import emit`
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

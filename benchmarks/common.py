@@ -1,0 +1,22 @@
+"""What every benchmark does with its figures: stamp the machine, print one JSON line, write it to ``out``.
+
+Imported as ``from common import emit``: a script's own folder is first on ``sys.path`` when run as
+``python benchmarks/<name>.py`` (tests/test_benchmarks.py puts it there too).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+
+def emit(figures: dict, out: str | Path) -> dict:
+    figures = figures | {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    line = json.dumps(figures)
+    print(line)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(line + "\n")
+    return figures
