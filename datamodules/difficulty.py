@@ -13,7 +13,6 @@ from collections import Counter
 import torch
 
 from datamodules.kv_capture import SPLITS, CaptureDataset, KVCaptureDataModule, SplitSpec
-from kvprobe.baselines import label_free_scores
 from kvprobe.capture import CaptureResult, GenerationSpec, capture
 from kvprobe.features import FeatureSpec
 from kvprobe.models import ModelSpec
@@ -92,7 +91,7 @@ class DifficultyDataModule(KVCaptureDataModule):
             print(f"[kvprobe] difficulty labels (short_tokens={self.short_tokens}): {self.label_histogram()}", flush=True)
         return self.results[self.route_on]
 
-    def _join(self) -> list[dict]:
+    def _join(self) -> None:
         """Per question of the route_on capture: both modes' outcomes and labels (NaN where a grade is missing)."""
         tables = {mode: CaptureStore(r.path).open()[1].to_pylist() for mode, r in self.results.items()}
         by_qid = {mode: {row["qid"]: row for row in rows} for mode, rows in tables.items()}
@@ -109,35 +108,18 @@ class DifficultyDataModule(KVCaptureDataModule):
         self.outcomes = out
         counts = Counter("unlabelled" if v != v else str(int(v)) for v in out["label"].tolist())
         self.label_counts = {str(k): counts.get(str(k), 0) for k in LABELS} | {"unlabelled": counts.get("unlabelled", 0)}
-        return rows
 
     def label_histogram(self) -> str:
         n = sum(self.label_counts.values())
         return ", ".join(f"{k}: {v} ({v / n:.0%})" for k, v in self.label_counts.items() if v or k != "unlabelled")
 
-    def prepare_data(self) -> None:
-        if not self.results and not self._distributed():
-            self.result = self._capture()
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        if not self.results:
-            if self._distributed():
-                self.result = self._capture(self.trainer.global_rank, self.trainer.world_size, self.trainer.strategy.barrier)
-            else:
-                self.result = self._capture()
-        if not self.label_counts:
+    def _datasets(self, shards: list[dict], rows: list[dict], parts: dict[str, list[int]], scores: dict) -> dict:
+        """Each split's labelled questions (the split is by question, so the same in every mode), with outcomes."""
+        if not self.label_counts:  # captured on another rank, or before this object existed
             self._join()
-        shards, table = CaptureStore(self.result.path).open()
-        rows = table.to_pylist()
         labelled = ~self.outcomes["label"].isnan()
-        parts = self.split.assign([r["qid"] for r in rows])  # by question: the same split in every mode
-        scores = label_free_scores(shards, rows)
-        self.datasets = {
-            name: DifficultyDataset(CaptureDataset(shards, rows, [i for i in parts[name] if labelled[i]], scores), self.outcomes)
-            for name in SPLITS
-        }
+        return {name: DifficultyDataset(CaptureDataset(shards, rows, [i for i in parts[name] if labelled[i]], scores), self.outcomes)
+                for name in SPLITS}
 
     def export_spec(self) -> dict:
         return super().export_spec() | {

@@ -146,8 +146,11 @@ class KVCaptureDataModule(L.LightningDataModule):
         shards, table = CaptureStore(self.result.path).open()
         rows = table.to_pylist()
         parts = self.split.assign([r["qid"] for r in rows])
-        scores = label_free_scores(shards, rows)
-        self.datasets = {name: CaptureDataset(shards, rows, parts[name], scores) for name in SPLITS}
+        self.datasets = self._datasets(shards, rows, parts, label_free_scores(shards, rows))
+
+    def _datasets(self, shards: list[dict], rows: list[dict], parts: dict[str, list[int]], scores: dict) -> dict[str, CaptureDataset]:
+        """One dataset per split over the opened capture (subclasses add what they serve beside it)."""
+        return {name: CaptureDataset(shards, rows, parts[name], scores) for name in SPLITS}
 
     @property
     def path(self) -> Path:
