@@ -327,23 +327,19 @@ class KVProbeGenerator:
             r.mode = "slow" if r.route_score > threshold else "fast"
             picks[r.mode].append(j)
             yield {"type": "route", "row": r.index, "mode": r.mode, "score": r.route_score, "threshold": threshold}
+        # the rerouted rows copy their prefix out of the routing cache first; then it is cut down to the kept rows
+        rerouted = self._reroute([rows[j] for j in picks[other]], picks[other], state, batch, other) if picks[other] else None
         groups = []
         if picks[first]:
             keep = torch.tensor(picks[first])
-            kept = {"cache": self._select(state["cache"], keep), "mask": state["mask"][keep], "logits": state["logits"][keep],
+            state["cache"].batch_select_indices(keep)  # a CPU index serves layers on any device
+            kept = {"cache": state["cache"], "mask": state["mask"][keep], "logits": state["logits"][keep],
                     "sums": None if state.get("sums") is None else state["sums"][keep],
                     "counts": None if state.get("counts") is None else state["counts"][keep]}
             groups.append(([rows[j] for j in picks[first]], kept))
-        if picks[other]:
-            groups.append(self._reroute([rows[j] for j in picks[other]], picks[other], state, batch, other))
+        if rerouted:
+            groups.append(rerouted)
         return groups
-
-    def _select(self, cache, keep: torch.Tensor):
-        pairs = layer_kv(cache)
-        new = self._new_cache()
-        for i, (k, v) in enumerate(pairs):
-            new.update(k[keep.to(k.device)], v[keep.to(k.device)], i)
-        return new
 
     def _reroute(self, rows: list[_Row], where: list[int], state: dict, batch: list, mode: str):
         """Rows switching prompt before decoding: copy the shared prefix's KV out of the routing cache, prefill the rest."""

@@ -104,6 +104,17 @@ def test_rerouted_prompt_reuses_prefix_and_equals_fresh_slow(gen):
         assert r.prompt_tokens == len(fast_ids) + len(slow_ids) - shared  # only the differing suffix is prefilled again
 
 
+def test_mixed_batch_routes_each_row_like_its_fixed_mode(gen):
+    scores = [r.route_score for _, r in gen.generate(QUESTIONS, policy="route")]
+    middle = sorted(scores)[1]
+    gen.difficulty.thresholds = dict(gen.difficulty.thresholds) | {"middle": {"threshold": middle}}
+    g = KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.configs, SteeringSpec(threshold="middle"))
+    routed = g.generate(QUESTIONS, policy="route")
+    assert {r.mode for _, r in routed} == {"fast", "slow"}  # one batch, both groups
+    for q, (_, r) in zip(QUESTIONS, routed):
+        assert r.token_ids == gen.generate(q, policy=r.mode)[1].token_ids
+
+
 def test_forced_switch_continues_from_cache_like_a_fresh_prefill(gen):
     g = forced(gen, switch_low=2.0, min_tokens=3)  # every score is below 2: the switch fires at the third slow token
     text, r = g.generate(QUESTIONS[1], policy="route+switch")
