@@ -90,3 +90,18 @@ def real_assets_available() -> bool:
 def parity_grader(monkeypatch):
     """Tiny random models never answer right; for pipeline tests, grade by question parity so both classes exist."""
     monkeypatch.setattr("kvprobe.capture.grade", lambda item, response: ("x", int(item.qid.rsplit("/", 1)[-1]) % 2 == 0))
+
+
+def grade_by_number_and_mode(mp, correct) -> None:
+    """Tiny random models never answer right: grade an item by the number ending its id and the mode it was
+    captured in, ``correct(number, mode) -> bool``, so difficulty labels of every kind occur."""
+    import kvprobe.capture as capture_module
+
+    state, run_shard = {}, capture_module._run_shard
+
+    def tracking(lm, items, ids, gen, feats, prompt, progress):
+        state["mode"] = prompt.mode
+        return run_shard(lm, items, ids, gen, feats, prompt, progress)
+
+    mp.setattr(capture_module, "_run_shard", tracking)
+    mp.setattr(capture_module, "grade", lambda item, response: ("x", correct(int(item.qid.rsplit("/", 1)[-1]), state["mode"])))

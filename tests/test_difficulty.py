@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from conftest import grade_by_number_and_mode
 from kvprobe import routing
 from kvprobe.export import ProbeMismatch, load_probe, read_config
 from kvprobe.features import pool_positions, probe_input
@@ -122,21 +123,7 @@ def test_evaluate_fixed_modes_oracle_random():
 def mode_grader(monkeypatch):
     """Tiny random models never answer right: grade by question id and mode so every label occurs.
     id % 4: 0 both right (label 0), 1 only slow right (75), 2 both wrong (100), 3 only fast right (0 or 25)."""
-    import kvprobe.capture as capture_module
-
-    state = {}
-    run_shard = capture_module._run_shard
-
-    def tracking(lm, items, ids, gen, feats, prompt, progress):
-        state["mode"] = prompt.mode
-        return run_shard(lm, items, ids, gen, feats, prompt, progress)
-
-    def grade(item, response):
-        k = int(item.qid.rsplit("/", 1)[-1]) % 4
-        return "x", {0: True, 1: state["mode"] == "slow", 2: False, 3: state["mode"] == "fast"}[k]
-
-    monkeypatch.setattr(capture_module, "_run_shard", tracking)
-    monkeypatch.setattr(capture_module, "grade", grade)
+    grade_by_number_and_mode(monkeypatch, lambda n, mode: {0: True, 1: mode == "slow", 2: False, 3: mode == "fast"}[n % 4])
 
 
 def fit_args(tiny, tmp_path, *extra):

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import grade_by_number_and_mode
 from kvprobe import features as F
 from kvprobe.export import ProbeMismatch
 from kvprobe.fit import main
@@ -26,23 +27,10 @@ def common_args(tiny, root):
 @pytest.fixture(scope="module")
 def trained(tiny_models, tmp_path_factory):
     """A difficulty and a correctness probe fitted on the tiny Llama (grades faked per question id and mode)."""
-    import kvprobe.capture as capture_module
-
     root = tmp_path_factory.mktemp("steer")
     tiny = tiny_models["llama"]
-    state, run_shard = {}, capture_module._run_shard
-
-    def tracking(lm, items, ids, gen, feats, prompt, progress):
-        state["mode"] = prompt.mode
-        return run_shard(lm, items, ids, gen, feats, prompt, progress)
-
-    def grade(item, response):
-        k = int(item.qid.rsplit("/", 1)[-1]) % 3
-        return "x", {0: True, 1: state["mode"] == "slow", 2: False}[k]
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(capture_module, "_run_shard", tracking)
-        mp.setattr(capture_module, "grade", grade)
+        grade_by_number_and_mode(mp, lambda n, mode: {0: True, 1: mode == "slow", 2: False}[n % 3])
         main(["--config", "configs/difficulty.yaml", *common_args(tiny, root), "--export_dir", str(root / "difficulty")])
         main(["--config", "configs/coe.yaml", *common_args(tiny, root), "--data.prompt.mode", "fast", "--export_dir", str(root / "correctness")])
     return {"root": root, "model": tiny}
