@@ -1,14 +1,17 @@
-"""Probe costs: a live difficulty probe call against a decode step, and probe training throughput, one run.
+"""Probe costs: the live route+switch probe against a decode step, and probe training throughput, one run.
 
     python benchmarks/probe_cost.py                      # SmolLM2, batch 1, context ~300, 10k training items
     python benchmarks/probe_cost.py --model <folder> --train-items 512 --steps 4    # CI, reduced
 
-1. Live: the time of one ``route+switch`` probe call (read the window from the cache with ``features.window_kv``,
-   pool it, run the MLP: exactly what ``KVProbeGenerator`` does every token) as a share of one decode step of the
-   same model on the same cache, for windows 4..32 and for all layers vs the last 8.
+1. Live: what ``KVProbeGenerator`` does every token under ``route+switch`` with the probe every token, as a share
+   of one decode step of the same model on the same cache: ``_track`` (read the new position's K and V from
+   every layer; add them to the answer's running sums; push their layer mean into the ring buffer) plus one
+   switch-probe call on the ring buffer's window. Timed by calling the generator's own methods, for windows
+   4..32 and caches of 8, 16 and all layers (the upkeep reads one column per layer). Also end to end: the
+   share of ``probe_seconds`` in the wall time of real ``route+switch`` generations.
 2. Training: examples per second of one epoch of each probe (correctness on pooled answer KV, difficulty on the
-   prompt window) through a Lightning Trainer on CPU, at this model's shapes, with synthetic inputs of the stored
-   dtypes; and the seconds a 10k-item epoch takes.
+   prompt window, switch on decode windows) through a Lightning Trainer on CPU, at this model's shapes, with
+   synthetic inputs of the stored dtypes; and the seconds a 10k-item epoch takes.
 
 Prints one JSON line and writes it to benchmarks/results/probe_cost.json.
 """
@@ -16,6 +19,7 @@ Prints one JSON line and writes it to benchmarks/results/probe_cost.json.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -23,12 +27,25 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kvprobe import features as F
 from kvprobe.cache import cache_argument, layer_kv
 from kvprobe.models import ModelSpec, load_model
-from kvprobe.probes import CorrectnessProbe, DifficultyProbe
+from kvprobe.probes import CorrectnessProbe, DifficultyProbe, SwitchProbe
+from kvprobe.steering import KVProbeGenerator, SteeringSpec
 
 from common import emit
+
+
+def generator(lm, window: int, layers: int) -> KVProbeGenerator:
+    """A generator with untrained probes of the right shapes (timing does not depend on the weights)."""
+    s = lm.shape
+    spec = {"model": {"name": lm.spec.name, "fingerprint": lm.fingerprint}, "prompt": {}, "generation": {"max_new_tokens": {"fast": 8, "slow": 64}},
+            "features": {"prompt_window": 8}, "difficulty": {"route_on": "fast"}, "switch": {"window": window}}
+    difficulty = DifficultyProbe(input_dim=s.layers * 2 * s.kv_heads * s.head_dim).eval()
+    difficulty.thresholds = {"best_at_0.5x_slow": {"threshold": 0.5}}
+    correctness = CorrectnessProbe(input_dim=layers * 2 * s.kv_heads * s.head_dim).eval()
+    switch = SwitchProbe(input_dim=2 * s.kv_heads * s.head_dim, probe_every=1, min_tokens=1).eval()
+    switch.thresholds = {"switch_low": -1.0, "switch_high": 2.0}  # scores every token, never switches
+    return KVProbeGenerator(lm, difficulty, correctness, {"difficulty": spec, "correctness": spec, "switch": spec}, SteeringSpec(), switch)
 
 
 def live_cost(lm, windows: list[int], steps: int) -> list[dict]:
@@ -46,21 +63,43 @@ def live_cost(lm, windows: list[int], steps: int) -> list[dict]:
             out = lm.model(input_ids=token, use_cache=True, **cache_argument(lm.model, cache))
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         step = (time.perf_counter() - t0) / steps
-        mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long)
-        for window in windows:
-            for layers in sorted({s.layers, min(8, s.layers)}, reverse=True):
-                dim = layers * 2 * s.kv_heads * s.head_dim
-                probe = DifficultyProbe(window=window, layers=layers, input_dim=dim).eval()
-                ids_all = list(range(s.layers))
+        pairs = layer_kv(cache)
+        for layers in sorted({s.layers, 16, 8} & set(range(1, s.layers + 1)), reverse=True):
+            part = DynamicCache()  # the first `layers` layers of the same cache
+            for i in range(layers):
+                part.update(pairs[i][0], pairs[i][1], i)
+            for window in windows:
+                gen = generator(lm, window, layers)
+                state = {"cache": part, "mask": torch.ones(1, pairs[0][0].shape[2], dtype=torch.long)}
+                new = torch.ones(1, 1, dtype=torch.long)
+                gen._track(state, new)
+                probe = gen.switch
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    pairs = layer_kv(cache)
-                    w = F.window_kv(pairs, mask, window, ids_all).half().float()
-                    probe.score(probe(probe.pooled_inputs(F.pool_positions(w, "mean"))))
+                    gen._track(state, new)  # the upkeep every decode step pays
+                    probe.score(probe(probe.pooled_inputs(state["recent"].sum(1) / window)))  # the probe call
                 call = (time.perf_counter() - t0) / steps
                 rows.append({"window": window, "layers": layers, "probe_ms": round(call * 1e3, 4),
                              "decode_step_ms": round(step * 1e3, 3), "probe_over_step": round(call / step, 5)})
     return rows
+
+
+def end_to_end(lm, n: int, max_new: int) -> dict:
+    """Real route+switch generations with the probe every token: probe seconds over wall seconds."""
+    from kvprobe.tasks import TaskSpec, load_items
+
+    gen = generator(lm, 8, lm.shape.layers)
+    gen.difficulty.thresholds = {"best_at_0.5x_slow": {"threshold": -1.0}}  # every question decodes slow: probed
+    questions = [item.question for item in load_items(TaskSpec("arithmetic", params={"n": n, "seed": 13}))]
+    gen.generate(questions[0], policy="slow", max_new_tokens=4)  # warm-up
+    probe = wall = tokens = 0.0
+    for q in questions:
+        t0 = time.perf_counter()
+        _, r = gen.generate(q, policy="route+switch", max_new_tokens=max_new)
+        wall += time.perf_counter() - t0
+        probe, tokens = probe + r.probe_seconds, tokens + r.decoded_tokens
+    return {"questions": n, "decoded_tokens": int(tokens), "probe_s": round(probe, 4), "wall_s": round(wall, 3),
+            "probe_share_of_wall": round(probe / wall, 5)}
 
 
 class Synthetic(Dataset):
@@ -75,7 +114,7 @@ class Synthetic(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         y = self.y[i]
-        return {self.key: self.x[i].float(), "correct": y, "slow_needed": y, "label": y * 75, "gen_tokens": torch.tensor(50.0),
+        return {self.key: self.x[i].float(), "correct": y, "slow_needed": y, "keep": y, "label": y * 75, "gen_tokens": torch.tensor(50.0),
                 "finished": torch.tensor(1.0), "fast_correct": 1 - y, "slow_correct": y, "fast_tokens": torch.tensor(4.0),
                 "slow_tokens": torch.tensor(120.0)}
 
@@ -86,10 +125,11 @@ def training_throughput(lm, n: int) -> dict:
     cases = {
         "correctness": (CorrectnessProbe, (s.layers, 2, s.kv_heads, s.head_dim), "response_kv", torch.float32),
         "difficulty": (DifficultyProbe, (s.layers, 2, s.kv_heads, 8, s.head_dim), "prompt_kv", torch.float16),
+        "switch": (SwitchProbe, (2, s.kv_heads, s.head_dim), "window", torch.float32),
     }
     for name, (cls, shape, key, dtype) in cases.items():
         loader = DataLoader(Synthetic(n, shape, key, dtype), batch_size=64, shuffle=True)
-        probe = cls(input_dim=s.layers * 2 * s.kv_heads * s.head_dim)
+        probe = cls(input_dim=math.prod(shape) if name == "switch" else s.layers * 2 * s.kv_heads * s.head_dim)
         trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
         t0 = time.perf_counter()
@@ -107,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--steps", type=int, default=32, help="decode steps and probe calls timed")
     parser.add_argument("--train-items", type=int, default=10_000)
+    parser.add_argument("--questions", type=int, default=8, help="route+switch generations timed end to end")
+    parser.add_argument("--max-new", type=int, default=64, help="decoded tokens per end-to-end generation")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "probe_cost.json"))
     args = parser.parse_args(argv)
 
@@ -116,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["window"] == 8 for r in live) else live[0]
     figures = {
         "benchmark": "probe_cost", "model": args.model, "dtype": args.dtype, "live": live,
-        "probe_over_decode_step_default": default["probe_over_step"], "training": training_throughput(lm, args.train_items),
+        "probe_over_decode_step_default": default["probe_over_step"], "end_to_end": end_to_end(lm, args.questions, args.max_new),
+        "training": training_throughput(lm, args.train_items),
     }
     return emit(figures, args.out)
 

@@ -3,13 +3,14 @@
     python benchmarks/switch_cost.py                                   # the shipped SmolLM2 generator, 16 questions
     python benchmarks/switch_cost.py --generator <folder> --n 2        # any generator; CI runs it reduced
 
-Both start in slow mode and switch to answering at the same point (the first probe call after ``--at`` tokens, with
-the switch threshold forced so it fires; the mechanism is measured, not the probe's judgement):
+Both start in slow mode and switch to answering at the same point (with the switch thresholds forced, the first
+probe call at ``--at`` tokens arms the switch and the next one fires it; the mechanism is measured, not the
+probe's judgement):
 
 - live (``KVProbeGenerator``, policy ``route+switch``): decode ``at`` tokens, append the answer cue's token ids to
   the same cache, keep decoding. Tokens processed = prompt + decoded + cue.
 - post hoc (the paper's procedure): generate the slow answer in full, score the probe over its windows afterwards
-  to find the switch point, decode the prefix to text, append the cue as text, re-tokenise and prefill the whole
+  (the same switch probe, the same policy) to find the switch point, decode the prefix to text, append the cue as text, re-tokenise and prefill the whole
   thing again, generate the answer. Tokens processed = prompt + full answer + re-prefill + answer.
 
 Prints one JSON line and writes it to benchmarks/results/switch_cost.json.
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from kvprobe import features as F
+from kvprobe import switching
 from kvprobe.cache import layer_kv
 from kvprobe.steering import KVProbeGenerator, SteeringSpec
 from kvprobe.tasks import TaskSpec, load_items
@@ -38,46 +40,44 @@ def greedy(lm, ids: list[int], max_new: int):
     return out, out.sequences[0, len(ids):].tolist()
 
 
-def post_hoc(gen: KVProbeGenerator, question: str, at: int, caps: dict) -> dict:
-    lm, probe, tok = gen.lm, gen.difficulty, gen.lm.tokenizer
+def post_hoc(gen: KVProbeGenerator, question: str, caps: dict) -> dict:
+    lm, probe, tok, spec = gen.lm, gen.switch, gen.lm.tokenizer, gen.steering
     t0 = time.perf_counter()
     prompt = gen.prompt_ids(question, "slow")
     out, full = greedy(lm, prompt, caps["slow"])  # 1. the whole slow answer
-    pairs = layer_kv(out)  # 2. find the switch point afterwards: score every window from `at` on
-    seq = len(prompt) + len(full) - 1  # positions that have KV (the last token was never fed)
-    point = None
-    for t in range(at, len(full)):  # after decoding token t, the positions fed so far are the prompt and t - 1 tokens
-        end = len(prompt) + t - 1
-        mask = torch.ones(1, end)
-        window = F.window_kv([(k[:, :, :end], v[:, :, :end]) for k, v in pairs], mask,
-                             probe.hparams.window, gen.window_layers).half().float()
-        score = float(probe.score(probe(probe.pooled_inputs(F.pool_positions(window, probe.hparams.position_pool)))))
-        if score < gen.steering.switch_low:
+    # 2. find the switch point afterwards: the switch probe over every window of the answer, the live policy replayed
+    trajectory = F.token_trajectory(layer_kv(out), len(prompt), torch.tensor([len(full)]))[0].half().float()
+    scores = probe.score(probe(probe.pooled_inputs(switching.trajectory_windows(trajectory, gen.switch_window)))).tolist()
+    point, armed = len(full), False
+    for t in range(spec.min_tokens, len(full)):  # scores[t - 1]: the window after t decoded tokens
+        if t % spec.probe_every:
+            continue
+        if armed and scores[t - 1] < spec.switch_low:
             point = t
             break
-    point = point if point is not None else len(full)
+        armed = armed or scores[t - 1] > spec.switch_high
     # 3. back to text, append the cue, re-tokenise, prefill everything again, answer
-    text = tok.decode(prompt + full[:point], skip_special_tokens=False) + gen.steering.answer_cue
+    text = tok.decode(prompt + full[:point], skip_special_tokens=False) + spec.answer_cue
     again = tok.encode(text, add_special_tokens=False)
     _, answer = greedy(lm, again, caps["fast"])
     return {"seconds": time.perf_counter() - t0, "tokens": len(prompt) + len(full) + len(again) + len(answer),
-            "switch_at": point, "full_answer": len(full), "kv_positions": seq}
+            "switch_at": point, "full_answer": len(full)}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generator", default="smollm2", help="generator folder or alias under checkpoints/")
     parser.add_argument("--n", type=int, default=16, help="questions (seeded arithmetic)")
-    parser.add_argument("--at", type=int, default=24, help="switch after this many slow tokens")
+    parser.add_argument("--at", type=int, default=24, help="arm the switch after this many slow tokens (it fires at the next)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "switch_cost.json"))
     args = parser.parse_args(argv)
 
     base = KVProbeGenerator.from_pretrained(args.generator)
     base.difficulty.thresholds = dict(base.difficulty.thresholds) | {"always_slow": {"threshold": -1.0}}
-    gen = KVProbeGenerator(base.lm, base.difficulty, base.correctness, base.configs,
-                           SteeringSpec(threshold="always_slow", switch_low=2.0, min_tokens=args.at))
+    forced = SteeringSpec(threshold="always_slow", switch_low=2.0, switch_high=-1.0, min_tokens=args.at, probe_every=1)
+    gen = KVProbeGenerator(base.lm, base.difficulty, base.correctness, base.configs, forced, base.switch)
     caps = dict(gen.max_new_tokens)
-    caps["slow"] = max(caps["slow"], args.at + 8)
+    caps["slow"] = max(caps["slow"], args.at + 9)
     questions = [item.question for item in load_items(TaskSpec("arithmetic", params={"n": args.n, "seed": 11}))]
     gen.generate(questions[0], policy="slow", max_new_tokens=4)  # warm-up
     per_item = []
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
             _, r = gen.generate(q, policy="route+switch", max_new_tokens=caps)
             live_s = time.perf_counter() - t0
             live_tokens = r.prompt_tokens + r.decoded_tokens + r.cue_tokens - 1  # the last decoded token is never fed
-            ph = post_hoc(gen, q, args.at, caps)
+            ph = post_hoc(gen, q, caps)
             per_item.append({"switched": r.switched_at is not None, "live_s": live_s, "live_tokens": live_tokens,
                              "post_hoc_s": ph["seconds"], "post_hoc_tokens": ph["tokens"], "live_at": r.switched_at, "post_hoc_at": ph["switch_at"]})
     switched = [p for p in per_item if p["switched"]]

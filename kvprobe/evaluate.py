@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--generator", default="checkpoints/qwen2.5-coder-0.5b", help="generator folder or alias")
     parser.add_argument("--data", default="configs/data/difficulty_mix.yaml", help="difficulty data config (both modes)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES, help="route+switch needs a switch probe")
     parser.add_argument("--limit", type=int, default=None, help="first n questions of the split only")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--out", default="docs/steering.md")
@@ -128,9 +128,11 @@ def write_report(args, gen: KVProbeGenerator, results: dict, n: int) -> None:
         + (f" --limit {args.limit}" if args.limit else "") + f" --batch_size {args.batch_size}", "```", "",
         f"Base model `{gen.lm.spec.name}` ({gen.lm.spec.dtype}); {n} {args.split} questions the probes never trained on; greedy; "
         f"batches of {args.batch_size}. Route threshold `{s.threshold}` "
-        f"({gen.difficulty.thresholds[s.threshold]['threshold']:.4f}, calibrated on validation); route+switch: probe every "
-        f"{s.probe_every} token(s) after {s.min_tokens}, switch slow->fast below {s.switch_low}, fast->slow above "
-        f"{s.switch_high}, answer cue {json.dumps(s.answer_cue)}. Tokens count every decoded token of both modes; cue "
+        f"({gen.difficulty.thresholds[s.threshold]['threshold']:.4f}, calibrated on validation)" + (
+            f"; route+switch: the switch probe reads the latest {gen.switch_window} positions of a slow answer every "
+            f"{s.probe_every} token(s) from token {s.min_tokens}, arms above {s.switch_high} and switches slow->fast below "
+            f"{s.switch_low:.4f} (calibrated on validation), answer cue {json.dumps(s.answer_cue)}" if gen.switch else "")
+        + ". Tokens count every decoded token of both modes; cue "
         "tokens are forced (prefilled, not decoded) and listed apart, as are prompt tokens. The bar: accuracy >= best "
         "fixed mode - 1 point, <= 0.5x always-slow's tokens, probe time <= 1%.", "",
     ] + lines + ["", f"![accuracy vs tokens]({figure.name})", ""])

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 import kvprobe
 
-ALLOWED_CLASSES = {"kvprobe.probes.correctness.CorrectnessProbe", "kvprobe.probes.difficulty.DifficultyProbe"}
+ALLOWED_CLASSES = {"kvprobe.probes.correctness.CorrectnessProbe", "kvprobe.probes.difficulty.DifficultyProbe",
+                   "kvprobe.probes.switch.SwitchProbe"}
 
 
 class ProbeMismatch(ValueError):
@@ -44,7 +45,7 @@ def save_probe(probe: torch.nn.Module, folder: str | Path, capture_spec: dict, m
         "prompt": capture_spec["prompt"],
         "task": capture_spec["task"],
         "generation": capture_spec["generation"],
-        **({"difficulty": capture_spec["difficulty"]} if "difficulty" in capture_spec else {}),
+        **{k: capture_spec[k] for k in ("difficulty", "switch") if k in capture_spec},
         "metrics": metrics or {},
         "versions": _versions(),
     }

@@ -8,14 +8,17 @@ The loop is our own greedy decode over a ``DynamicCache``, so the probes run bet
 - ``route``: prefill the ``route_on`` prompt (fast by default), read its last ``window`` positions from the cache
   (``features.window_kv``, the function capture used), score difficulty, pick a mode. A question routed to the other
   mode keeps the cached KV of the prompt prefix both modes share and prefills only the differing instruction.
-- ``route+switch``: as ``route``, then every ``probe_every`` tokens score the window of the latest positions; a
-  slow answer whose score falls below ``switch_low`` gets the answer cue appended (stop reasoning, answer now), a
-  fast one whose score rises above ``switch_high`` gets the think cue. At most one switch; decoding continues from
-  the same cache and token ids, with no decode-to-text and re-prefill.
+- ``route+switch``: as ``route``; then, while a slow answer decodes, the switch probe scores the latest ``window``
+  positions every ``probe_every`` tokens ("keep thinking?"). Once the score has risen above ``switch_high`` (armed)
+  and then falls below ``switch_low`` (the result is written), the answer cue is appended and the model answers
+  (slow -> fast). At most one switch; decoding continues from the same cache and token ids, with no
+  decode-to-text and re-prefill. The switch probe's input is a ring buffer of the per-position layer-averaged K
+  and V (what capture stores as the ``token_kv`` trajectory), updated as tokens are fed: O(window) per call.
 - ``fast``/``slow``: a fixed mode; ``oracle``: the modes given per prompt (evaluation on labelled data).
 
 The correctness probe (when present) reads the per-layer K and V pooled over the answer's positions, kept as
-running sums as tokens are appended (O(layers) per token), and gives every answer a confidence.
+running sums as tokens are appended (O(layers) per token), and gives every answer a confidence. Fast answers are
+a few tokens here and are never switched.
 """
 
 from __future__ import annotations
@@ -49,23 +52,22 @@ class SteeringSpec:
 
     Args:
         threshold: which calibrated threshold of the difficulty probe routes before decoding (see its export).
-        switch_low: ``route+switch``: a slow answer whose live score drops below this switches to answering.
-        switch_high: ``route+switch``: a fast answer whose live score rises above this switches to thinking.
-        probe_every: score the live window every this many decoded tokens.
-        min_tokens: no switch before this many tokens in the current mode (the window must hold the answer's own
-            tokens, not the prompt's).
+        switch_low: ``route+switch``: an armed slow answer whose switch score drops below this stops reasoning;
+            ``None`` = the switch probe's calibrated value.
+        switch_high: the switch arms once the score has risen above this (hysteresis); ``None`` = the probe's.
+        probe_every: score the live window every this many decoded tokens; ``None`` = what the switch probe was
+            calibrated for.
+        min_tokens: no switch before this many decoded tokens; ``None`` = the switch probe's.
         answer_cue: appended to switch slow -> fast (prompt-based modes; for hybrid thinking models use the
             template's end-of-thinking text, e.g. ``</think>``).
-        think_cue: appended to switch fast -> slow.
     """
 
     threshold: str = "best_at_0.5x_slow"
-    switch_low: float = 0.3
-    switch_high: float = 0.7
-    probe_every: int = 1
-    min_tokens: int = 16
+    switch_low: float | None = None
+    switch_high: float | None = None
+    probe_every: int | None = None
+    min_tokens: int | None = None
     answer_cue: str = "\n\nAnswer:"
-    think_cue: str = "\nWait, let me think step by step.\n"
 
 
 @dataclass
@@ -86,6 +88,7 @@ class GenerationResult:
     seconds: float
     probe_seconds: float
     token_ids: list[int] = field(repr=False, default_factory=list)
+    switch_trace: list[tuple[int, float]] = field(repr=False, default_factory=list)  # (decoded tokens, switch score)
 
     @property
     def decoded_tokens(self) -> int:
@@ -105,6 +108,8 @@ class _Row:
     cue: int = 0
     switched_at: int | None = None
     switch_score: float | None = None
+    armed: bool = False
+    trace: list[tuple[int, float]] = field(default_factory=list)
     chosen: str = ""  # the mode decoding started in
     done: bool = False
     t0: float = 0.0
@@ -112,15 +117,15 @@ class _Row:
 
 
 class KVProbeGenerator:
-    """A frozen causal LM plus its trained probes (difficulty, and optionally correctness), steering live."""
+    """A frozen causal LM plus its trained probes (difficulty; optionally correctness and switch), steering live."""
 
     def __init__(self, lm: LoadedModel, difficulty=None, correctness=None, configs: dict | None = None,
-                 steering: SteeringSpec | None = None):
+                 steering: SteeringSpec | None = None, switch=None):
         if difficulty is None and correctness is None:
             raise ValueError("a KVProbeGenerator needs at least one probe (difficulty and/or correctness)")
-        self.lm, self.difficulty, self.correctness = lm, difficulty, correctness
+        self.lm, self.difficulty, self.correctness, self.switch = lm, difficulty, correctness, switch
         self.configs = configs or {}
-        self.steering = steering or SteeringSpec()
+        self.steering = self._steering(steering or SteeringSpec())
         main = self.configs.get("difficulty") or self.configs["correctness"]
         self.prompt = PromptSpec(**main["prompt"])
         self.max_new_tokens = dict(main["generation"]["max_new_tokens"])
@@ -132,6 +137,18 @@ class KVProbeGenerator:
         if difficulty is not None and self.steering.threshold not in difficulty.thresholds:
             raise ValueError(f"threshold {self.steering.threshold!r} is not among the probe's calibrated thresholds "
                              f"{sorted(difficulty.thresholds)}")
+        self.switch_window = self.configs["switch"]["switch"]["window"] if switch is not None else 0
+
+    def _steering(self, spec: SteeringSpec) -> SteeringSpec:
+        """``spec`` with its unset switch settings taken from the switch probe's export (calibrated on validation)."""
+        spec = copy.deepcopy(spec)
+        if self.switch is not None:
+            hp, calibrated = self.switch.hparams, self.switch.thresholds
+            spec.switch_low = calibrated["switch_low"] if spec.switch_low is None else spec.switch_low
+            spec.switch_high = calibrated["switch_high"] if spec.switch_high is None else spec.switch_high
+            spec.probe_every = hp.probe_every if spec.probe_every is None else spec.probe_every
+            spec.min_tokens = hp.min_tokens if spec.min_tokens is None else spec.min_tokens
+        return spec
 
     # --- loading and saving -----------------------------------------------------------------------------------------
     @classmethod
@@ -148,11 +165,12 @@ class KVProbeGenerator:
             probes = {name: folder / sub for name, sub in meta["probes"].items()}
             steering = steering or SteeringSpec(**meta.get("steering", {}))
         elif (folder / "probe.json").is_file():
-            kind = "difficulty" if read_config(folder)["probe_class"].endswith("DifficultyProbe") else "correctness"
-            probes = {kind: folder}
+            probes = {_kind(read_config(folder)): folder}
         else:
             raise FileNotFoundError(f"{path} holds neither {GENERATOR_FILE} nor probe.json: not a kvprobe generator or probe")
         configs = {name: read_config(p) for name, p in probes.items()}
+        if "difficulty" not in configs and "correctness" not in configs:
+            raise ValueError(f"{path}: a switch probe alone cannot steer; pair it with a difficulty probe (generator.json)")
         base = next(iter(configs.values()))["base_model"]
         for name, config in configs.items():  # every probe must belong to the same base model
             if config["base_model"]["fingerprint"] != base["fingerprint"]:
@@ -164,13 +182,13 @@ class KVProbeGenerator:
             model = _wrap(model, tokenizer)
         shape = {k: v for k, v in asdict(model.shape).items()}
         loaded = {name: load_probe(p, model.fingerprint, shape, model.spec.name) for name, p in probes.items()}
-        return cls(model, loaded.get("difficulty"), loaded.get("correctness"), configs, steering)
+        return cls(model, loaded.get("difficulty"), loaded.get("correctness"), configs, steering, loaded.get("switch"))
 
     def save_pretrained(self, path: str | Path) -> Path:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         probes = {}
-        for name, probe in (("difficulty", self.difficulty), ("correctness", self.correctness)):
+        for name, probe in (("difficulty", self.difficulty), ("correctness", self.correctness), ("switch", self.switch)):
             if probe is not None:
                 write_probe(probe, folder / name, self.configs[name])
                 probes[name] = name
@@ -181,12 +199,13 @@ class KVProbeGenerator:
 
     @classmethod
     def from_probes(cls, lm: LoadedModel, difficulty: str | Path | None = None, correctness: str | Path | None = None,
-                    steering: SteeringSpec | None = None) -> "KVProbeGenerator":
+                    steering: SteeringSpec | None = None, switch: str | Path | None = None) -> "KVProbeGenerator":
         """Assemble a generator from exported probe folders (e.g. ``python -m kvprobe.fit`` outputs)."""
-        folders = {k: Path(v) for k, v in (("difficulty", difficulty), ("correctness", correctness)) if v}
+        folders = {k: Path(v) for k, v in (("difficulty", difficulty), ("correctness", correctness), ("switch", switch)) if v}
         shape = asdict(lm.shape)
         loaded = {k: load_probe(v, lm.fingerprint, shape, lm.spec.name) for k, v in folders.items()}
-        return cls(lm, loaded.get("difficulty"), loaded.get("correctness"), {k: read_config(v) for k, v in folders.items()}, steering)
+        configs = {k: read_config(v) for k, v in folders.items()}
+        return cls(lm, loaded.get("difficulty"), loaded.get("correctness"), configs, steering, loaded.get("switch"))
 
     # --- prompts ----------------------------------------------------------------------------------------------------
     def prompt_ids(self, prompt, mode: str) -> list[int]:
@@ -235,6 +254,9 @@ class KVProbeGenerator:
             raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
         if policy.startswith("route") and self.difficulty is None:
             raise ValueError(f"policy {policy!r} needs a difficulty probe; this generator has only a correctness probe")
+        if policy == "route+switch" and self.switch is None:
+            raise ValueError("policy 'route+switch' needs a switch probe (python -m kvprobe.fit --config configs/switch.yaml, "
+                             "then python -m kvprobe.steering ... --switch <folder>)")
         if policy == "oracle" and (oracle_modes is None or len(oracle_modes) != len(batch)):
             raise ValueError("policy 'oracle' needs oracle_modes: one 'fast'/'slow' per prompt")
         t0 = time.perf_counter()
@@ -270,23 +292,36 @@ class KVProbeGenerator:
         device = self.lm.input_device
         out = self.lm.model(input_ids=ids.to(device), attention_mask=state["mask"].to(device), position_ids=positions.to(device),
                             use_cache=True, **cache_argument(self.lm.model, state["cache"]))
-        self._accumulate(state, mask)
+        self._track(state, mask)
         return out.logits[:, -1].float()
 
-    def _accumulate(self, state: dict, block_mask: torch.Tensor) -> None:
-        """Add the newly fed positions' K and V to each row's running answer sums (what ``pooled_response`` averages)."""
-        if self.correctness is None:
+    def _track(self, state: dict, block_mask: torch.Tensor) -> None:
+        """Update what the probes read live from the newly fed positions: the running answer sums of per-layer K
+        and V (what ``pooled_response`` averages; correctness) and the ring buffer of the latest positions'
+        layer-averaged K and V (the ``token_kv`` trajectory's entries; switch). Of a prompt, only its last position
+        counts: it emits the first answer token. A decode step reads one column of each layer."""
+        if self.correctness is None and self.switch is None:
             return
+        t = time.perf_counter()
         pairs = layer_kv(state["cache"], device=self.lm.input_device)
-        width = block_mask.shape[1]
         take = block_mask.clone()
-        if state.get("prefill"):  # of a prompt, only its last position emits an answer token
+        if state.get("prefill"):
             take[:, :-1] = 0
-        w = take.to(pairs[0][0].device, torch.float32)[:, None, :, None]  # (batch, 1, width, 1)
-        new = torch.stack([torch.stack(((k[:, :, -width:].float() * w).sum(2), (v[:, :, -width:].float() * w).sum(2)), 1)
-                           for k, v in pairs], 1)  # (batch, layers, 2, heads, dim)
-        state["sums"] = new if state.get("sums") is None else state["sums"] + new
-        state["counts"] = take.sum(1) + (0 if state.get("counts") is None else state["counts"])
+        n = take.shape[1] if bool(take[:, :-1].any()) else 1  # only multi-token cues need more than the last column
+        kv = torch.stack([torch.stack((k[:, :, -n:], v[:, :, -n:]), 1) for k, v in pairs], 1).float()  # (b, L, 2, h, n, d)
+        keep = take[:, -n:].bool().to(kv.device)
+        if self.correctness is not None:  # where, not a product: padded positions may hold NaN
+            new = torch.where(keep[:, None, None, None, :, None], kv, 0.0).sum(-2)
+            state["sums"] = new if state.get("sums") is None else state["sums"] + new
+            state["counts"] = keep.sum(1).cpu() + (0 if state.get("counts") is None else state["counts"])
+        if self.switch is not None:
+            last = kv[..., -1, :].mean(1).half().float()  # (batch, 2, heads, dim), stored fp16 like the trajectory
+            recent = state.get("recent")
+            if recent is None:
+                recent = torch.zeros((last.shape[0], self.switch_window) + last.shape[1:], device=last.device)
+            fed = keep[:, -1].view(-1, 1, 1, 1, 1)
+            state["recent"] = torch.where(fed, torch.cat([recent[:, 1:], last[:, None]], 1), recent)
+            state["track_seconds"] = state.get("track_seconds", 0.0) + time.perf_counter() - t
 
     def _window_scores(self, state: dict) -> torch.Tensor:
         """Difficulty scores from each row's last ``window`` real positions, as capture stored them (fp16)."""
@@ -333,9 +368,8 @@ class KVProbeGenerator:
         if picks[first]:
             keep = torch.tensor(picks[first])
             state["cache"].batch_select_indices(keep)  # a CPU index serves layers on any device
-            kept = {"cache": state["cache"], "mask": state["mask"][keep], "logits": state["logits"][keep],
-                    "sums": None if state.get("sums") is None else state["sums"][keep],
-                    "counts": None if state.get("counts") is None else state["counts"][keep]}
+            kept = {"cache": state["cache"], "mask": state["mask"][keep], "logits": state["logits"][keep]}
+            kept |= {k: state[k][keep] for k in ("sums", "counts", "recent") if state.get(k) is not None}
             groups.append(([rows[j] for j in picks[first]], kept))
         if rerouted:
             groups.append(rerouted)
@@ -361,8 +395,6 @@ class KVProbeGenerator:
         for i, c in enumerate(shared):
             mask[i, lp - c:] = 1
         new = {"cache": cache, "mask": mask, "prefill": True}
-        if self.correctness is not None:
-            new["sums"], new["counts"] = None, None
         new["logits"] = self._forward(new, [t[c:] for t, c in zip(targets, shared)])
         new["prefill"] = False
         for r, t, c in zip(rows, targets, shared):
@@ -373,8 +405,7 @@ class KVProbeGenerator:
         tok = self.lm.tokenizer
         eos = self.lm.model.generation_config.eos_token_id
         eos = set([eos] if isinstance(eos, int) else (eos or [tok.eos_token_id]))
-        cues = {"fast": tok.encode(self.steering.answer_cue, add_special_tokens=False),
-                "slow": tok.encode(self.steering.think_cue, add_special_tokens=False)}
+        cue = tok.encode(self.steering.answer_cue, add_special_tokens=False)
         texts = {r.index: "" for r in rows}
         for r in rows:
             r.chosen = r.mode
@@ -400,7 +431,7 @@ class KVProbeGenerator:
                 else:
                     blocks.append([t]), fed.append(True)
             if switch:
-                yield from self._maybe_switch(rows, state, blocks, cues, texts)
+                yield from self._maybe_switch(rows, state, blocks, cue, texts)
             if all(r.done for r in rows):
                 break
             for r, b, f in zip(rows, blocks, fed):
@@ -413,32 +444,40 @@ class KVProbeGenerator:
                 text=texts[r.index], mode=r.chosen, final_mode=r.mode, route_score=r.route_score, switched_at=r.switched_at,
                 switch_score=r.switch_score, tokens=dict(r.tokens), cue_tokens=r.cue, prompt_tokens=r.prompt_tokens,
                 confidence=confidence[j], seconds=time.perf_counter() - r.t0, probe_seconds=r.probe_seconds, token_ids=list(r.out),
+                switch_trace=list(r.trace),
             )
             yield {"type": "done", "row": r.index, "result": result}
 
-    def _maybe_switch(self, rows: list[_Row], state: dict, blocks: list[list[int]], cues: dict, texts: dict) -> Iterator[dict]:
-        """Score the latest window of every row due for a probe; switch those past the hysteresis threshold."""
+    def _maybe_switch(self, rows: list[_Row], state: dict, blocks: list[list[int]], cue: list[int], texts: dict) -> Iterator[dict]:
+        """Score the latest window of every slow row due for a probe; arm above ``switch_high``, switch the armed
+        ones below ``switch_low``: append the answer cue to what this step feeds."""
         s = self.steering
-        due = [j for j, r in enumerate(rows) if not r.done and r.switched_at is None and r.in_mode >= s.min_tokens
-               and r.in_mode % s.probe_every == 0]
+        due = [j for j, r in enumerate(rows) if not r.done and r.switched_at is None and r.mode == "slow"
+               and r.in_mode >= s.min_tokens and r.in_mode % s.probe_every == 0]
+        tracked = state.pop("track_seconds", 0.0) / max(1, sum(not r.done for r in rows))
+        for r in rows:
+            r.probe_seconds += 0.0 if r.done else tracked  # the ring buffer's upkeep is probe time too
         if not due:
             return
         t = time.perf_counter()
-        scores = self._window_scores(state)
+        probe = self.switch
+        scores = probe.score(probe(probe.pooled_inputs(state["recent"][due].sum(1) / self.switch_window))).tolist()
         spent = (time.perf_counter() - t) / len(due)
-        for j in due:
+        for j, score in zip(due, scores):
             r = rows[j]
             r.probe_seconds += spent
-            score = float(scores[j])
-            to = "fast" if r.mode == "slow" and score < s.switch_low else "slow" if r.mode == "fast" and score > s.switch_high else None
-            if to is None:
+            r.trace.append((r.in_mode, score))
+            if not r.armed:
+                r.armed = score > s.switch_high
+                continue
+            if score >= s.switch_low:
                 continue
             r.switched_at, r.switch_score = r.tokens["fast"] + r.tokens["slow"], score
-            r.mode, r.in_mode = to, 0
-            blocks[j] = blocks[j] + cues[to]
-            r.out.extend(cues[to])
-            r.cue += len(cues[to])
-            yield {"type": "switch", "row": r.index, "at": r.switched_at, "score": score, "to": to}
+            r.mode, r.in_mode = "fast", 0
+            blocks[j] = blocks[j] + cue
+            r.out.extend(cue)
+            r.cue += len(cue)
+            yield {"type": "switch", "row": r.index, "at": r.switched_at, "score": score, "to": "fast"}
             text = self.lm.tokenizer.decode(r.out, skip_special_tokens=True)
             yield {"type": "text", "row": r.index, "text": text[len(texts[r.index]):]}
             texts[r.index] = text
@@ -447,6 +486,11 @@ class KVProbeGenerator:
         pooled = state["sums"] / state["counts"].clamp_min(1).to(state["sums"].device).view(-1, 1, 1, 1, 1)
         probe = self.correctness
         return probe.probability(probe(probe.inputs({"response_kv": pooled.cpu()}))).tolist()
+
+
+def _kind(config: dict) -> str:
+    """Which generator slot an exported probe fills, from its class."""
+    return {"DifficultyProbe": "difficulty", "CorrectnessProbe": "correctness", "SwitchProbe": "switch"}[config["probe_class"].rsplit(".", 1)[1]]
 
 
 def _wrap(model, tokenizer) -> LoadedModel:
@@ -481,6 +525,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m kvprobe.steering", description=main.__doc__)
     parser.add_argument("--difficulty", help="exported difficulty probe folder (python -m kvprobe.fit --config configs/difficulty.yaml)")
     parser.add_argument("--correctness", help="exported correctness probe folder (source kv)")
+    parser.add_argument("--switch", help="exported switch probe folder (python -m kvprobe.fit --config configs/switch.yaml)")
     parser.add_argument("--out", required=True, help="generator folder to write")
     parser.add_argument("--threshold", default=SteeringSpec.threshold, help="calibrated threshold that routes")
     args = parser.parse_args(argv)
@@ -489,7 +534,7 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error("give --difficulty and/or --correctness")
     base = read_config(first)["base_model"]
     lm = load_model(ModelSpec(name=base["name"], dtype=base["dtype"]))
-    gen = KVProbeGenerator.from_probes(lm, args.difficulty, args.correctness, SteeringSpec(threshold=args.threshold))
+    gen = KVProbeGenerator.from_probes(lm, args.difficulty, args.correctness, SteeringSpec(threshold=args.threshold), args.switch)
     folder = gen.save_pretrained(args.out)
     print(f"[kvprobe] generator for {base['name']} written to {folder}")
     return folder

@@ -38,7 +38,7 @@ class TaskSpec:
             commonsense_qa, asdiv, arithmetic, jsonl, mix.
         limit: keep at most this many items (after ``offset``); ``None`` keeps all.
         offset: skip this many items first (items come in the source's own order, or seeded for arithmetic).
-        params: task options. arithmetic: ``n``, ``seed``, ``terms``, ``digits``, ``operators``.
+        params: task options. arithmetic: ``n``, ``seed``, ``terms``, ``digits``, ``min_digits``, ``operators``.
             jsonl: ``path``, ``question_field``, ``answer_field``, ``choices_field``, ``id_field``, ``kind``.
             mix: ``parts`` (a list of task specs), ``seed`` (the shuffle).
     """
@@ -133,28 +133,37 @@ def _asdiv(**_) -> list[Item]:
     return items
 
 
-def _arithmetic(n: int = 240, seed: int = 0, terms: int = 2, digits: int = 1, operators: str = "+-*", **_) -> list[Item]:
+def _arithmetic(n: int = 240, seed: int = 0, terms: int = 2, digits: int = 1, operators: str = "+-*",
+                min_digits: int | None = None, **_) -> list[Item]:
     """Seeded, distinct expressions like ``7 + 3 * 4`` with exact integer answers (usual precedence).
 
-    Difficulty knobs: ``terms`` (operands), ``digits`` (max digits per operand), ``operators`` (subset of ``+-*``).
+    Difficulty knobs: ``terms`` (operands), ``digits`` (max digits per operand), ``operators`` (subset of ``+-*``),
+    ``min_digits``: when set, each operand first draws its digit count uniformly from ``min_digits..digits`` ("1-2
+    digits": as many one-digit as two-digit operands); when ``None`` operands are uniform in ``1..10**digits - 1``
+    (then 90% of them have two digits).
     Expressions never repeat: a repeated question would sit in train and test at once and leak its label.
     """
     if terms < 2 or digits < 1 or not operators or set(operators) - set("+-*"):
         raise TaskError(f"arithmetic needs terms >= 2, digits >= 1 and operators from '+-*', got {terms}, {digits}, {operators!r}")
-    low, high = 1 if digits == 1 else 10 ** (digits - 2), 10**digits - 1
-    space = (high - low + 1) ** terms * len(set(operators)) ** (terms - 1)
+    if min_digits is not None and not 1 <= min_digits <= digits:
+        raise TaskError(f"arithmetic needs 1 <= min_digits <= digits, got min_digits={min_digits}, digits={digits}")
+    if min_digits is None:
+        ranges, name = [(1, 10**digits - 1)], f"{digits}"
+    else:
+        ranges, name = [(1 if d == 1 else 10 ** (d - 1), 10**d - 1) for d in range(min_digits, digits + 1)], f"{min_digits}to{digits}"
+    space = sum(high - low + 1 for low, high in ranges) ** terms * len(set(operators)) ** (terms - 1)
     if n > space:
         raise TaskError(f"arithmetic with terms={terms}, digits={digits}, operators={operators!r} has only {space} "
                         f"distinct questions; ask for n <= {space} or raise terms/digits")
-    rng = random.Random(f"arithmetic:{seed}:{terms}:{digits}:{operators}")
+    rng = random.Random(f"arithmetic:{seed}:{terms}:{name}:{operators}")
     items, seen = [], set()
     while len(items) < n:
-        numbers = [rng.randint(low, high) for _ in range(terms)]
+        numbers = [rng.randint(*(rng.choice(ranges) if len(ranges) > 1 else ranges[0])) for _ in range(terms)]
         ops = [rng.choice(operators) for _ in range(terms - 1)]
         expr = " ".join(str(x) for pair in zip(numbers, ops + [""]) for x in pair if x != "")
         if expr not in seen:
             seen.add(expr)
-            items.append(Item(f"arithmetic/{seed}-{terms}-{digits}-{operators}/{len(items)}", f"What is {expr}?", str(eval(expr))))
+            items.append(Item(f"arithmetic/{seed}-{terms}-{name}-{operators}/{len(items)}", f"What is {expr}?", str(eval(expr))))
     return items
 
 

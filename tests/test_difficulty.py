@@ -202,3 +202,9 @@ def test_qwen_correctness_config_reuses_the_difficulty_capture():
     arithmetic = yaml.safe_load(open("configs/data/arithmetic.yaml"))
     for key in ("model", "task", "generation", "features", "split"):
         assert smollm2[key] == arithmetic[key], key
+    # the switch data reads the difficulty captures: every shared argument agrees
+    for switch, base in (("switch_mix", difficulty), ("switch_smollm2", smollm2)):
+        data = yaml.safe_load(open(f"configs/data/{switch}.yaml"))
+        assert data["class_path"] == "datamodules.SwitchDataModule"
+        for key in ("model", "task", "prompt", "generation", "features", "split", "short_tokens", "route_on"):
+            assert data["init_args"][key] == base[key], (switch, key)

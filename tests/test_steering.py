@@ -7,6 +7,7 @@ import torch
 
 from conftest import grade_by_number_and_mode
 from kvprobe import features as F
+from kvprobe import switching
 from kvprobe.export import ProbeMismatch
 from kvprobe.fit import main
 from kvprobe.models import ModelSpec, load_model
@@ -26,26 +27,30 @@ def common_args(tiny, root):
 
 @pytest.fixture(scope="module")
 def trained(tiny_models, tmp_path_factory):
-    """A difficulty and a correctness probe fitted on the tiny Llama (grades faked per question id and mode)."""
+    """A difficulty, a correctness and a switch probe fitted on the tiny Llama (grades faked per question id and
+    mode; a tiny model's random text never writes a result, so half of each slow answer counts as settled)."""
     root = tmp_path_factory.mktemp("steer")
     tiny = tiny_models["llama"]
     with pytest.MonkeyPatch.context() as mp:
         grade_by_number_and_mode(mp, lambda n, mode: {0: True, 1: mode == "slow", 2: False}[n % 3])
         main(["--config", "configs/difficulty.yaml", *common_args(tiny, root), "--export_dir", str(root / "difficulty")])
         main(["--config", "configs/coe.yaml", *common_args(tiny, root), "--data.prompt.mode", "fast", "--export_dir", str(root / "correctness")])
+        mp.setattr(switching, "settled_at", lambda response, prediction, ends: len(ends) // 2 or None)
+        main(["--config", "configs/switch.yaml", *common_args(tiny, root), "--model.min_tokens", "4", "--export_dir", str(root / "switch")])
     return {"root": root, "model": tiny}
 
 
 @pytest.fixture(scope="module")
 def gen(trained):
     lm = load_model(ModelSpec(name=str(trained["model"])))
-    return KVProbeGenerator.from_probes(lm, trained["root"] / "difficulty", trained["root"] / "correctness")
+    root = trained["root"]
+    return KVProbeGenerator.from_probes(lm, root / "difficulty", root / "correctness", switch=root / "switch")
 
 
 def forced(gen, **steering):
     """The same generator with a route threshold that sends everything to slow, and the given steering."""
     gen.difficulty.thresholds = dict(gen.difficulty.thresholds) | {"force": {"threshold": -1.0}}
-    return KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.configs, SteeringSpec(threshold="force", **steering))
+    return KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.configs, SteeringSpec(threshold="force", **steering), gen.switch)
 
 
 def greedy(lm, ids, n):
@@ -69,6 +74,30 @@ def test_live_features_equal_captured(gen, trained):
     same = [i for i, (_, r) in enumerate(results) if r.decoded_tokens == rows[i]["gen_tokens"] and r.text == rows[i]["response"]]
     assert len(same) >= 5  # greedy on the same prompt; padding noise may flip a rare near-tie token
     torch.testing.assert_close(torch.tensor([results[i][1].confidence for i in same]), want_conf[same], atol=1e-4, rtol=1e-4)
+
+
+def test_live_switch_scores_equal_the_probe_on_captured_trajectories(gen, trained):
+    """Every live switch score (ring buffer of the latest positions) equals the switch probe applied to the window
+    the switch data builds from the capture's token_kv trajectory at the same decoded-token count."""
+    slow = next(p for p in (trained["root"] / "captures").iterdir() if p.name.startswith("arithmetic-slow"))
+    shards, table = CaptureStore(slow).open()
+    rows = table.to_pylist()[:4]
+    # probe every token from the first, never arm: every score is recorded, nothing switches
+    g = forced(gen, switch_low=-1.0, switch_high=2.0, min_tokens=1, probe_every=1)
+    live = g.generate([r["question"] for r in rows], policy="route+switch")
+    offsets, token_kv = shards[0]["token_offsets"], shards[0]["token_kv"]
+    p = gen.switch
+    compared = 0
+    for i, (row, (text, r)) in enumerate(zip(rows, live)):
+        assert r.switched_at is None and [t for t, _ in r.switch_trace] == list(range(1, r.decoded_tokens))
+        if text != row["response"]:
+            continue  # padding noise flipped a near-tie token; the windows differ from there on
+        windows = switching.trajectory_windows(token_kv[int(offsets[i]) : int(offsets[i + 1])].float(), g.switch_window)
+        want = p.score(p(p.pooled_inputs(windows)))
+        got = torch.tensor([score for _, score in r.switch_trace])
+        torch.testing.assert_close(got, want[: len(got)], atol=1e-3, rtol=1e-3)
+        compared += 1
+    assert compared >= 3
 
 
 def test_window_kv_reads_around_inner_padding():
@@ -104,7 +133,7 @@ def test_mixed_batch_routes_each_row_like_its_fixed_mode(gen):
 
 
 def test_forced_switch_continues_from_cache_like_a_fresh_prefill(gen):
-    g = forced(gen, switch_low=2.0, min_tokens=3)  # every score is below 2: the switch fires at the third slow token
+    g = forced(gen, switch_low=2.0, switch_high=-1.0, min_tokens=2)  # arms at the 2nd slow token, fires at the 3rd
     text, r = g.generate(QUESTIONS[1], policy="route+switch")
     cue = gen.lm.tokenizer.encode(g.steering.answer_cue, add_special_tokens=False)
     assert (r.mode, r.final_mode, r.switched_at) == ("slow", "fast", 3) and r.switch_score < 2.0
@@ -126,7 +155,7 @@ def test_batching_with_left_padding_equals_one_by_one(gen):
 
 
 def test_streaming_events(gen):
-    g = forced(gen, switch_low=2.0, min_tokens=2)
+    g = forced(gen, switch_low=2.0, switch_high=-1.0, min_tokens=1)  # arms at the first probe, fires at the second
     events = list(g.generate(QUESTIONS[:2], policy="route+switch", stream=True))
     kinds = [e["type"] for e in events]
     assert kinds[:2] == ["route", "route"] and kinds.count("done") == 2 and kinds.count("switch") == 2
@@ -141,9 +170,11 @@ def test_streaming_events(gen):
 def test_round_trip_mismatch_and_bad_input(gen, trained, tiny_models, tmp_path):
     folder = gen.save_pretrained(tmp_path / "gen")
     meta = json.loads((folder / "generator.json").read_text())
-    assert meta["probes"] == {"difficulty": "difficulty", "correctness": "correctness"}
+    assert meta["probes"] == {"difficulty": "difficulty", "correctness": "correctness", "switch": "switch"}
     again = KVProbeGenerator.from_pretrained(folder, model=gen.lm)
     assert again.difficulty.thresholds == gen.difficulty.thresholds and again.steering == gen.steering
+    assert gen.steering.switch_low == gen.switch.thresholds["switch_low"]  # unset switch settings come from the export
+    assert again.switch.thresholds == gen.switch.thresholds and again.switch_window == gen.switch_window
     a, b = gen.generate(QUESTIONS[0], policy="route"), again.generate(QUESTIONS[0], policy="route")
     assert a[1].token_ids == b[1].token_ids and a[1].route_score == pytest.approx(b[1].route_score)
     other = load_model(ModelSpec(name=str(tiny_models["qwen2"])))
@@ -157,6 +188,11 @@ def test_round_trip_mismatch_and_bad_input(gen, trained, tiny_models, tmp_path):
         gen.generate(QUESTIONS, policy="oracle")
     with pytest.raises(ValueError, match="not one of"):
         gen.generate(QUESTIONS, policy="sometimes")
+    no_switch = KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.configs)
+    with pytest.raises(ValueError, match="needs a switch probe"):
+        no_switch.generate(QUESTIONS, policy="route+switch")
+    with pytest.raises(ValueError, match="switch probe alone"):
+        KVProbeGenerator.from_pretrained(trained["root"] / "switch", model=gen.lm)
     with pytest.raises(FileNotFoundError, match="neither generator.json nor probe.json"):
         KVProbeGenerator.from_pretrained(tmp_path)
     modes = ["slow", "fast", "slow"]
@@ -169,7 +205,7 @@ def test_switch_cost_benchmark_reduced(gen, tmp_path):
 
     folder = gen.save_pretrained(tmp_path / "gen")
     out = tmp_path / "switch_cost.json"
-    figures = load("switch_cost").main(["--generator", str(folder), "--n", "2", "--at", "3", "--out", str(out)])
+    figures = load("switch_cost").main(["--generator", str(folder), "--n", "2", "--at", "2", "--out", str(out)])
     assert json.loads(out.read_text()) == figures and figures["switched_items"] == 2
     assert figures["same_switch_point_every_item"] and figures["live_fewer_tokens_every_item"]
 

@@ -2,5 +2,6 @@
 
 from kvprobe.probes.correctness import CorrectnessProbe
 from kvprobe.probes.difficulty import DifficultyProbe
+from kvprobe.probes.switch import SwitchProbe
 
-__all__ = ["CorrectnessProbe", "DifficultyProbe"]
+__all__ = ["CorrectnessProbe", "DifficultyProbe", "SwitchProbe"]

@@ -1,0 +1,99 @@
+"""The switch probe's pieces by hand: settled labels, trajectory windows, the replayed policy and its calibration;
+and the switch data and probe end to end on a tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import grade_by_number_and_mode
+from kvprobe import switching
+from kvprobe.fit import main
+
+
+def char_ends(text: str) -> list[int]:
+    """One token per character: token i ends at offset i + 1."""
+    return list(range(1, len(text) + 1))
+
+
+def test_settled_at_counts_results_not_operands():
+    text = "42 + 8 = 50, then 50 - 8 = 42.\nAnswer: 42"
+    assert switching.settled_at(text, "42", char_ends(text)) == text.index("= 42") + 4  # the operand 42 is no result
+    assert switching.settled_at(text, "50", char_ends(text)) == text.index("= 50") + 4
+    assert switching.settled_at("so the total is 7.", "7", char_ends("so the total is 7.")) == 17
+    assert switching.settled_at("x = 420", "42", char_ends("x = 420")) is None  # 42 is not 420
+    assert switching.settled_at("x = 42.5", "42", char_ends("x = 42.5")) is None
+    assert switching.settled_at("Answer: -3", "-3", char_ends("Answer: -3")) == 10
+    assert switching.settled_at("no result here", "3", char_ends("no result here")) is None
+    assert switching.settled_at("= 3", "", char_ends("= 3")) is None  # nothing extracted: never settled
+    assert switching.settled_at("a = 12", "12", [2, 4, 6]) == 3  # token ends, not characters, count
+
+
+def test_trajectory_windows_by_hand():
+    x = torch.arange(1.0, 6.0).view(5, 1, 1, 1)  # entries 1..5
+    w = switching.trajectory_windows(x, 2).flatten().tolist()
+    assert w == [0.5, 1.5, 2.5, 3.5, 4.5]  # t=1: (0 + 1) / 2 zero-filled; t=3: (2 + 3) / 2
+    assert switching.trajectory_windows(x, 1).flatten().tolist() == [1, 2, 3, 4, 5]
+
+
+def policy_data():
+    """Two answers of 10 tokens. Answer 0 (right) settles at t=6; answer 1 (wrong) never settles."""
+    scores = {0: [0.9, 0.9, 0.8, 0.9, 0.7, 0.2, 0.1, 0.1, 0.1, 0.1], 1: [0.3, 0.2, 0.6, 0.4, 0.35, 0.6, 0.6, 0.6, 0.6, 0.6]}
+    s = torch.tensor(scores[0] + scores[1])
+    t = torch.tensor(list(range(1, 11)) * 2)
+    a = torch.tensor([0] * 10 + [1] * 10)
+    answers = {0: {"n": 10, "settled": 6, "correct": True}, 1: {"n": 10, "settled": None, "correct": False}}
+    return s, t, a, answers
+
+
+def test_simulate_arms_before_it_cuts_and_counts_losses():
+    s, t, a, answers = policy_data()
+    out = switching.simulate(s, t, a, answers, low=0.25, high=0.5, min_tokens=1, answer_tokens=1)
+    # answer 0: armed at t=1, first score < 0.25 at t=6 (settled: safe), saves 10 - 6 - 1 = 3
+    # answer 1: 0.2 at t=2 comes before the arm (0.6 at t=3); later scores never drop below 0.25: no cut
+    assert out == {"saved_tokens": 1.5, "cut_share": 0.5, "lost_share": 0.0}
+    out = switching.simulate(s, t, a, answers, low=0.75, high=0.5, min_tokens=1, answer_tokens=1)
+    # answer 0 is cut at t=5 (0.7), before its result: lost; answer 1 at t=4 (0.4), wrong anyway: not lost
+    assert out["cut_share"] == 1.0 and out["lost_share"] == 0.5 and out["saved_tokens"] == (4 + 5) / 2
+    # from t=7 answer 0's scores are all low but it never armed there: no cut; answer 1 arms at 7, is cut at 8
+    out = switching.simulate(s, t, a, answers, low=0.75, high=0.5, min_tokens=7, answer_tokens=1)
+    assert out == {"saved_tokens": 0.5, "cut_share": 0.5, "lost_share": 0.0}
+    # probes at t=4 and 8 only: answer 0 arms at 4, is cut at 8; answer 1 (0.4 at 4) arms only at 8
+    out = switching.simulate(s, t, a, answers, low=0.25, high=0.5, min_tokens=1, every=4, answer_tokens=1)
+    assert out == {"saved_tokens": 0.5, "cut_share": 0.5, "lost_share": 0.0}
+
+
+def test_calibrate_respects_the_loss_budget():
+    """Answer 0 (right, 20 tokens, settled at 8) dips to 0.6 early and to 0.1 once settled; answer 1 never arms.
+    A cut threshold above 0.6 saves more but cuts answer 0 before its result; only a loose budget allows that."""
+    s = torch.tensor([0.99] + [0.6] * 6 + [0.1] * 13 + [0.3] * 10)
+    t = torch.tensor(list(range(1, 21)) + list(range(1, 11)))
+    a = torch.tensor([0] * 20 + [1] * 10)
+    answers = {0: {"n": 20, "settled": 8, "correct": True}, 1: {"n": 10, "settled": None, "correct": False}}
+    strict = switching.calibrate(s, t, a, answers, high=0.9, min_tokens=1, max_lost=0.0)
+    assert strict["lost_share"] == 0.0 and strict["saved_tokens"] == (20 - 8 - 3) / 2 and 0.1 < strict["low"] <= 0.6
+    loose = switching.calibrate(s, t, a, answers, high=0.9, min_tokens=1, max_lost=0.5)
+    assert loose["lost_share"] == 0.5 and loose["saved_tokens"] == (20 - 2 - 3) / 2 and 0.6 < loose["low"] < 0.9
+
+
+def test_switch_fit_end_to_end(tiny_models, tmp_path, monkeypatch):
+    """Capture both modes on a tiny model, fit the switch probe, calibrate, test and export its thresholds."""
+    grade_by_number_and_mode(monkeypatch, lambda n, mode: n % 2 == 0)
+    monkeypatch.setattr(switching, "settled_at", lambda response, prediction, ends: len(ends) // 2 or None)
+    args = ["--config", "configs/switch.yaml", "--data.model.name", str(tiny_models["llama"]), "--data.model.dtype", "float32",
+            "--data.task.name", "arithmetic", "--data.task.params", '{"n": 30, "seed": 3}',
+            "--data.generation.max_new_tokens", '{"fast": 4, "slow": 20}', "--data.generation.batch_size", "8",
+            "--data.features.hidden_states", "false", "--data.cache_dir", str(tmp_path / "captures"), "--data.window", "4",
+            "--model.min_tokens", "4", "--trainer.logger", "false", "--trainer.max_epochs", "2",
+            "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+            "--export_dir", str(tmp_path / "switch")]
+    results = main(args)
+    config = json.loads((tmp_path / "switch" / "probe.json").read_text())
+    assert config["switch"]["window"] == 4 and config["probe_class"].endswith("SwitchProbe")
+    low, high = config["calibration"]["thresholds"]["switch_low"], config["calibration"]["thresholds"]["switch_high"]
+    assert 0.0 <= low < high == 0.5
+    assert min(results["items"].values()) > 0  # windows per split
+    policy = results["test"]["policy"]
+    assert policy["answers"] == 6 and 0.0 <= policy["lost_share"] <= policy["cut_share"] <= 1.0
+    with pytest.raises(ValueError, match="token_trajectory"):
+        main(args + ["--data.features.token_trajectory", "false"])
