@@ -21,6 +21,9 @@ from kvprobe import fit, routing
 NOTES = "<!-- notes: everything below this line is hand-written and kept when the tables are regenerated -->"
 OBJECTIVES = ("bce", "regression", "ce")
 VARIANTS = {  # design-space points beside the objectives, each with the chosen objective
+    "last 8 prompt positions": ["--model.init_args.window", "8"],
+    "last 16 prompt positions": ["--model.init_args.window", "16"],
+    "last 32 prompt positions": ["--model.init_args.window", "32"],
     "K only": ["--model.init_args.kv", "k"],
     "V only": ["--model.init_args.kv", "v"],
     "last 8 layers": ["--model.init_args.layers", "8"],
@@ -48,6 +51,20 @@ def fmt_row(name: str, r: dict, slow_tokens: float) -> str:
     verdicts = ("yes" if r["dominates_slow"] else "no", "**yes**" if r["meets_bar"] else "no") if "meets_bar" in r else ("", "")
     return (f"| {name} | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | {r['mean_tokens'] / slow_tokens:.2f} | "
             f"{r['slow_share']:.2f} | {verdicts[0]} | {verdicts[1]} |")
+
+
+def describe(task: dict) -> str:
+    """A task spec in words: the parts of a mix of arithmetic tasks, else the task's name."""
+    parts = task["params"].get("parts") if task["name"] == "mix" else [task]
+    words = []
+    for part in parts or []:
+        p = part.get("params", {})
+        if part["name"] != "arithmetic":
+            words.append(part["name"])
+            continue
+        digits = f"{p.get('min_digits')}-{p.get('digits', 1)} digit operands" if p.get("min_digits") else f"operands 1-{10 ** p.get('digits', 1) - 1}"
+        words.append(f"{p.get('n')} with {p.get('terms', 2)} terms ({digits}, operators {p.get('operators', '+-*')})")
+    return "; ".join(words) or task["name"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         "```bash", "bash scripts/setup_qwen.sh            # the optional second model, once",
         "python -m kvprobe.difficulty_report", "```", "",
         f"Model `{spec['model']['name']}` ({spec['model']['dtype']}), task `{spec['task']['name']}` "
-        f"({len(dm.outcomes['label'])} questions: two-term and three-term arithmetic, operands 1-99), each answered "
+        f"({len(dm.outcomes['label'])} questions: {describe(spec['task'])}), each answered "
         f"in both modes with greedy decoding (fast cap {spec['generation']['max_new_tokens']['fast']} tokens, slow cap "
         f"{spec['generation']['max_new_tokens']['slow']}). Labels (short_tokens={spec['difficulty']['short_tokens']}): "
         + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ". Question-level split: train "

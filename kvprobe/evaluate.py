@@ -135,13 +135,26 @@ def write_report(args, gen: KVProbeGenerator, results: dict, n: int) -> None:
         + ". Tokens count every decoded token of both modes; cue "
         "tokens are forced (prefilled, not decoded) and listed apart, as are prompt tokens. The bar: accuracy >= best "
         "fixed mode - 1 point, <= 0.5x always-slow's tokens, probe time <= 1%.", "",
-    ] + lines + ["", f"![accuracy vs tokens]({figure.name})", ""])
+    ] + lines + ["", f"![accuracy vs tokens]({figure.name})", ""] + switch_lines(gen))
     notes = "<!-- notes: everything below this line is hand-written and kept when the tables are regenerated -->"
     if out.is_file() and notes in out.read_text():
         text += "\n" + notes + out.read_text().split(notes, 1)[1]
     out.write_text(text)
     (out.with_suffix(".json")).write_text(json.dumps({p: {k: v for k, v in r.items() if k != "rows"} for p, r in results.items()}, indent=1))
     print(text)
+
+
+def switch_lines(gen: KVProbeGenerator) -> list[str]:
+    """The switch probe's own offline figures (its export's test split), beside the live ones."""
+    test = gen.configs.get("switch", {}).get("metrics", {}).get("test") if gen.switch else None
+    if not test:
+        return []
+    p, w = test["policy"], test["windows"]
+    return [f"Switch probe offline (`python -m kvprobe.fit --config configs/switch.yaml`, its test split: every decode "
+            f"position of {p['answers']:.0f} slow answers): AUROC {w['auroc']:.3f} for \"the result is written\"; the "
+            f"calibrated policy replayed there cuts {p['cut_share']:.0%} of the answers, saves {p['saved_tokens']:.1f} of "
+            f"{p['mean_tokens']:.1f} decoded tokens per answer, and cuts {p['lost_share']:.1%} of them (right ones) "
+            "before their result was written.", ""]
 
 
 if __name__ == "__main__":
