@@ -262,7 +262,7 @@ class KVProbeGenerator:
         t0 = time.perf_counter()
         with torch.inference_mode():
             if policy.startswith("route"):
-                groups = yield from self._route(batch, t0)
+                groups = yield from self._route(batch, t0, switching=policy == "route+switch")
             else:
                 modes = oracle_modes if policy == "oracle" else [policy] * len(batch)
                 groups = []
@@ -272,7 +272,7 @@ class KVProbeGenerator:
                         groups.append((rows, None))
             for rows, state in groups:
                 if state is None:
-                    state = self._prefill(rows)
+                    state = self._prefill(rows, switching=False)
                 yield from self._decode(rows, state, caps, switch=policy == "route+switch")
 
     # --- the decode loop's pieces -------------------------------------------------------------------------------------
@@ -300,7 +300,8 @@ class KVProbeGenerator:
         and V (what ``pooled_response`` averages; correctness) and the ring buffer of the latest positions'
         layer-averaged K and V (the ``token_kv`` trajectory's entries; switch). Of a prompt, only its last position
         counts: it emits the first answer token. A decode step reads one column of each layer."""
-        if self.correctness is None and self.switch is None:
+        switching = state["switching"]
+        if self.correctness is None and not switching:
             return
         t = time.perf_counter()
         pairs = layer_kv(state["cache"], device=self.lm.input_device)
@@ -314,14 +315,14 @@ class KVProbeGenerator:
             new = torch.where(keep[:, None, None, None, :, None], kv, 0.0).sum(-2)
             state["sums"] = new if state.get("sums") is None else state["sums"] + new
             state["counts"] = keep.sum(1).cpu() + (0 if state.get("counts") is None else state["counts"])
-        if self.switch is not None:
+        if switching:
             last = kv[..., -1, :].mean(1).half().float()  # (batch, 2, heads, dim), stored fp16 like the trajectory
             recent = state.get("recent")
             if recent is None:
                 recent = torch.zeros((last.shape[0], self.switch_window) + last.shape[1:], device=last.device)
             fed = keep[:, -1].view(-1, 1, 1, 1, 1)
             state["recent"] = torch.where(fed, torch.cat([recent[:, 1:], last[:, None]], 1), recent)
-            state["track_seconds"] = state.get("track_seconds", 0.0) + time.perf_counter() - t
+        state["track_seconds"] = state.get("track_seconds", 0.0) + time.perf_counter() - t
 
     def _window_scores(self, state: dict) -> torch.Tensor:
         """Difficulty scores from each row's last ``window`` real positions, as capture stored them (fp16)."""
@@ -331,9 +332,9 @@ class KVProbeGenerator:
         pooled = F.pool_positions(window, probe.hparams.position_pool)
         return probe.score(probe(probe.pooled_inputs(pooled))).cpu()
 
-    def _prefill(self, rows: list[_Row]) -> dict:
-        """Left-padded prefill of each row's prompt."""
-        state = {"cache": self._new_cache(), "mask": None, "prefill": True}
+    def _prefill(self, rows: list[_Row], switching: bool) -> dict:
+        """Left-padded prefill of each row's prompt; ``switching``: keep the switch probe's ring buffer."""
+        state = {"cache": self._new_cache(), "mask": None, "prefill": True, "switching": switching}
         state["logits"] = self._forward(state, [r.ids for r in rows])
         state["prefill"] = False
         for r in rows:
@@ -345,13 +346,13 @@ class KVProbeGenerator:
 
         return DynamicCache(config=self.lm.model.config)
 
-    def _route(self, batch: list, t0: float):
+    def _route(self, batch: list, t0: float, switching: bool):
         """Prefill the route_on prompts, score them, split the batch by mode; rows whose mode differs from route_on
         keep their shared prompt prefix from the cache and prefill only the rest. Returns (rows, state) groups."""
         first = self.route_on
         other = "slow" if first == "fast" else "fast"
         rows = [_Row(i, self.prompt_ids(p, first), first, t0=t0) for i, p in enumerate(batch)]
-        state = self._prefill(rows)
+        state = self._prefill(rows, switching)
         t = time.perf_counter()
         scores = self._window_scores(state)
         threshold = self.difficulty.thresholds[self.steering.threshold]["threshold"]
@@ -368,7 +369,7 @@ class KVProbeGenerator:
         if picks[first]:
             keep = torch.tensor(picks[first])
             state["cache"].batch_select_indices(keep)  # a CPU index serves layers on any device
-            kept = {"cache": state["cache"], "mask": state["mask"][keep], "logits": state["logits"][keep]}
+            kept = {"cache": state["cache"], "mask": state["mask"][keep], "logits": state["logits"][keep], "switching": state["switching"]}
             kept |= {k: state[k][keep] for k in ("sums", "counts", "recent") if state.get(k) is not None}
             groups.append(([rows[j] for j in picks[first]], kept))
         if rerouted:
@@ -394,7 +395,7 @@ class KVProbeGenerator:
         mask = torch.zeros((len(rows), lp), dtype=torch.long)
         for i, c in enumerate(shared):
             mask[i, lp - c:] = 1
-        new = {"cache": cache, "mask": mask, "prefill": True}
+        new = {"cache": cache, "mask": mask, "prefill": True, "switching": state["switching"]}
         new["logits"] = self._forward(new, [t[c:] for t, c in zip(targets, shared)])
         new["prefill"] = False
         for r, t, c in zip(rows, targets, shared):
@@ -411,6 +412,10 @@ class KVProbeGenerator:
             r.chosen = r.mode
         logits = state.pop("logits")
         while True:
+            active = [r for r in rows if not r.done]
+            for r in active:  # the probes' upkeep (running sums, ring buffer) is probe time too
+                r.probe_seconds += state.get("track_seconds", 0.0) / len(active)
+            state["track_seconds"] = 0.0
             next_ids = logits.argmax(-1).tolist()
             blocks, fed = [], []
             for j, r in enumerate(rows):
@@ -454,9 +459,6 @@ class KVProbeGenerator:
         s = self.steering
         due = [j for j, r in enumerate(rows) if not r.done and r.switched_at is None and r.mode == "slow"
                and r.in_mode >= s.min_tokens and r.in_mode % s.probe_every == 0]
-        tracked = state.pop("track_seconds", 0.0) / max(1, sum(not r.done for r in rows))
-        for r in rows:
-            r.probe_seconds += 0.0 if r.done else tracked  # the ring buffer's upkeep is probe time too
         if not due:
             return
         t = time.perf_counter()
