@@ -25,6 +25,23 @@ def test_arithmetic_is_seeded_and_exact():
     assert len(load_items(TaskSpec("arithmetic", limit=5, offset=10))) == 5
 
 
+def test_arithmetic_min_digits_draws_digit_counts_evenly():
+    def operands(params):
+        items = load_items(TaskSpec("arithmetic", params=params))
+        return items, [int(x) for i in items for x in i.question.removeprefix("What is ").removesuffix("?").split()[::2]]
+
+    items, mixed = operands({"n": 400, "seed": 1, "digits": 2, "min_digits": 1})
+    assert 0.4 < sum(x < 10 for x in mixed) / len(mixed) < 0.6 and max(mixed) <= 99
+    assert items[0].qid.startswith("arithmetic/1-2-1to2-+-*/")  # its own id family: never collides with digits=2
+    _, uniform = operands({"n": 400, "seed": 1, "digits": 2})
+    assert sum(x < 10 for x in uniform) / len(uniform) < 0.2  # 1-99 uniform: ~9% one-digit
+    with pytest.raises(TaskError, match="min_digits"):
+        load_items(TaskSpec("arithmetic", params={"digits": 2, "min_digits": 3}))
+    # one-digit space: 9 one-digit + 90 two-digit values per operand, as many as digits=2 alone (1-99)
+    with pytest.raises(TaskError, match="only 29403 distinct questions"):
+        load_items(TaskSpec("arithmetic", params={"n": 30000, "digits": 2, "min_digits": 1}))
+
+
 @needs_assets
 @pytest.mark.parametrize("name, count", [("gsm8k", 1319), ("math500", 500), ("math", 4500), ("arc_easy", 2376),
                                          ("arc_challenge", 1172), ("commonsense_qa", 1221), ("asdiv", 2305)])
