@@ -6,6 +6,8 @@
 Prints one JSON line and writes it to benchmarks/results/capture_overhead.json. kvprobe capture = generate + KV
 features + grading + writing shards; the hidden-state route adds ``output_hidden_states=True`` and pools them.
 Plain generate runs before and after the captures and is averaged, so drift on a shared machine hits both sides.
+It makes the same ``generate`` call capture makes (``models.last_logits_only``); the same call with transformers'
+defaults runs once more and is reported beside it (on CPU its strided last-position slice slows the prefill).
 Peak memory: each route runs once more in a fresh process of its own, which loads the model and the libraries
 capture uses (math-verify for grading, pyarrow and safetensors for shards; their resident size is reported apart, as
 ``capture_libraries_rss_bytes``, and added back in ``capture_peak_with_libraries_over_generate``), then resets its
@@ -28,7 +30,7 @@ import torch
 
 from kvprobe.capture import GenerationSpec, capture
 from kvprobe.features import FeatureSpec
-from kvprobe.models import ModelSpec, load_model
+from kvprobe.models import ModelSpec, last_logits_only, load_model
 from kvprobe.prompts import PromptSpec, prompt_ids
 from kvprobe.tasks import TaskSpec, load_items
 
@@ -67,7 +69,9 @@ def load_capture_libraries() -> None:
     grade_math("Answer: 4", "4")
 
 
-def plain_generate(lm, ids: list[list[int]], batch_size: int, max_new: int) -> float:
+def plain_generate(lm, ids: list[list[int]], batch_size: int, max_new: int, defaults: bool = False) -> float:
+    """Seconds of ``generate`` over ``ids`` in capture's batches; the same call as capture (contiguous last-position
+    logits) unless ``defaults``: transformers' own ``logits_to_keep=1``."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
@@ -80,7 +84,8 @@ def plain_generate(lm, ids: list[list[int]], batch_size: int, max_new: int) -> f
             width = max(map(len, batch))
             input_ids = torch.tensor([[lm.tokenizer.pad_token_id] * (width - len(x)) + x for x in batch])
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
-            lm.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+            lm.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                              **({} if defaults else last_logits_only(lm.model)))
     return time.perf_counter() - t0
 
 
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     kv_s, kv_bytes = timed_capture(FeatureSpec(hidden_states=False))
     hs_s, hs_bytes = timed_capture(FeatureSpec(hidden_states=True))
     after = plain_generate(lm, ids, args.batch_size, args.max_new_tokens)
+    defaults = plain_generate(lm, ids, args.batch_size, args.max_new_tokens, defaults=True)
     plain = (before + after) / 2
     own = [a for a in (argv if argv is not None else sys.argv[1:])]
     child = {route: json.loads(subprocess.run([sys.executable, __file__, *own, "--route", route], capture_output=True, text=True,
@@ -139,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "capture_overhead", "model": args.model, "dtype": args.dtype, "items": args.n,
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
         "plain_generate_s": round(plain, 3), "plain_generate_spread_s": round(abs(before - after), 3),
+        "plain_generate_transformers_defaults_s": round(defaults, 3),
+        "defaults_over_contiguous_last_logits": round(defaults / plain, 4),
         "kvprobe_capture_s": round(kv_s, 3), "hidden_state_capture_s": round(hs_s, 3),
         "capture_over_generate": round(kv_s / plain, 4), "hidden_capture_over_generate": round(hs_s / plain, 4),
         "kvprobe_bytes_on_disk": kv_bytes, "hidden_state_bytes_on_disk": hs_bytes,

@@ -8,6 +8,8 @@ quantized or offloaded caches, linear-attention state, layers that disagree on l
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -75,11 +77,19 @@ def layer_kv(obj, device: torch.device | str | None = None) -> list[KV]:
 
 
 
+def forward_takes(model) -> frozenset[str]:
+    """The keyword names ``model``'s forward accepts (a PEFT wrapper looked through to its base model); looked up
+    once per model class, since the decode loop asks every token."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _parameters(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(cls) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
 def cache_argument(model, cache) -> dict:
     """The keyword that hands ``cache`` to ``model``'s forward: ``cache`` in transformers 5.x (``past_key_values``
-    is deprecated there), ``past_key_values`` before. A PEFT wrapper is looked through to its base model."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    takes = inspect.signature(base.forward).parameters
-    return {"cache": cache} if "cache" in takes else {"past_key_values": cache}
+    is deprecated there), ``past_key_values`` before."""
+    return {"cache": cache} if "cache" in forward_takes(model) else {"past_key_values": cache}

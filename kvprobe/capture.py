@@ -23,7 +23,7 @@ from kvprobe import features as F
 from kvprobe.assets import cache_dir
 from kvprobe.cache import layer_kv
 from kvprobe.features import FeatureSpec
-from kvprobe.models import LoadedModel, ModelSpec, load_model, load_tokenizer, model_shape
+from kvprobe.models import LoadedModel, ModelSpec, last_logits_only, load_model, load_tokenizer, model_shape
 from kvprobe.models import fingerprint as model_fingerprint
 from kvprobe.prompts import PromptSpec, prompt_ids
 from kvprobe.store import CaptureStore, fingerprint
@@ -110,7 +110,7 @@ def _generate_batch(lm: LoadedModel, batch: list[list[int]], gen: GenerationSpec
     device = lm.input_device
     out = lm.model.generate(
         input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config,
-        logits_processor=LogitsProcessorList([stats]),
+        logits_processor=LogitsProcessorList([stats]), **last_logits_only(lm.model),
     )
     new = out.sequences[:, width:].cpu()
     is_eos = torch.isin(new, torch.tensor(eos))

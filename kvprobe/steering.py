@@ -37,7 +37,7 @@ from kvprobe import features as F
 from kvprobe.cache import cache_argument, layer_kv
 from kvprobe.export import ProbeMismatch, load_probe, read_config, write_probe
 from kvprobe.features import FeatureSpec
-from kvprobe.models import LoadedModel, ModelSpec, load_model, model_shape, resolve
+from kvprobe.models import LoadedModel, ModelSpec, last_logits_only, load_model, model_shape, resolve
 from kvprobe.prompts import PromptSpec, chat_ids, prompt_ids, with_instruction
 from kvprobe.tasks import Item
 
@@ -291,7 +291,7 @@ class KVProbeGenerator:
         positions = (state["mask"].cumsum(1) - 1).clamp_min(0)[:, -width:]
         device = self.lm.input_device
         out = self.lm.model(input_ids=ids.to(device), attention_mask=state["mask"].to(device), position_ids=positions.to(device),
-                            use_cache=True, **cache_argument(self.lm.model, state["cache"]))
+                            use_cache=True, **cache_argument(self.lm.model, state["cache"]), **last_logits_only(self.lm.model))
         self._track(state, mask)
         return out.logits[:, -1].float()
 
