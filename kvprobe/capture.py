@@ -222,8 +222,10 @@ def capture(
     progress.tokens, progress.t0 = 0, time.perf_counter()
     t0 = time.perf_counter()
     for j in todo:
-        torch.manual_seed(generation.seed + j)
-        with torch.inference_mode():
+        # each shard samples from its own seed; forked, so the caller's random state (e.g. a probe's initialisation
+        # after seed_everything) is the same whether this run captured or found the capture cached
+        with torch.random.fork_rng(), torch.inference_mode():
+            torch.manual_seed(generation.seed + j)
             tensors, rows = _run_shard(lm, [items[i] for i in shards[j]], [ids[i] for i in shards[j]], generation, features, prompt, progress)
         for r, i in zip(rows, shards[j]):
             r["index"] = i

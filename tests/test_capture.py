@@ -60,6 +60,16 @@ def test_store_layout_and_table(tiny, tmp_path):
     assert result.summary["items"] == 10 and result.summary["bytes_on_disk"] > 0
 
 
+def test_capture_leaves_the_callers_random_state_alone(tiny, tmp_path):
+    """A probe initialised after a capture must not depend on whether the capture ran or was cached."""
+    torch.manual_seed(123)
+    run(tiny, tmp_path)  # captures (seeds each shard)
+    after_capture = torch.rand(3)
+    torch.manual_seed(123)
+    run(tiny, tmp_path)  # cached
+    assert torch.equal(after_capture, torch.rand(3))
+
+
 def test_rerun_with_same_fingerprint_does_no_model_work(tiny, tmp_path, monkeypatch):
     first = run(tiny, tmp_path)
     with monkeypatch.context() as m:  # not even a model load
