@@ -1,6 +1,6 @@
 """Write ``docs/difficulty.md``: offline fast/slow routing on held-out questions, from captured answers of both modes.
 
-    python -m kvprobe.difficulty_report          # captures if needed (~25 min once), then ~5 min of probe training
+    python -m kvprobe.difficulty_report          # captures if needed (~15-20 min once), then ~5 min of probe training
 
 Trains the difficulty probe of ``configs/difficulty.yaml`` with each objective and a few design-space variants
 (same data, same split), picks the objective by validation routing gain, and reports on the test split: accuracy
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = spec["difficulty"]["label_counts"]
     header = [
         "# Difficulty: routing between fast and slow mode from the prompt's KV cache", "",
-        "Regenerate everything below (captures are cached; the first capture of both modes takes ~25 min on 2 cores):", "",
+        "Regenerate everything below (captures are cached; the first capture of both modes takes ~15-20 min on 2 cores):", "",
         "```bash", "bash scripts/setup_qwen.sh            # the optional second model, once",
         "python -m kvprobe.difficulty_report", "```", "",
         f"Model `{spec['model']['name']}` ({spec['model']['dtype']}), task `{spec['task']['name']}` "
