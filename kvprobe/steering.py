@@ -309,7 +309,9 @@ class KVProbeGenerator:
         if state.get("prefill"):
             take[:, :-1] = 0
         n = take.shape[1] if bool(take[:, :-1].any()) else 1  # only multi-token cues need more than the last column
-        kv = torch.stack([torch.stack((k[:, :, -n:], v[:, :, -n:]), 1) for k, v in pairs], 1).float()  # (b, L, 2, h, n, d)
+        # one stack of every layer's K and V columns (k0, v0, k1, v1, ...): a few dozen views, one copy
+        kv = torch.stack([x[:, :, -n:] for pair in pairs for x in pair], 1).float()
+        kv = kv.view(kv.shape[0], len(pairs), 2, *kv.shape[2:])  # (b, L, 2, h, n, d)
         keep = take[:, -n:].bool().to(kv.device)
         if self.correctness is not None:  # where, not a product: padded positions may hold NaN
             new = torch.where(keep[:, None, None, None, :, None], kv, 0.0).sum(-2)
