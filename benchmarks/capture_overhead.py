@@ -5,9 +5,10 @@
 
 Prints one JSON line and writes it to benchmarks/results/capture_overhead.json. kvprobe capture = generate + KV
 features + grading + writing shards; the hidden-state route adds ``output_hidden_states=True`` and pools them.
-Plain generate runs before and after the captures and is averaged, so drift on a shared machine hits both sides.
-It makes the same ``generate`` call capture makes (``models.last_logits_only``); the same call with transformers'
-defaults runs once more and is reported beside it (on CPU its strided last-position slice slows the prefill).
+Every route runs ``--repeats`` times, interleaved, so drift on a shared machine hits all of them; medians are
+reported, with each round's kvprobe/plain ratio. Plain generate makes the same ``generate`` call capture makes
+(``models.last_logits_only``); the same call with transformers' defaults runs in every round too and is reported
+beside it (on CPU its strided last-position slice slows the prefill).
 Peak memory: each route runs once more in a fresh process of its own, which loads the model and the libraries
 capture uses (math-verify for grading, pyarrow and safetensors for shards; their resident size is reported apart, as
 ``capture_libraries_rss_bytes``, and added back in ``capture_peak_with_libraries_over_generate``), then resets its
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds of every route (medians reported)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "capture_overhead.json"))
     parser.add_argument("--route", choices=ROUTES, help=argparse.SUPPRESS)  # internal: one route, report peak memory
     args = parser.parse_args(argv)
@@ -131,12 +134,17 @@ def main(argv: list[str] | None = None) -> dict:
             result = capture(task=task, prompt=prompt, generation=gen, features=features, root=root, loaded=lm, verbose=False)
             return time.perf_counter() - t0, result.summary["bytes_on_disk"]
 
-    before = plain_generate(lm, ids, args.batch_size, args.max_new_tokens)
-    kv_s, kv_bytes = timed_capture(FeatureSpec(hidden_states=False))
-    hs_s, hs_bytes = timed_capture(FeatureSpec(hidden_states=True))
-    after = plain_generate(lm, ids, args.batch_size, args.max_new_tokens)
-    defaults = plain_generate(lm, ids, args.batch_size, args.max_new_tokens, defaults=True)
-    plain = (before + after) / 2
+    # interleaved repeats: drift on a shared machine hits every route alike; medians, and the spread of the ratio
+    times = {"plain": [], "kvprobe": [], "hidden": [], "defaults": []}
+    for _ in range(args.repeats):
+        times["plain"].append(plain_generate(lm, ids, args.batch_size, args.max_new_tokens))
+        kv_s, kv_bytes = timed_capture(FeatureSpec(hidden_states=False))
+        times["kvprobe"].append(kv_s)
+        hs_s, hs_bytes = timed_capture(FeatureSpec(hidden_states=True))
+        times["hidden"].append(hs_s)
+        times["defaults"].append(plain_generate(lm, ids, args.batch_size, args.max_new_tokens, defaults=True))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = [k / p for k, p in zip(times["kvprobe"], times["plain"])]
     own = [a for a in (argv if argv is not None else sys.argv[1:])]
     child = {route: json.loads(subprocess.run([sys.executable, __file__, *own, "--route", route], capture_output=True, text=True,
                                               check=True).stdout.strip().splitlines()[-1]) for route in ROUTES}
@@ -144,11 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
     figures = {
         "benchmark": "capture_overhead", "model": args.model, "dtype": args.dtype, "items": args.n,
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-        "plain_generate_s": round(plain, 3), "plain_generate_spread_s": round(abs(before - after), 3),
-        "plain_generate_transformers_defaults_s": round(defaults, 3),
-        "defaults_over_contiguous_last_logits": round(defaults / plain, 4),
-        "kvprobe_capture_s": round(kv_s, 3), "hidden_state_capture_s": round(hs_s, 3),
-        "capture_over_generate": round(kv_s / plain, 4), "hidden_capture_over_generate": round(hs_s / plain, 4),
+        "repeats": args.repeats, "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "plain_generate_s": round(med["plain"], 3), "plain_generate_transformers_defaults_s": round(med["defaults"], 3),
+        "defaults_over_contiguous_last_logits": round(med["defaults"] / med["plain"], 4),
+        "kvprobe_capture_s": round(med["kvprobe"], 3), "hidden_state_capture_s": round(med["hidden"], 3),
+        "capture_over_generate": round(med["kvprobe"] / med["plain"], 4),
+        "capture_over_generate_per_repeat": [round(r, 4) for r in ratios],
+        "hidden_capture_over_generate": round(med["hidden"] / med["plain"], 4),
         "kvprobe_bytes_on_disk": kv_bytes, "hidden_state_bytes_on_disk": hs_bytes,
         "plain_peak_rss_bytes": peak["plain"], "kvprobe_peak_rss_bytes": peak["kvprobe"], "hidden_peak_rss_bytes": peak["hidden"],
         "capture_peak_over_generate": round(peak["kvprobe"] / peak["plain"], 4),

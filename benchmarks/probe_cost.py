@@ -70,7 +70,7 @@ def live_cost(lm, windows: list[int], steps: int) -> list[dict]:
                 part.update(pairs[i][0], pairs[i][1], i)
             for window in windows:
                 gen = generator(lm, window, layers)
-                state = {"cache": part, "mask": torch.ones(1, pairs[0][0].shape[2], dtype=torch.long)}
+                state = {"cache": part, "mask": torch.ones(1, pairs[0][0].shape[2], dtype=torch.long), "switching": True}
                 new = torch.ones(1, 1, dtype=torch.long)
                 gen._track(state, new)
                 probe = gen.switch

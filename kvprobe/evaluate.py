@@ -46,7 +46,7 @@ def run_policy(gen: KVProbeGenerator, items: list[Item], policy: str, batch_size
         for item, (text, r) in zip(chunk, gen.generate(chunk, policy=policy, oracle_modes=modes)):
             rows.append({"qid": item.qid, "correct": grade(item, text)[1], "decoded": r.decoded_tokens, "cue": r.cue_tokens,
                          "prompt": r.prompt_tokens, "mode": r.mode, "switched": r.switched_at is not None,
-                         "probe_seconds": r.probe_seconds, "confidence": r.confidence})
+                         "switched_at": r.switched_at, "probe_seconds": r.probe_seconds, "confidence": r.confidence, "text": text})
         bar.update(len(chunk))
     bar.close()
     wall = time.perf_counter() - t0
@@ -140,7 +140,7 @@ def write_report(args, gen: KVProbeGenerator, results: dict, n: int) -> None:
     if out.is_file() and notes in out.read_text():
         text += "\n" + notes + out.read_text().split(notes, 1)[1]
     out.write_text(text)
-    (out.with_suffix(".json")).write_text(json.dumps({p: {k: v for k, v in r.items() if k != "rows"} for p, r in results.items()}, indent=1))
+    (out.with_suffix(".json")).write_text(json.dumps(results, indent=1))  # per policy: figures, and every question's record
     print(text)
 
 

@@ -20,7 +20,7 @@ def load(name):
 def test_capture_overhead_reduced(tiny_models, tmp_path):
     out = tmp_path / "capture_overhead.json"
     figures = load("capture_overhead").main(["--model", str(tiny_models["llama"]), "--n", "6", "--batch-size", "3",
-                                             "--max-new-tokens", "4", "--out", str(out)])
+                                             "--max-new-tokens", "4", "--repeats", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == figures
     assert figures["capture_over_generate"] > 0 and figures["hidden_state_bytes_on_disk"] > figures["kvprobe_bytes_on_disk"]
     assert figures["kvprobe_peak_rss_bytes"] > 0 and figures["capture_peak_over_generate"] > 0
