@@ -72,8 +72,10 @@ def live_cost(lm, windows: list[int], steps: int) -> list[dict]:
                 gen = generator(lm, window, layers)
                 state = {"cache": part, "mask": torch.ones(1, pairs[0][0].shape[2], dtype=torch.long), "switching": True}
                 new = torch.ones(1, 1, dtype=torch.long)
-                gen._track(state, new)
                 probe = gen.switch
+                for _ in range(3):  # warm-up: first calls allocate
+                    gen._track(state, new)
+                    probe.score(probe(probe.pooled_inputs(state["recent"].sum(1) / window)))
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     gen._track(state, new)  # the upkeep every decode step pays
@@ -91,7 +93,7 @@ def end_to_end(lm, n: int, max_new: int) -> dict:
     gen = generator(lm, 8, lm.shape.layers)
     gen.difficulty.thresholds = {"best_at_0.5x_slow": {"threshold": -1.0}}  # every question decodes slow: probed
     questions = [item.question for item in load_items(TaskSpec("arithmetic", params={"n": n, "seed": 13}))]
-    gen.generate(questions[0], policy="slow", max_new_tokens=4)  # warm-up
+    gen.generate(questions[0], policy="route+switch", max_new_tokens=4)  # warm-up: the probes' first calls allocate
     probe = wall = tokens = 0.0
     for q in questions:
         t0 = time.perf_counter()

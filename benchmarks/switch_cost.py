@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         "live_fewer_tokens_every_item": all(p["live_tokens"] < p["post_hoc_tokens"] for p in switched),
         "live_faster_every_item": all(p["live_s"] < p["post_hoc_s"] for p in switched),
         "same_switch_point_every_item": all(p["live_at"] == p["post_hoc_at"] for p in switched),
+        "per_switched_item": [{k: round(v, 3) if isinstance(v, float) else v for k, v in p.items() if k != "switched"} for p in switched],
     }
     return emit(figures, args.out)
 

@@ -71,8 +71,10 @@ def layer_kv(obj, device: torch.device | str | None = None) -> list[KV]:
     lengths = {k.shape[-2] for k, _ in pairs}
     if len(lengths) != 1:
         raise UnreadableCache(f"layers hold different numbers of positions {sorted(lengths)}: cannot align them")
-    if device is not None:
-        pairs = [(k.to(device, non_blocking=True), v.to(device, non_blocking=True)) for k, v in pairs]
+    if device is not None:  # moves only what lives elsewhere: the decode loop reads the cache every token
+        device = torch.device(device)
+        pairs = [(k if k.device == device else k.to(device, non_blocking=True),
+                  v if v.device == device else v.to(device, non_blocking=True)) for k, v in pairs]
     return pairs
 
 

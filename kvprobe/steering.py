@@ -16,8 +16,8 @@ The loop is our own greedy decode over a ``DynamicCache``, so the probes run bet
   and V (what capture stores as the ``token_kv`` trajectory), updated as tokens are fed: O(window) per call.
 - ``fast``/``slow``: a fixed mode; ``oracle``: the modes given per prompt (evaluation on labelled data).
 
-The correctness probe (when present) reads the per-layer K and V pooled over the answer's positions, kept as
-running sums as tokens are appended (O(layers) per token), and gives every answer a confidence. Fast answers are
+The correctness probe (when present) reads the per-layer K and V pooled over the answer's positions, read from the
+cache once when the answer ends (nothing per token), and gives every answer a confidence. Fast answers are
 a few tokens here and are never switched.
 """
 
@@ -296,34 +296,22 @@ class KVProbeGenerator:
         return out.logits[:, -1].float()
 
     def _track(self, state: dict, block_mask: torch.Tensor) -> None:
-        """Update what the probes read live from the newly fed positions: the running answer sums of per-layer K
-        and V (what ``pooled_response`` averages; correctness) and the ring buffer of the latest positions'
-        layer-averaged K and V (the ``token_kv`` trajectory's entries; switch). Of a prompt, only its last position
-        counts: it emits the first answer token. A decode step reads one column of each layer."""
-        switching = state["switching"]
-        if self.correctness is None and not switching:
+        """Push the newly fed position's layer-averaged K and V into each row's ring buffer of the latest
+        ``switch_window`` positions (the ``token_kv`` trajectory's entries: what the switch probe reads). Of a
+        prompt, only its last position counts (it emits the first answer token); a multi-token cue pushes its last
+        position (no switch follows a switch). One column of every layer per step."""
+        if not state["switching"]:
             return
         t = time.perf_counter()
         pairs = layer_kv(state["cache"], device=self.lm.input_device)
-        take = block_mask.clone()
-        if state.get("prefill"):
-            take[:, :-1] = 0
-        n = take.shape[1] if bool(take[:, :-1].any()) else 1  # only multi-token cues need more than the last column
-        # one stack of every layer's K and V columns (k0, v0, k1, v1, ...): a few dozen views, one copy
-        kv = torch.stack([x[:, :, -n:] for pair in pairs for x in pair], 1).float()
-        kv = kv.view(kv.shape[0], len(pairs), 2, *kv.shape[2:])  # (b, L, 2, h, n, d)
-        keep = take[:, -n:].bool().to(kv.device)
-        if self.correctness is not None:  # where, not a product: padded positions may hold NaN
-            new = torch.where(keep[:, None, None, None, :, None], kv, 0.0).sum(-2)
-            state["sums"] = new if state.get("sums") is None else state["sums"] + new
-            state["counts"] = keep.sum(1).cpu() + (0 if state.get("counts") is None else state["counts"])
-        if switching:
-            last = kv[..., -1, :].mean(1).half().float()  # (batch, 2, heads, dim), stored fp16 like the trajectory
-            recent = state.get("recent")
-            if recent is None:
-                recent = torch.zeros((last.shape[0], self.switch_window) + last.shape[1:], device=last.device)
-            fed = keep[:, -1].view(-1, 1, 1, 1, 1)
-            state["recent"] = torch.where(fed, torch.cat([recent[:, 1:], last[:, None]], 1), recent)
+        fed = block_mask[:, -1].bool().to(pairs[0][0].device).view(-1, 1, 1, 1, 1)
+        # one stack of every layer's last K and V column (k0, v0, k1, v1, ...); fp16 like the stored trajectory
+        last = torch.stack([x[:, :, -1] for pair in pairs for x in pair], 1).float()  # (b, 2L, h, d)
+        last = last.view(last.shape[0], len(pairs), 2, *last.shape[2:]).mean(1).half().float()  # (b, 2, h, d)
+        recent = state.get("recent")
+        if recent is None:
+            recent = torch.zeros((last.shape[0], self.switch_window) + last.shape[1:], device=last.device)
+        state["recent"] = torch.where(fed, torch.cat([recent[:, 1:], last[:, None]], 1), recent)
         state["track_seconds"] = state.get("track_seconds", 0.0) + time.perf_counter() - t
 
     def _window_scores(self, state: dict) -> torch.Tensor:
@@ -339,6 +327,7 @@ class KVProbeGenerator:
         state = {"cache": self._new_cache(), "mask": None, "prefill": True, "switching": switching}
         state["logits"] = self._forward(state, [r.ids for r in rows])
         state["prefill"] = False
+        state["answer_from"] = state["mask"].shape[1] - 1  # every prompt ends in the last column (left padding)
         for r in rows:
             r.prompt_tokens += len(r.ids)
         return state
@@ -371,8 +360,9 @@ class KVProbeGenerator:
         if picks[first]:
             keep = torch.tensor(picks[first])
             state["cache"].batch_select_indices(keep)  # a CPU index serves layers on any device
-            kept = {"cache": state["cache"], "mask": state["mask"][keep], "logits": state["logits"][keep], "switching": state["switching"]}
-            kept |= {k: state[k][keep] for k in ("sums", "counts", "recent") if state.get(k) is not None}
+            kept = {"cache": state["cache"], "mask": state["mask"][keep], "logits": state["logits"][keep],
+                    "switching": state["switching"], "answer_from": state["answer_from"]}
+            kept |= {k: state[k][keep] for k in ("recent",) if state.get(k) is not None}
             groups.append(([rows[j] for j in picks[first]], kept))
         if rerouted:
             groups.append(rerouted)
@@ -400,6 +390,7 @@ class KVProbeGenerator:
         new = {"cache": cache, "mask": mask, "prefill": True, "switching": state["switching"]}
         new["logits"] = self._forward(new, [t[c:] for t, c in zip(targets, shared)])
         new["prefill"] = False
+        new["answer_from"] = new["mask"].shape[1] - 1
         for r, t, c in zip(rows, targets, shared):
             r.ids, r.prompt_tokens = list(t), r.prompt_tokens + len(t) - c
         return rows, new
@@ -415,7 +406,7 @@ class KVProbeGenerator:
         logits = state.pop("logits")
         while True:
             active = [r for r in rows if not r.done]
-            for r in active:  # the probes' upkeep (running sums, ring buffer) is probe time too
+            for r in active:  # the switch probe's ring buffer upkeep is probe time too
                 r.probe_seconds += state.get("track_seconds", 0.0) / len(active)
             state["track_seconds"] = 0.0
             next_ids = logits.argmax(-1).tolist()
@@ -445,7 +436,10 @@ class KVProbeGenerator:
                 if f:
                     r.ids.extend(b)
             logits = self._forward(state, blocks, fed)
+        t = time.perf_counter()
         confidence = self._confidence(state) if self.correctness is not None else [None] * len(rows)
+        for r in rows:
+            r.probe_seconds += (time.perf_counter() - t) / len(rows)
         for j, r in enumerate(rows):
             result = GenerationResult(
                 text=texts[r.index], mode=r.chosen, final_mode=r.mode, route_score=r.route_score, switched_at=r.switched_at,
@@ -487,7 +481,15 @@ class KVProbeGenerator:
             texts[r.index] = text
 
     def _confidence(self, state: dict) -> list[float]:
-        pooled = state["sums"] / state["counts"].clamp_min(1).to(state["sums"].device).view(-1, 1, 1, 1, 1)
+        """P(correct) of each row's answer from its per-layer K and V averaged over the answer's positions (the last
+        prompt position, then every fed answer or cue token: what capture's ``pooled_response`` stores), read
+        from the cache once, when decoding ends."""
+        pairs = layer_kv(state["cache"], device=self.lm.input_device)
+        start = state["answer_from"]
+        keep = state["mask"][:, start:].bool().to(pairs[0][0].device)[:, None, :, None]  # (b, 1, n, 1)
+        sums = torch.stack([torch.stack([torch.where(keep, x[:, :, start:].float(), 0.0).sum(2) for x in pair], 1)
+                            for pair in pairs], 1)  # (b, L, 2, h, d); where, not a product: padding may hold NaN
+        pooled = sums / keep.sum(2).clamp_min(1).view(-1, 1, 1, 1, 1)
         probe = self.correctness
         return probe.probability(probe(probe.inputs({"response_kv": pooled.cpu()}))).tolist()
 
