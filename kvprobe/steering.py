@@ -306,7 +306,7 @@ class KVProbeGenerator:
         pairs = layer_kv(state["cache"], device=self.lm.input_device)
         fed = block_mask[:, -1].bool().to(pairs[0][0].device).view(-1, 1, 1, 1, 1)
         # one stack of every layer's last K and V column (k0, v0, k1, v1, ...); fp16 like the stored trajectory
-        last = torch.stack([x[:, :, -1] for pair in pairs for x in pair], 1).float()  # (b, 2L, h, d)
+        last = torch.stack([x.select(2, -1) for pair in pairs for x in pair], 1).float()  # (b, 2L, h, d)
         last = last.view(last.shape[0], len(pairs), 2, *last.shape[2:]).mean(1).half().float()  # (b, 2, h, d)
         recent = state.get("recent")
         if recent is None:
