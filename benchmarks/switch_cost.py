@@ -3,15 +3,17 @@
     python benchmarks/switch_cost.py                                   # the shipped SmolLM2 generator, 16 questions
     python benchmarks/switch_cost.py --generator <folder> --n 2        # any generator; CI runs it reduced
 
-Both start in slow mode and switch to answering at the same point (with the switch thresholds forced, the first
-probe call at ``--at`` tokens arms the switch and the next one fires it; the mechanism is measured, not the
-probe's judgement):
+Both route the same question to slow mode and switch to answering at the same point (with the thresholds forced,
+the first probe call at ``--at`` tokens arms the switch and the next one fires it; the mechanism is measured, not
+the probes' judgement):
 
-- live (``KVProbeGenerator``, policy ``route+switch``): decode ``at`` tokens, append the answer cue's token ids to
-  the same cache, keep decoding. Tokens processed = prompt + decoded + cue.
-- post hoc (the paper's procedure): generate the slow answer in full, score the probe over its windows afterwards
-  (the same switch probe, the same policy) to find the switch point, decode the prefix to text, append the cue as text, re-tokenise and prefill the whole
-  thing again, generate the answer. Tokens processed = prompt + full answer + re-prefill + answer.
+- live (``KVProbeGenerator``, policy ``route+switch``): prefill the fast prompt and score it, keep the prefix both
+  prompts share and prefill the rest of the slow prompt, decode ``at`` tokens, append the answer cue's token ids
+  to the same cache, keep decoding. Tokens processed = prompts + decoded + cue.
+- post hoc (the paper's procedure): prefill the fast prompt and score it, generate the slow answer in full from a
+  fresh prefill of the slow prompt, replay the same switch probe and policy over the answer's windows afterwards
+  to find the switch point, decode the prefix to text, append the cue as text, re-tokenise and prefill the whole
+  thing again, generate the answer. Tokens processed = both prompts + full answer + re-prefill + answer.
 
 Prints one JSON line and writes it to benchmarks/results/switch_cost.json.
 """
@@ -27,7 +29,7 @@ import torch
 from kvprobe import features as F
 from kvprobe import switching
 from kvprobe.cache import layer_kv
-from kvprobe.steering import KVProbeGenerator, SteeringSpec
+from kvprobe.steering import KVProbeGenerator, SteeringSpec, _Row
 from kvprobe.tasks import TaskSpec, load_items
 
 from common import emit
@@ -43,6 +45,9 @@ def greedy(lm, ids: list[int], max_new: int):
 def post_hoc(gen: KVProbeGenerator, question: str, caps: dict) -> dict:
     lm, probe, tok, spec = gen.lm, gen.switch, gen.lm.tokenizer, gen.steering
     t0 = time.perf_counter()
+    # 0. route first, as live route+switch does: prefill the fast prompt and score it (the forced route says slow)
+    routing = [_Row(0, gen.prompt_ids(question, gen.route_on), gen.route_on)]
+    gen._window_scores(gen._prefill(routing, switching=False))
     prompt = gen.prompt_ids(question, "slow")
     out, full = greedy(lm, prompt, caps["slow"])  # 1. the whole slow answer
     # 2. find the switch point afterwards: the switch probe over every window of the answer, the live policy replayed
@@ -60,7 +65,7 @@ def post_hoc(gen: KVProbeGenerator, question: str, caps: dict) -> dict:
     text = tok.decode(prompt + full[:point], skip_special_tokens=False) + spec.answer_cue
     again = tok.encode(text, add_special_tokens=False)
     _, answer = greedy(lm, again, caps["fast"])
-    return {"seconds": time.perf_counter() - t0, "tokens": len(prompt) + len(full) + len(again) + len(answer),
+    return {"seconds": time.perf_counter() - t0, "tokens": len(routing[0].ids) + len(prompt) + len(full) + len(again) + len(answer),
             "switch_at": point, "full_answer": len(full)}
 
 
