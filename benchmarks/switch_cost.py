@@ -66,7 +66,7 @@ def post_hoc(gen: KVProbeGenerator, question: str, caps: dict) -> dict:
     again = tok.encode(text, add_special_tokens=False)
     _, answer = greedy(lm, again, caps["fast"])
     return {"seconds": time.perf_counter() - t0, "tokens": len(routing[0].ids) + len(prompt) + len(full) + len(again) + len(answer),
-            "switch_at": point, "full_answer": len(full)}
+            "switch_at": point, "full_answer": len(full), "answer": len(answer)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
             live_tokens = r.prompt_tokens + r.decoded_tokens + r.cue_tokens - 1  # the last decoded token is never fed
             ph = post_hoc(gen, q, caps)
             per_item.append({"switched": r.switched_at is not None, "live_s": live_s, "live_tokens": live_tokens,
-                             "post_hoc_s": ph["seconds"], "post_hoc_tokens": ph["tokens"], "live_at": r.switched_at, "post_hoc_at": ph["switch_at"]})
+                             "post_hoc_s": ph["seconds"], "post_hoc_tokens": ph["tokens"], "live_at": r.switched_at, "post_hoc_at": ph["switch_at"],
+                             "live_decoded": r.decoded_tokens, "post_hoc_decoded": ph["full_answer"] + ph["answer"]})
     switched = [p for p in per_item if p["switched"]]
     total = lambda key: sum(p[key] for p in switched)
     figures = {
