@@ -113,3 +113,21 @@ def test_output_stats_masks_finished_items():
     assert max_prob[0].item() == pytest.approx((0.5 + 1.0) / 2, abs=1e-6)
     assert max_prob[1].item() == pytest.approx(1.0, abs=1e-6)  # its second step is padding: ignored
     assert entropy[0].item() == pytest.approx(torch.log(torch.tensor(2.0)).item() / 2, abs=1e-5)
+
+
+def test_last_logits_only_equals_the_full_logits_last_column(lm):
+    """The contiguous last-position request gives the same logits as computing every position, prefill and decode,
+    left padding included, and the same greedy tokens as generate's defaults."""
+    from kvprobe.models import last_logits_only
+
+    prompts = _prompts(lm, 3)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[lm.tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        full = lm.model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        last = lm.model(input_ids=ids, attention_mask=mask, **last_logits_only(lm.model)).logits
+        assert last.shape[1] == 1
+        torch.testing.assert_close(last[:, 0], full, atol=1e-5, rtol=1e-5)
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+        assert torch.equal(lm.model.generate(**kwargs), lm.model.generate(**kwargs, **last_logits_only(lm.model)))

@@ -97,3 +97,15 @@ def test_switch_fit_end_to_end(tiny_models, tmp_path, monkeypatch):
     assert policy["answers"] == 6 and 0.0 <= policy["lost_share"] <= policy["cut_share"] <= 1.0
     with pytest.raises(ValueError, match="token_trajectory"):
         main(args + ["--data.features.token_trajectory", "false"])
+
+
+def test_settled_at_with_a_real_tokenizer(tiny_models):
+    """Token ends from a tokenizer's offset mapping: the first `settled` tokens decode to text holding the result,
+    one token fewer does not."""
+    from kvprobe.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_models["qwen2"]))
+    response = "First, 12 + 30 = 42. Then 42 - 8 = 34.\nAnswer: 34"
+    ids = tok(response, add_special_tokens=False, return_offsets_mapping=True)
+    at = switching.settled_at(response, "34", [end for _, end in ids["offset_mapping"]])
+    assert "= 34" in tok.decode(ids["input_ids"][:at]) and "= 34" not in tok.decode(ids["input_ids"][: at - 1])
