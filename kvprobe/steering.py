@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -163,7 +163,7 @@ class KVProbeGenerator:
         if (folder / GENERATOR_FILE).is_file():
             meta = json.loads((folder / GENERATOR_FILE).read_text())
             probes = {name: folder / sub for name, sub in meta["probes"].items()}
-            steering = steering or SteeringSpec(**meta.get("steering", {}))
+            steering = steering or _steering_spec(meta.get("steering", {}), folder / GENERATOR_FILE)
         elif (folder / "probe.json").is_file():
             probes = {_kind(read_config(folder)): folder}
         else:
@@ -492,6 +492,15 @@ class KVProbeGenerator:
         pooled = sums / keep.sum(2).clamp_min(1).view(-1, 1, 1, 1, 1)
         probe = self.correctness
         return probe.probability(probe(probe.inputs({"response_kv": pooled.cpu()}))).tolist()
+
+
+def _steering_spec(saved: dict, where: Path) -> SteeringSpec:
+    """The steering settings a generator folder saved; unknown keys (another kvprobe version's) are named."""
+    known = {f.name for f in fields(SteeringSpec)}
+    if unknown := sorted(set(saved) - known):
+        raise ValueError(f"{where}: steering settings {unknown} are not SteeringSpec fields {sorted(known)}; this folder "
+                         "was written by another kvprobe version: reassemble it with python -m kvprobe.steering")
+    return SteeringSpec(**saved)
 
 
 def _kind(config: dict) -> str:
