@@ -140,7 +140,7 @@ def _arithmetic(n: int = 240, seed: int = 0, terms: int = 2, digits: int = 1, op
     Difficulty knobs: ``terms`` (operands), ``digits`` (max digits per operand), ``operators`` (subset of ``+-*``),
     ``min_digits``: when set, each operand first draws its digit count uniformly from ``min_digits..digits`` ("1-2
     digits": as many one-digit as two-digit operands); when ``None`` operands are uniform in ``1..10**digits - 1``
-    (then 90% of them have two digits).
+    for ``digits`` <= 2 (then 90% of them have two digits) and in ``10**(digits - 2)..10**digits - 1`` beyond.
     Expressions never repeat: a repeated question would sit in train and test at once and leak its label.
     """
     if terms < 2 or digits < 1 or not operators or set(operators) - set("+-*"):
@@ -148,7 +148,7 @@ def _arithmetic(n: int = 240, seed: int = 0, terms: int = 2, digits: int = 1, op
     if min_digits is not None and not 1 <= min_digits <= digits:
         raise TaskError(f"arithmetic needs 1 <= min_digits <= digits, got min_digits={min_digits}, digits={digits}")
     if min_digits is None:
-        ranges, name = [(1, 10**digits - 1)], f"{digits}"
+        ranges, name = [(1 if digits <= 2 else 10 ** (digits - 2), 10**digits - 1)], f"{digits}"
     else:
         ranges, name = [(1 if d == 1 else 10 ** (d - 1), 10**d - 1) for d in range(min_digits, digits + 1)], f"{min_digits}to{digits}"
     space = sum(high - low + 1 for low, high in ranges) ** terms * len(set(operators)) ** (terms - 1)

@@ -35,6 +35,8 @@ def test_arithmetic_min_digits_draws_digit_counts_evenly():
     assert items[0].qid.startswith("arithmetic/1-2-1to2-+-*/")  # its own id family: never collides with digits=2
     _, uniform = operands({"n": 400, "seed": 1, "digits": 2})
     assert sum(x < 10 for x in uniform) / len(uniform) < 0.2  # 1-99 uniform: ~9% one-digit
+    _, three = operands({"n": 200, "seed": 1, "digits": 3})
+    assert 10 <= min(three) and max(three) <= 999  # without min_digits, digits=3 keeps its 10-999 range
     with pytest.raises(TaskError, match="min_digits"):
         load_items(TaskSpec("arithmetic", params={"digits": 2, "min_digits": 3}))
     # one-digit space: 9 one-digit + 90 two-digit values per operand, as many as digits=2 alone (1-99)
