@@ -78,7 +78,6 @@ def layer_kv(obj, device: torch.device | str | None = None) -> list[KV]:
     return pairs
 
 
-
 def forward_takes(model) -> frozenset[str]:
     """The keyword names ``model``'s forward accepts (a PEFT wrapper looked through to its base model); looked up
     once per model class, since the decode loop asks every token."""

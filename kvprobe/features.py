@@ -3,8 +3,8 @@
 Coordinates: a batch is left-padded so every prompt ends at position ``P - 1``. A response of ``n`` tokens was
 produced by the ``n`` positions ``[P - 1, P - 1 + n)``: the last prompt position emitted the first answer token, and
 so on. Those are the response's positions here. (The last generated token is never fed back, so it has no KV; this
-definition needs none and is never empty.) Padded and finished-early positions are excluded by index, never by
-multiplying with a mask, because padded rows may hold non-finite values.
+definition needs none and is never empty.) Padded and finished-early positions are excluded by index or with
+``torch.where``, never by multiplying with a mask, because padded rows may hold non-finite values.
 """
 
 from __future__ import annotations
@@ -59,18 +59,25 @@ def response_index(prompt_end: int, lengths: torch.Tensor) -> tuple[torch.Tensor
 
 
 def pooled_response(pairs: list[KV], prompt_end: int, lengths: torch.Tensor) -> torch.Tensor:
-    """Per-layer K and V averaged over each item's response positions: (batch, layers, 2, kv_heads, head_dim).
+    """Per-layer K and V averaged over each item's response positions: (batch, layers, 2, kv_heads, head_dim)."""
+    start = prompt_end - 1
+    offsets = torch.arange(pairs[0][0].shape[-2] - start)
+    return pooled_positions(pairs, offsets[None] < lengths.cpu()[:, None], start)
 
-    Layer by layer, so no copy of the whole cache is ever made; float32 accumulation whatever the model dtype.
+
+def pooled_positions(pairs: list[KV], mask: torch.Tensor, start: int) -> torch.Tensor:
+    """Per-layer K and V averaged over each row's positions marked in ``mask`` (batch, columns from ``start`` on):
+    (batch, layers, 2, kv_heads, head_dim). Capture's responses are one run of columns; the live decode loop's
+    answers may have padding inside (rows that finished, multi-token cues), so both mark positions with a mask.
+
+    Layer by layer, so no copy of the whole cache is ever made; float32 accumulation whatever the model dtype;
+    ``torch.where``, not a product, so non-finite padding never leaks in.
     """
-    batch, pos = response_index(prompt_end, lengths)
     out = []
     for k, v in pairs:
-        b, p = batch.to(k.device), pos.to(k.device)
-        kv = torch.stack((k[b, :, p], v[b, :, p]), 1).float()  # (tokens, 2, heads, dim)
-        sums = torch.zeros((len(lengths),) + kv.shape[1:], dtype=torch.float32, device=k.device)
-        sums.index_add_(0, b, kv)
-        out.append((sums / lengths.to(k.device).view(-1, 1, 1, 1)).to(pairs[0][0].device))
+        keep = mask.to(k.device, torch.bool)[:, None, :, None]  # (batch, 1, columns, 1)
+        sums = torch.stack([torch.where(keep, x[:, :, start:].float(), 0.0).sum(2) for x in (k, v)], 1)
+        out.append((sums / keep.sum(2).clamp_min(1).view(-1, 1, 1, 1)).to(pairs[0][0].device))
     return torch.stack(out, 1)
 
 

@@ -324,9 +324,8 @@ class KVProbeGenerator:
 
     def _prefill(self, rows: list[_Row], switching: bool) -> dict:
         """Left-padded prefill of each row's prompt; ``switching``: keep the switch probe's ring buffer."""
-        state = {"cache": self._new_cache(), "mask": None, "prefill": True, "switching": switching}
+        state = {"cache": self._new_cache(), "mask": None, "switching": switching}
         state["logits"] = self._forward(state, [r.ids for r in rows])
-        state["prefill"] = False
         state["answer_from"] = state["mask"].shape[1] - 1  # every prompt ends in the last column (left padding)
         for r in rows:
             r.prompt_tokens += len(r.ids)
@@ -362,7 +361,8 @@ class KVProbeGenerator:
             state["cache"].batch_select_indices(keep)  # a CPU index serves layers on any device
             kept = {"cache": state["cache"], "mask": state["mask"][keep], "logits": state["logits"][keep],
                     "switching": state["switching"], "answer_from": state["answer_from"]}
-            kept |= {k: state[k][keep] for k in ("recent",) if state.get(k) is not None}
+            if state.get("recent") is not None:
+                kept["recent"] = state["recent"][keep]
             groups.append(([rows[j] for j in picks[first]], kept))
         if rerouted:
             groups.append(rerouted)
@@ -387,9 +387,8 @@ class KVProbeGenerator:
         mask = torch.zeros((len(rows), lp), dtype=torch.long)
         for i, c in enumerate(shared):
             mask[i, lp - c:] = 1
-        new = {"cache": cache, "mask": mask, "prefill": True, "switching": state["switching"]}
+        new = {"cache": cache, "mask": mask, "switching": state["switching"]}
         new["logits"] = self._forward(new, [t[c:] for t, c in zip(targets, shared)])
-        new["prefill"] = False
         new["answer_from"] = new["mask"].shape[1] - 1
         for r, t, c in zip(rows, targets, shared):
             r.ids, r.prompt_tokens = list(t), r.prompt_tokens + len(t) - c
@@ -438,8 +437,9 @@ class KVProbeGenerator:
             logits = self._forward(state, blocks, fed)
         t = time.perf_counter()
         confidence = self._confidence(state) if self.correctness is not None else [None] * len(rows)
+        spent = (time.perf_counter() - t) / len(rows)
         for r in rows:
-            r.probe_seconds += (time.perf_counter() - t) / len(rows)
+            r.probe_seconds += spent
         for j, r in enumerate(rows):
             result = GenerationResult(
                 text=texts[r.index], mode=r.chosen, final_mode=r.mode, route_score=r.route_score, switched_at=r.switched_at,
@@ -482,14 +482,10 @@ class KVProbeGenerator:
 
     def _confidence(self, state: dict) -> list[float]:
         """P(correct) of each row's answer from its per-layer K and V averaged over the answer's positions (the last
-        prompt position, then every fed answer or cue token: what capture's ``pooled_response`` stores), read
-        from the cache once, when decoding ends."""
-        pairs = layer_kv(state["cache"], device=self.lm.input_device)
+        prompt position, then every fed answer or cue token: what capture stores), read from the cache once, when
+        decoding ends."""
         start = state["answer_from"]
-        keep = state["mask"][:, start:].bool().to(pairs[0][0].device)[:, None, :, None]  # (b, 1, n, 1)
-        sums = torch.stack([torch.stack([torch.where(keep, x[:, :, start:].float(), 0.0).sum(2) for x in pair], 1)
-                            for pair in pairs], 1)  # (b, L, 2, h, d); where, not a product: padding may hold NaN
-        pooled = sums / keep.sum(2).clamp_min(1).view(-1, 1, 1, 1, 1)
+        pooled = F.pooled_positions(layer_kv(state["cache"], device=self.lm.input_device), state["mask"][:, start:], start)
         probe = self.correctness
         return probe.probability(probe(probe.inputs({"response_kv": pooled.cpu()}))).tolist()
 
