@@ -53,14 +53,10 @@ def post_hoc(gen: KVProbeGenerator, question: str, caps: dict) -> dict:
     # 2. find the switch point afterwards: the switch probe over every window of the answer, the live policy replayed
     trajectory = F.token_trajectory(layer_kv(out), len(prompt), torch.tensor([len(full)]))[0].half().float()
     scores = probe.score(probe(probe.pooled_inputs(switching.trajectory_windows(trajectory, gen.switch_window)))).tolist()
-    point, armed = len(full), False
-    for t in range(spec.min_tokens, len(full)):  # scores[t - 1]: the window after t decoded tokens
-        if t % spec.probe_every:
-            continue
-        if armed and scores[t - 1] < spec.switch_low:
-            point = t
-            break
-        armed = armed or scores[t - 1] > spec.switch_high
+    # scores[t - 1]: the window after t decoded tokens; the live loop stops probing once the last token is decoded
+    trace = [(t, scores[t - 1]) for t in range(1, len(full))]
+    cut = switching.first_cut(trace, spec.switch_low, spec.switch_high, spec.min_tokens, spec.probe_every)
+    point = len(full) if cut is None else cut
     # 3. back to text, append the cue, re-tokenise, prefill everything again, answer
     text = tok.decode(prompt + full[:point], skip_special_tokens=False) + spec.answer_cue
     again = tok.encode(text, add_special_tokens=False)

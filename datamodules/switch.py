@@ -78,12 +78,12 @@ class SwitchDataModule(DifficultyDataModule):
         self.window = window
 
     def _datasets(self, shards: list[dict], rows: list[dict], parts: dict[str, list[int]], scores: dict) -> dict:
-        """Each split's slow answers, one sample per decoded-token count."""
-        if not self.results:
-            self._capture()
+        """Each split's slow answers, one sample per decoded-token count; a question's split is the one ``parts``
+        gave it in the route_on capture (the difficulty probe's)."""
         slow_shards, table = CaptureStore(self.results["slow"].path).open()
         slow_rows = table.to_pylist()
-        split = self.split.assign([r["qid"] for r in slow_rows])  # the same qids, so the same split as `parts`
+        split_of = {rows[i]["qid"]: name for name, indices in parts.items() for i in indices}
+        split = {name: [i for i, r in enumerate(slow_rows) if split_of.get(r["qid"]) == name] for name in SPLITS}
         answers = CaptureDataset(slow_shards, slow_rows, list(range(len(slow_rows))), {})
         tokenizer = load_tokenizer(fingerprint(self.model_spec)[0])
         columns = {name: {k: [] for k in ("window", "keep", "t", "answer", "n", "settled", "correct")} for name in SPLITS}

@@ -56,6 +56,20 @@ def trajectory_windows(token_kv: torch.Tensor, window: int) -> torch.Tensor:
     return (sums[t] - sums[(t - window).clamp_min(0)]) / window
 
 
+def first_cut(trace, low: float, high: float, min_tokens: int, every: int = 1) -> int | None:
+    """The decoded-token count at which the policy switches, from ``(t, score)`` pairs in decoding order; ``None``:
+    never. Probes at ``t >= min_tokens`` with ``t % every == 0``; arms once a score exceeds ``high``; after that,
+    the first score below ``low`` switches. (The generator takes the same steps live, one token at a time.)"""
+    armed = False
+    for step, score in trace:
+        if step < min_tokens or step % every:
+            continue
+        if armed and score < low:
+            return step
+        armed = armed or score > high
+    return None
+
+
 def simulate(scores: torch.Tensor, t: torch.Tensor, answer: torch.Tensor, answers: dict[int, dict],
              low: float, high: float, min_tokens: int, every: int = 1, answer_tokens: float = 3.0) -> dict[str, float]:
     """Where the switch policy would cut each answer, from per-window ``scores`` ("keep thinking").
@@ -71,16 +85,7 @@ def simulate(scores: torch.Tensor, t: torch.Tensor, answer: torch.Tensor, answer
     for a, info in sorted(answers.items()):
         rows = (answer == a).nonzero().squeeze(1)
         order = rows[t[rows].argsort()]
-        armed, at = False, None
-        for i in order.tolist():
-            step = int(t[i])
-            if step < min_tokens or step % every:
-                continue
-            s = float(scores[i])
-            if armed and s < low:
-                at = step
-                break
-            armed = armed or s > high
+        at = first_cut(zip(t[order].tolist(), scores[order].tolist()), low, high, min_tokens, every)
         if at is None:
             saved.append(0.0)
             continue
