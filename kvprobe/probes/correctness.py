@@ -163,8 +163,7 @@ class CorrectnessProbe(HeadProbe):
         self._outputs.append(out)
 
     def on_test_epoch_end(self) -> None:
-        cols = {k: torch.cat([o[k] for o in self._outputs]).float().cpu() for k in self._outputs[0]}
-        self._outputs.clear()
+        cols = {k: v.float() for k, v in self._gather().items()}
         labels, lengths = cols.pop("correct").long(), cols.pop("gen_tokens")
         self.test_outputs = cols | {"correct": labels, "gen_tokens": lengths}
         self.test_results = {name: score_metrics(s, labels, is_probability=name.endswith("probe")) for name, s in cols.items()}

@@ -150,11 +150,6 @@ class DifficultyProbe(HeadProbe):
         self.log("val/select", gain)  # what checkpoint selection maximises (configs/trainer/)
         self.log("val/auroc", _auroc(cols["score"], cols["slow_needed"]))
 
-    def _gather(self) -> dict[str, torch.Tensor]:
-        cols = {k: torch.cat([o[k] for o in self._outputs]).float().cpu() for k in self._outputs[0]}
-        self._outputs.clear()
-        return cols
-
     # --- calibration and test -------------------------------------------------------------------------------
     @torch.no_grad()
     def predict_scores(self, loader) -> tuple[torch.Tensor, routing.Outcomes]:

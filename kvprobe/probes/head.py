@@ -41,6 +41,12 @@ class HeadProbe(L.LightningModule):
     def fit_on_train(self, batches: list[dict]) -> None:
         """Anything else a probe fits on the training split before training (nothing by default)."""
 
+    def _gather(self) -> dict[str, torch.Tensor]:
+        """The step outputs collected in ``self._outputs`` since the last call, one CPU tensor per key (cleared)."""
+        cols = {k: torch.cat([o[k] for o in self._outputs]).cpu() for k in self._outputs[0]}
+        self._outputs.clear()
+        return cols
+
     def head_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """The head on standardised inputs: (batch, n_outputs)."""
         return self.net((x.float() - self.mean) / self.std)

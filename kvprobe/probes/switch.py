@@ -104,11 +104,6 @@ class SwitchProbe(HeadProbe):
         self.log("val/auroc", auroc, prog_bar=True)
         self.log("val/select", auroc)
 
-    def _gather(self) -> dict[str, torch.Tensor]:
-        cols = {k: torch.cat([o[k] for o in self._outputs]).cpu() for k in self._outputs[0]}
-        self._outputs.clear()
-        return cols
-
     def _policy_inputs(self, cols: dict) -> tuple:
         """(scores, t, answer, per-answer info) for ``switching.simulate``/``calibrate``."""
         answers = {}
