@@ -59,3 +59,11 @@ def test_capture_scaling_reduced(tiny_models, tmp_path):
     assert json.loads(out.read_text()) == figures
     assert [r["items"] for r in figures["by_items"]] == [2, 4] and figures["same_capture"]
     assert figures["max_abs_tensor_difference"] < 1e-4  # two processes store what one stores
+
+
+def test_lm_head_slice_reduced(tiny_models, tmp_path):
+    out = tmp_path / "lm_head_slice.json"
+    figures = load("lm_head_slice").main(["--model", str(tiny_models["qwen2"]), "--dtype", "float32", "--rows", "2",
+                                          "--prompt-tokens", "5", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == figures and figures["same_next_tokens"]
+    assert figures["lm_head_strided_slice_s"] > 0 and figures["prefill_last_logits_only_s"] > 0
