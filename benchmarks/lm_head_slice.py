@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
                            lm.model(input_ids=ids, **last_logits_only(lm.model)).logits.argmax(-1))
     figures = {
         "benchmark": "lm_head_slice", "model": args.model, "dtype": args.dtype, "rows": args.rows,
-        "prompt_tokens": args.prompt_tokens, "lm_head_strided_slice_s": round(strided, 4),
-        "lm_head_contiguous_index_s": round(contiguous, 4), "lm_head_ratio": round(strided / contiguous, 2),
-        "prefill_logits_to_keep_1_s": round(prefill_default, 3), "prefill_last_logits_only_s": round(prefill_index, 3),
+        "prompt_tokens": args.prompt_tokens, "lm_head_strided_slice_s": round(strided, 6),
+        "lm_head_contiguous_index_s": round(contiguous, 6), "lm_head_ratio": round(strided / contiguous, 2),
+        "prefill_logits_to_keep_1_s": round(prefill_default, 6), "prefill_last_logits_only_s": round(prefill_index, 6),
         "prefill_ratio": round(prefill_default / prefill_index, 2), "same_next_tokens": same,
     }
     return emit(figures, args.out)

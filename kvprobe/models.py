@@ -158,7 +158,7 @@ def last_logits_only(model) -> dict:
     """Forward/generate keywords that compute logits for each row's last position only, as one contiguous block.
 
     ``generate`` already asks for the last position (``logits_to_keep=1``), but as a strided slice of the prompt's
-    hidden states; on CPU, a bf16 ``lm_head`` on that view takes a slow path (torch 2.13: 4.3 s instead of 0.02 s for
+    hidden states; on CPU, a bf16 ``lm_head`` on that view takes a slow path (torch 2.13: ~5 s instead of 0.02 s for
     8 rows and Qwen2.5's 152k vocabulary, the larger part of a whole capture; ``benchmarks/lm_head_slice.py``). A 1-D index tensor selects the same
     position as a contiguous copy (advanced indexing), in the prefill and in every decode step alike. Empty for a
     model whose forward takes no ``logits_to_keep``.
