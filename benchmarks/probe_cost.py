@@ -5,8 +5,8 @@
 
 1. Live: what ``KVProbeGenerator`` does every token under ``route+switch`` with the probe every token, as a share
    of one decode step of the same model on the same cache: ``_track`` (read the new position's K and V from
-   every layer; add them to the answer's running sums; push their layer mean into the ring buffer) plus one
-   switch-probe call on the ring buffer's window. Timed by calling the generator's own methods, for windows
+   every layer; average them over layers; project the result by the switch probe's first layer into the ring
+   buffer) plus one switch-probe call on the ring buffer's window (``_switch_scores``). Timed by calling the generator's own methods, for windows
    4..32 and caches of 8, 16 and all layers (the upkeep reads one column per layer). Also end to end: the
    share of ``probe_seconds`` in the wall time of real ``route+switch`` generations.
 2. Training: examples per second of one epoch of each probe (correctness on pooled answer KV, difficulty on the
@@ -71,15 +71,13 @@ def live_cost(lm, windows: list[int], steps: int) -> list[dict]:
             for window in windows:
                 gen = generator(lm, window, layers)
                 state = {"cache": part, "mask": torch.ones(1, pairs[0][0].shape[2], dtype=torch.long), "switching": True}
-                new = torch.ones(1, 1, dtype=torch.long)
-                probe = gen.switch
                 for _ in range(3):  # warm-up: first calls allocate
-                    gen._track(state, new)
-                    probe.score(probe(probe.pooled_inputs(state["recent"].sum(1) / window)))
+                    gen._track(state, None)
+                    gen._switch_scores(state, [0])
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    gen._track(state, new)  # the upkeep every decode step pays
-                    probe.score(probe(probe.pooled_inputs(state["recent"].sum(1) / window)))  # the probe call
+                    gen._track(state, None)  # the upkeep every decode step pays
+                    gen._switch_scores(state, [0])  # the probe call
                 call = (time.perf_counter() - t0) / steps
                 rows.append({"window": window, "layers": layers, "probe_ms": round(call * 1e3, 4),
                              "decode_step_ms": round(step * 1e3, 3), "probe_over_step": round(call / step, 5)})

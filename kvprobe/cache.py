@@ -33,10 +33,7 @@ def cache_of(obj):
 
 def _layer_kv(layer, index: int) -> KV:
     name = type(layer).__name__
-    if "Quantized" in name:
-        raise UnreadableCache(f"layer {index} is a {name}: quantized K/V cannot be read faithfully; use a DynamicCache")
-    if "LinearAttention" in name:
-        raise UnreadableCache(f"layer {index} is a {name}: recurrent state is not a KV cache")
+    _check_kind(type(layer))
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     if keys is None or values is None or keys.numel() == 0:
         raise UnreadableCache(f"layer {index} ({name}) holds no keys yet: read the cache after a forward pass")
@@ -76,6 +73,42 @@ def layer_kv(obj, device: torch.device | str | None = None) -> list[KV]:
         pairs = [(k if k.device == device else k.to(device, non_blocking=True),
                   v if v.device == device else v.to(device, non_blocking=True)) for k, v in pairs]
     return pairs
+
+
+def newest_kv(obj, device: torch.device | str | None = None) -> torch.Tensor:
+    """Every layer's K and V at the newest position, stacked: (batch, layers, 2, kv_heads, head_dim).
+
+    The decode loop asks for this every token, so a 5.x cache's layers are read directly (one column each) with
+    their kinds checked once per class, not ``layer_kv``'s per-layer checks of the whole sequence (a sliding
+    window that dropped old positions still holds the newest one). Columns on several devices
+    (``device_map="auto"``) are gathered on ``device``.
+    """
+    cache = cache_of(obj)
+    if hasattr(cache, "layers") and not getattr(cache, "offloading", False):
+        for kind in {type(layer) for layer in cache.layers}:
+            _check_kind(kind)
+        ends = (cache.layers[0].keys, cache.layers[-1].values) if cache.layers else (None,)
+        if any(t is None or t.numel() == 0 for t in ends):
+            raise UnreadableCache("the cache holds no keys yet: read it after a forward pass")
+        columns = [t.select(2, -1) for layer in cache.layers for t in (layer.keys, layer.values)]
+    else:
+        columns = [t.select(2, -1) for pair in layer_kv(cache) for t in pair]
+    try:
+        stacked = torch.stack(columns, 1)
+    except RuntimeError:  # layers on different devices
+        target = torch.device(device) if device is not None else columns[0].device
+        stacked = torch.stack([c.to(target) for c in columns], 1)
+    if device is not None and stacked.device != torch.device(device):
+        stacked = stacked.to(device)
+    return stacked.view(stacked.shape[0], len(columns) // 2, 2, *stacked.shape[2:])
+
+
+@functools.lru_cache(maxsize=None)
+def _check_kind(kind: type) -> None:
+    for bad, why in (("Quantized", "quantized K/V cannot be read faithfully; use a DynamicCache"),
+                     ("LinearAttention", "recurrent state is not a KV cache")):
+        if bad in kind.__name__:
+            raise UnreadableCache(f"a {kind.__name__} layer: {why}")
 
 
 def forward_takes(model) -> frozenset[str]:

@@ -34,7 +34,7 @@ import torch
 
 import kvprobe
 from kvprobe import features as F
-from kvprobe.cache import cache_argument, layer_kv
+from kvprobe.cache import cache_argument, layer_kv, newest_kv
 from kvprobe.export import ProbeMismatch, load_probe, read_config, write_probe
 from kvprobe.features import FeatureSpec
 from kvprobe.models import LoadedModel, ModelSpec, last_logits_only, load_model, model_shape, resolve
@@ -138,6 +138,10 @@ class KVProbeGenerator:
             raise ValueError(f"threshold {self.steering.threshold!r} is not among the probe's calibrated thresholds "
                              f"{sorted(difficulty.thresholds)}")
         self.switch_window = self.configs["switch"]["switch"]["window"] if switch is not None else 0
+        for probe in (difficulty, correctness, switch):  # probes read the cache where the model's inputs live
+            if probe is not None:
+                probe.to(lm.input_device)
+        self._live_switch = switch.live(self.switch_window).to(lm.input_device) if switch is not None else None
 
     def _steering(self, spec: SteeringSpec) -> SteeringSpec:
         """``spec`` with its unset switch settings taken from the switch probe's export (calibrated on validation)."""
@@ -292,27 +296,33 @@ class KVProbeGenerator:
         device = self.lm.input_device
         out = self.lm.model(input_ids=ids.to(device), attention_mask=state["mask"].to(device), position_ids=positions.to(device),
                             use_cache=True, **cache_argument(self.lm.model, state["cache"]), **last_logits_only(self.lm.model))
-        self._track(state, mask)
+        self._track(state, fed)
         return out.logits[:, -1].float()
 
-    def _track(self, state: dict, block_mask: torch.Tensor) -> None:
-        """Push the newly fed position's layer-averaged K and V into each row's ring buffer of the latest
-        ``switch_window`` positions (the ``token_kv`` trajectory's entries: what the switch probe reads). Of a
-        prompt, only its last position counts (it emits the first answer token); a multi-token cue pushes its last
-        position (no switch follows a switch). One column of every layer per step."""
+    def _track(self, state: dict, fed: list[bool] | None) -> None:
+        """Push the newly fed position into each row's ring buffer of the latest ``switch_window`` positions: its
+        layer-averaged K and V (a ``token_kv`` trajectory entry, fp16 like the stored one) projected by the switch
+        probe's first layer (``LiveSwitch``). Of a prompt, only its last position counts (it emits the first answer
+        token); a multi-token cue pushes its last position (no switch follows a switch). ``fed[i]`` False: row i fed
+        only padding this step. One column of every layer per step."""
         if not state["switching"]:
             return
         t = time.perf_counter()
-        pairs = layer_kv(state["cache"], device=self.lm.input_device)
-        fed = block_mask[:, -1].bool().to(pairs[0][0].device).view(-1, 1, 1, 1, 1)
-        # one stack of every layer's last K and V column (k0, v0, k1, v1, ...); fp16 like the stored trajectory
-        last = torch.stack([x.select(2, -1) for pair in pairs for x in pair], 1).float()  # (b, 2L, h, d)
-        last = last.view(last.shape[0], len(pairs), 2, *last.shape[2:]).mean(1).half().float()  # (b, 2, h, d)
+        position = newest_kv(state["cache"], device=self.lm.input_device).float().mean(1).half().float()
+        projected = self._live_switch.project(position)  # (batch, hidden)
         recent = state.get("recent")
         if recent is None:
-            recent = torch.zeros((last.shape[0], self.switch_window) + last.shape[1:], device=last.device)
-        state["recent"] = torch.where(fed, torch.cat([recent[:, 1:], last[:, None]], 1), recent)
+            recent = projected.new_zeros((projected.shape[0], self.switch_window, projected.shape[1]))
+        shifted = torch.cat([recent[:, 1:], projected[:, None]], 1)
+        if fed is not None and not all(fed):
+            shifted = torch.where(torch.tensor(fed, device=shifted.device).view(-1, 1, 1), shifted, recent)
+        state["recent"] = shifted
         state["track_seconds"] = state.get("track_seconds", 0.0) + time.perf_counter() - t
+
+    def _switch_scores(self, state: dict, rows: list[int]) -> list[float]:
+        """The switch probe's scores of the given rows' live windows."""
+        recent = state["recent"] if len(rows) == len(state["recent"]) else state["recent"][rows]
+        return self._live_switch.scores(recent.sum(1))
 
     def _window_scores(self, state: dict) -> torch.Tensor:
         """Difficulty scores from each row's last ``window`` real positions, as capture stored them (fp16)."""
@@ -458,8 +468,7 @@ class KVProbeGenerator:
         if not due:
             return
         t = time.perf_counter()
-        probe = self.switch
-        scores = probe.score(probe(probe.pooled_inputs(state["recent"][due].sum(1) / self.switch_window))).tolist()
+        scores = self._switch_scores(state, due)
         spent = (time.perf_counter() - t) / len(due)
         for j, score in zip(due, scores):
             r = rows[j]
@@ -487,7 +496,7 @@ class KVProbeGenerator:
         start = state["answer_from"]
         pooled = F.pooled_positions(layer_kv(state["cache"], device=self.lm.input_device), state["mask"][:, start:], start)
         probe = self.correctness
-        return probe.probability(probe(probe.inputs({"response_kv": pooled.cpu()}))).tolist()
+        return probe.probability(probe(probe.inputs({"response_kv": pooled}))).tolist()
 
 
 def _steering_spec(saved: dict, where: Path) -> SteeringSpec:

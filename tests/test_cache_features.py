@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from kvprobe import features as F
-from kvprobe.cache import UnreadableCache, layer_kv
+from kvprobe.cache import UnreadableCache, layer_kv, newest_kv
 from kvprobe.capture import GenerationSpec, _features, _generate_batch
 from kvprobe.features import FeatureSpec
 from kvprobe.models import ModelSpec, load_model
@@ -56,6 +56,28 @@ def test_refuses_what_it_cannot_read(lm):
         layer_kv(DynamicCache(config=lm.model.config))
     with pytest.raises(UnreadableCache):
         layer_kv(object())
+
+
+def test_newest_kv_is_the_last_column_of_every_layer(lm):
+    prompts = _prompts(lm, 2)
+    ids = torch.tensor([p[: min(map(len, prompts))] for p in prompts])
+    cache = lm.model(input_ids=ids, use_cache=True).cache
+    want = torch.stack([torch.stack((k[:, :, -1], v[:, :, -1]), 1) for k, v in layer_kv(cache)], 1)
+    got = newest_kv(cache)
+    assert got.shape == (2, lm.shape.layers, 2, lm.shape.kv_heads, lm.shape.head_dim) and torch.equal(got, want)
+    assert torch.equal(newest_kv([(k, v) for k, v in layer_kv(cache)]), want)  # legacy tuples go through layer_kv
+    layer = cache.layers[0]
+    layer.cumulative_length = layer.keys.shape[-2] + 5  # a dropped sliding-window prefix: the newest column is intact
+    assert torch.equal(newest_kv(cache), want)
+    with pytest.raises(UnreadableCache, match="no keys"):
+        newest_kv(DynamicCache(config=lm.model.config))
+    quantized = type("QuantizedLayer", (type(layer),), {})
+    cache.layers[1].__class__ = quantized
+    layer.cumulative_length = layer.keys.shape[-2]
+    with pytest.raises(UnreadableCache, match="quantized"):
+        newest_kv(cache)
+    with pytest.raises(UnreadableCache, match="quantized"):
+        layer_kv(cache)
 
 
 def test_pooled_response_equals_fresh_forward(lm):

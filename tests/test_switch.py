@@ -9,6 +9,7 @@ import torch
 from conftest import grade_by_number_and_mode
 from kvprobe import switching
 from kvprobe.fit import main
+from kvprobe.probes import SwitchProbe
 
 
 def char_ends(text: str) -> list[int]:
@@ -74,6 +75,24 @@ def test_calibrate_respects_the_loss_budget():
     assert strict["lost_share"] == 0.0 and strict["saved_tokens"] == (20 - 8 - 3) / 2 and 0.1 < strict["low"] <= 0.6
     loose = switching.calibrate(s, t, a, answers, high=0.9, min_tokens=1, max_lost=0.5)
     assert loose["lost_share"] == 0.5 and loose["saved_tokens"] == (20 - 2 - 3) / 2 and 0.6 < loose["low"] < 0.9
+
+
+@pytest.mark.parametrize("kv, head_pool, head", [("both", "flatten", "mlp"), ("k", "mean", "mlp"), ("v", "flatten", "linear")])
+def test_live_switch_equals_the_probe_on_the_window_mean(kv, head_pool, head):
+    """The decode loop's rearranged probe (positions projected as they come, a window's projections summed) scores
+    what the probe scores on the window's mean, for every head and pooling option."""
+    probe = SwitchProbe(kv=kv, head_pool=head_pool, head=head, hidden_dim=16)
+    g = torch.Generator().manual_seed(0)
+    probe._build(probe.pooled_inputs(torch.zeros(1, 2, 3, 8)).shape[1])
+    probe.mean.normal_(generator=g)
+    probe.std.uniform_(0.5, 2.0, generator=g)
+    probe.eval()
+    positions = torch.randn(4, 5, 2, 3, 8, generator=g)  # (batch, window positions, 2, heads, dim)
+    live = probe.live(window=5)
+    summed = sum(live.project(positions[:, i]) for i in range(5))
+    want = probe.score(probe(probe.pooled_inputs(positions.mean(1))))
+    torch.testing.assert_close(torch.tensor(live.scores(summed)), want, atol=1e-5, rtol=1e-5)
+    assert want.std() > 0
 
 
 def test_switch_fit_end_to_end(tiny_models, tmp_path, monkeypatch):

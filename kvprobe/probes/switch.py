@@ -10,6 +10,8 @@ the answers right before their result is written. The thresholds travel with the
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -20,6 +22,7 @@ from kvprobe.probes.difficulty import _auroc
 from kvprobe.probes.head import HeadProbe
 
 ANSWER_KEYS = ("n", "settled", "correct")
+SQRT_HALF = math.sqrt(0.5)
 
 
 class SwitchProbe(HeadProbe):
@@ -73,6 +76,10 @@ class SwitchProbe(HeadProbe):
     def pooled_inputs(self, window: torch.Tensor) -> torch.Tensor:
         """Pooled window (batch, 2, heads, dim) -> probe input; the live generator enters here."""
         return probe_input(window.float()[:, None], None, self.hparams.kv, self.hparams.head_pool)
+
+    def live(self, window: int) -> "LiveSwitch":
+        """This probe rearranged for a decode loop that keeps the latest ``window`` positions (see ``LiveSwitch``)."""
+        return LiveSwitch(self, window)
 
     def inputs(self, batch: dict) -> torch.Tensor:
         if "window" not in batch:
@@ -175,3 +182,49 @@ class SwitchProbe(HeadProbe):
         p, w = self.test_results["policy"], self.test_results["windows"]
         return (f"settled-window AUROC {w['auroc']:.3f}; cuts {p['cut_share']:.0%} of slow answers, saves "
                 f"{p['saved_tokens']:.1f} of {p['mean_tokens']:.1f} tokens, cuts {p['lost_share']:.1%} right answers early")
+
+
+class LiveSwitch:
+    """A trained switch probe rearranged for the decode loop, which asks it every token.
+
+    Everything between the positions of a window and the head's first activation is linear: the window mean,
+    the K/V and head pooling, the standardisation and the first layer. So the first layer distributes over the
+    positions: ``project`` maps each decoded position's layer-averaged K and V to the head's hidden width once,
+    when the position is appended, and a probe call sums the window's projected vectors and finishes the head
+    (``scores``). Equal to ``probe.score(probe(probe.pooled_inputs(window_mean)))`` up to float reassociation
+    (tested). The head's tail (GELU, the output unit, the sigmoid: ~64 numbers a row) runs on Python floats: right
+    after a decode step every small torch kernel the model did not just run costs tens of microseconds of cold code
+    (GELU's ~130 us on SmolLM2, measured in the decode loop), more than the arithmetic itself.
+    """
+
+    def __init__(self, probe: SwitchProbe, window: int):
+        if probe.net is None:
+            raise ValueError("the switch probe has no trained head: fit or load it before steering with it")
+        with torch.no_grad():
+            first = probe.net[1]  # after the input dropout: Linear (then GELU, Linear for the mlp head)
+            scaled = first.weight.float() / probe.std  # (hidden, features): standardisation folded in
+            self.weight = (scaled / window).T.contiguous()  # (features, hidden); the window mean's 1/window too
+            self.bias = first.bias.float() - scaled @ probe.mean
+            rest = list(probe.net[2:])
+            self.out = (rest[1].weight[0].tolist(), float(rest[1].bias[0])) if rest else None
+        self.kv, self.head_pool = probe.hparams.kv, probe.hparams.head_pool
+
+    def to(self, device) -> "LiveSwitch":
+        self.weight, self.bias = self.weight.to(device), self.bias.to(device)
+        return self
+
+    def project(self, positions: torch.Tensor) -> torch.Tensor:
+        """Per-position layer-averaged K and V (batch, 2, kv_heads, head_dim) -> (batch, hidden)."""
+        if self.kv == "both" and self.head_pool == "flatten":  # probe_input's layout, without its views
+            return positions.reshape(len(positions), -1) @ self.weight
+        return probe_input(positions[:, None], None, self.kv, self.head_pool) @ self.weight
+
+    def scores(self, summed: torch.Tensor) -> list[float]:
+        """P(keep thinking) from the sum of a window's projected positions (batch, hidden), one float a row."""
+        scores = []
+        for z in (summed + self.bias).tolist():
+            if self.out is not None:  # GELU (exact, as nn.GELU), then the output unit
+                weights, bias = self.out
+                z = [bias + sum(w * 0.5 * x * (1.0 + math.erf(x * SQRT_HALF)) for w, x in zip(weights, z))]
+            scores.append(1.0 / (1.0 + math.exp(-z[0])) if z[0] > -700 else 0.0)
+        return scores
