@@ -4,11 +4,12 @@
     python benchmarks/probe_cost.py --model <folder> --train-items 512 --steps 4    # CI, reduced
 
 1. Live: what ``KVProbeGenerator`` does every token under ``route+switch`` with the probe every token, as a share
-   of one decode step of the same model on the same cache: ``_track`` (read the new position's K and V from
-   every layer; average them over layers; project the result by the switch probe's first layer into the ring
-   buffer) plus one switch-probe call on the ring buffer's window (``_switch_scores``). Timed by calling the generator's own methods, for windows
-   4..32 and caches of 8, 16 and all layers (the upkeep reads one column per layer). Also end to end: the
-   share of ``probe_seconds`` in the wall time of real ``route+switch`` generations.
+   of one decode step of the same model on the same cache: ``_track`` (read the new position's K and/or V from
+   every layer, average over layers, project by the switch probe's first layer into the ring buffer) plus one
+   switch-probe call on the ring buffer (``_switch_scores``). Timed by calling the generator's own methods, for
+   windows 4..32, caches of 8, 16 and all layers, and probes on K alone or K and V (the upkeep reads one column
+   per layer and part). Also end to end, with the shipped probe's parts: the share of ``probe_seconds`` in the
+   wall time of real ``route+switch`` generations, in ``--rounds`` interleaved repeats (median).
 2. Training: examples per second of one epoch of each probe (correctness on pooled answer KV, difficulty on the
    prompt window, switch on decode windows) through a Lightning Trainer on CPU, at this model's shapes, with
    synthetic inputs of the stored dtypes; and the seconds a 10k-item epoch takes.
@@ -19,12 +20,13 @@ Prints one JSON line and writes it to benchmarks/results/probe_cost.json.
 from __future__ import annotations
 
 import argparse
-import math
+import statistics
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from kvprobe.cache import cache_argument, layer_kv
@@ -34,8 +36,15 @@ from kvprobe.steering import KVProbeGenerator, SteeringSpec
 
 from common import emit
 
+REPO = Path(__file__).resolve().parents[1]
 
-def generator(lm, window: int, layers: int) -> KVProbeGenerator:
+
+def shipped_kv() -> str:
+    """What the shipped switch probe reads (configs/model/switch.yaml): ``k``, ``v`` or ``both``."""
+    return yaml.safe_load((REPO / "configs" / "model" / "switch.yaml").read_text())["init_args"]["kv"]
+
+
+def generator(lm, window: int, layers: int, kv: str) -> KVProbeGenerator:
     """A generator with untrained probes of the right shapes (timing does not depend on the weights)."""
     s = lm.shape
     spec = {"model": {"name": lm.spec.name, "fingerprint": lm.fingerprint}, "prompt": {}, "generation": {"max_new_tokens": {"fast": 8, "slow": 64}},
@@ -43,7 +52,8 @@ def generator(lm, window: int, layers: int) -> KVProbeGenerator:
     difficulty = DifficultyProbe(input_dim=s.layers * 2 * s.kv_heads * s.head_dim).eval()
     difficulty.thresholds = {"best_at_0.5x_slow": {"threshold": 0.5}}
     correctness = CorrectnessProbe(input_dim=layers * 2 * s.kv_heads * s.head_dim).eval()
-    switch = SwitchProbe(input_dim=2 * s.kv_heads * s.head_dim, probe_every=1, min_tokens=1).eval()
+    parts = 2 if kv == "both" else 1
+    switch = SwitchProbe(kv=kv, input_dim=parts * s.kv_heads * s.head_dim, probe_every=1, min_tokens=1).eval()
     switch.thresholds = {"switch_low": -1.0, "switch_high": 2.0}  # scores every token, never switches
     return KVProbeGenerator(lm, difficulty, correctness, {"difficulty": spec, "correctness": spec, "switch": spec}, SteeringSpec(), switch)
 
@@ -68,8 +78,8 @@ def live_cost(lm, windows: list[int], steps: int) -> list[dict]:
             part = DynamicCache()  # the first `layers` layers of the same cache
             for i in range(layers):
                 part.update(pairs[i][0], pairs[i][1], i)
-            for window in windows:
-                gen = generator(lm, window, layers)
+            for kv, window in [(kv, w) for kv in ("k", "both") for w in windows]:
+                gen = generator(lm, window, layers, kv)
                 state = {"cache": part, "mask": torch.ones(1, pairs[0][0].shape[2], dtype=torch.long), "switching": True}
                 for _ in range(3):  # warm-up: first calls allocate
                     gen._track(state, None)
@@ -79,27 +89,38 @@ def live_cost(lm, windows: list[int], steps: int) -> list[dict]:
                     gen._track(state, None)  # the upkeep every decode step pays
                     gen._switch_scores(state, [0])  # the probe call
                 call = (time.perf_counter() - t0) / steps
-                rows.append({"window": window, "layers": layers, "probe_ms": round(call * 1e3, 4),
+                rows.append({"kv": kv, "window": window, "layers": layers, "probe_ms": round(call * 1e3, 4),
                              "decode_step_ms": round(step * 1e3, 3), "probe_over_step": round(call / step, 5)})
     return rows
 
 
-def end_to_end(lm, n: int, max_new: int) -> dict:
-    """Real route+switch generations with the probe every token: probe seconds over wall seconds."""
+def end_to_end(lm, n: int, max_new: int, rounds: int) -> dict:
+    """Real route+switch generations with the probe every token: probe seconds over wall seconds, for the shipped
+    probe's parts and the other choice (K alone / K and V), interleaved over ``rounds``; medians."""
     from kvprobe.tasks import TaskSpec, load_items
 
-    gen = generator(lm, 8, lm.shape.layers)
-    gen.difficulty.thresholds = {"best_at_0.5x_slow": {"threshold": -1.0}}  # every question decodes slow: probed
     questions = [item.question for item in load_items(TaskSpec("arithmetic", params={"n": n, "seed": 13}))]
-    gen.generate(questions[0], policy="route+switch", max_new_tokens=4)  # warm-up: the probes' first calls allocate
-    probe = wall = tokens = 0.0
-    for q in questions:
-        t0 = time.perf_counter()
-        _, r = gen.generate(q, policy="route+switch", max_new_tokens=max_new)
-        wall += time.perf_counter() - t0
-        probe, tokens = probe + r.probe_seconds, tokens + r.decoded_tokens
-    return {"questions": n, "decoded_tokens": int(tokens), "probe_s": round(probe, 4), "wall_s": round(wall, 3),
-            "probe_share_of_wall": round(probe / wall, 5)}
+    kinds = [shipped_kv(), "both" if shipped_kv() != "both" else "k"]
+    gens = {}
+    for kv in kinds:
+        gens[kv] = generator(lm, 8, lm.shape.layers, kv)
+        gens[kv].difficulty.thresholds = {"best_at_0.5x_slow": {"threshold": -1.0}}  # every question decodes slow: probed
+        gens[kv].generate(questions[0], policy="route+switch", max_new_tokens=4)  # warm-up: first calls allocate
+    runs = {kv: [] for kv in kinds}
+    for _ in range(rounds):
+        for kv in kinds:
+            probe = wall = tokens = 0.0
+            for q in questions:
+                t0 = time.perf_counter()
+                _, r = gens[kv].generate(q, policy="route+switch", max_new_tokens=max_new)
+                wall += time.perf_counter() - t0
+                probe, tokens = probe + r.probe_seconds, tokens + r.decoded_tokens
+            runs[kv].append({"decoded_tokens": int(tokens), "probe_s": round(probe, 4), "wall_s": round(wall, 3),
+                             "probe_share_of_wall": round(probe / wall, 5)})
+    return {"questions": n, "rounds": rounds, "shipped_kv": kinds[0]} | {
+        kv: {"probe_share_of_wall_median": statistics.median(r["probe_share_of_wall"] for r in runs[kv]),
+             "probe_ms_per_token_median": round(statistics.median(1e3 * r["probe_s"] / r["decoded_tokens"] for r in runs[kv]), 4),
+             "rounds": runs[kv]} for kv in kinds}
 
 
 class Synthetic(Dataset):
@@ -125,11 +146,14 @@ def training_throughput(lm, n: int) -> dict:
     cases = {
         "correctness": (CorrectnessProbe, (s.layers, 2, s.kv_heads, s.head_dim), "response_kv", torch.float32),
         "difficulty": (DifficultyProbe, (s.layers, 2, s.kv_heads, 8, s.head_dim), "prompt_kv", torch.float16),
-        "switch": (SwitchProbe, (2, s.kv_heads, s.head_dim), "window", torch.float32),
+        "switch": (SwitchProbe, (2, s.kv_heads, s.head_dim), "window", torch.float32),  # the data's windows hold K and V
     }
     for name, (cls, shape, key, dtype) in cases.items():
         loader = DataLoader(Synthetic(n, shape, key, dtype), batch_size=64, shuffle=True)
-        probe = cls(input_dim=math.prod(shape) if name == "switch" else s.layers * 2 * s.kv_heads * s.head_dim)
+        if name == "switch":  # reads the shipped probe's parts of each window
+            probe = cls(kv=shipped_kv(), input_dim=(2 if shipped_kv() == "both" else 1) * s.kv_heads * s.head_dim)
+        else:
+            probe = cls(input_dim=s.layers * 2 * s.kv_heads * s.head_dim)
         trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
         t0 = time.perf_counter()
@@ -149,16 +173,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-items", type=int, default=10_000)
     parser.add_argument("--questions", type=int, default=8, help="route+switch generations timed end to end")
     parser.add_argument("--max-new", type=int, default=64, help="decoded tokens per end-to-end generation")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved end-to-end repeats")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "probe_cost.json"))
     args = parser.parse_args(argv)
 
     lm = load_model(ModelSpec(name=args.model, dtype=args.dtype))
     live = live_cost(lm, args.windows, args.steps)
-    default = next(r for r in live if r["window"] == 8 and r["layers"] == lm.shape.layers) if any(
-        r["window"] == 8 for r in live) else live[0]
+    default = next((r for r in live if r["window"] == 8 and r["layers"] == lm.shape.layers and r["kv"] == shipped_kv()), live[0])
     figures = {
         "benchmark": "probe_cost", "model": args.model, "dtype": args.dtype, "live": live,
-        "probe_over_decode_step_default": default["probe_over_step"], "end_to_end": end_to_end(lm, args.questions, args.max_new),
+        "probe_over_decode_step_default": default["probe_over_step"], "end_to_end": end_to_end(lm, args.questions, args.max_new, args.rounds),
         "training": training_throughput(lm, args.train_items),
     }
     return emit(figures, args.out)

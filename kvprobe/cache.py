@@ -75,8 +75,9 @@ def layer_kv(obj, device: torch.device | str | None = None) -> list[KV]:
     return pairs
 
 
-def newest_kv(obj, device: torch.device | str | None = None) -> torch.Tensor:
-    """Every layer's K and V at the newest position, stacked: (batch, layers, 2, kv_heads, head_dim).
+def newest_kv(obj, device: torch.device | str | None = None, kv: str = "both") -> torch.Tensor:
+    """Every layer's K and V (``kv``: ``k``, ``v`` or ``both``) at the newest position, stacked:
+    (batch, layers, 1 or 2, kv_heads, head_dim).
 
     The decode loop asks for this every token, so a 5.x cache's layers are read directly (one column each) with
     their kinds checked once per class, not ``layer_kv``'s per-layer checks of the whole sequence (a sliding
@@ -90,9 +91,11 @@ def newest_kv(obj, device: torch.device | str | None = None) -> torch.Tensor:
         ends = (cache.layers[0].keys, cache.layers[-1].values) if cache.layers else (None,)
         if any(t is None or t.numel() == 0 for t in ends):
             raise UnreadableCache("the cache holds no keys yet: read it after a forward pass")
-        columns = [t.select(2, -1) for layer in cache.layers for t in (layer.keys, layer.values)]
+        pairs = [(layer.keys, layer.values) for layer in cache.layers]
     else:
-        columns = [t.select(2, -1) for pair in layer_kv(cache) for t in pair]
+        pairs = layer_kv(cache)
+    parts = {"k": (0,), "v": (1,), "both": (0, 1)}[kv]
+    columns = [pair[i].select(2, -1) for pair in pairs for i in parts]
     try:
         stacked = torch.stack(columns, 1)
     except RuntimeError:  # layers on different devices
@@ -100,7 +103,7 @@ def newest_kv(obj, device: torch.device | str | None = None) -> torch.Tensor:
         stacked = torch.stack([c.to(target) for c in columns], 1)
     if device is not None and stacked.device != torch.device(device):
         stacked = stacked.to(device)
-    return stacked.view(stacked.shape[0], len(columns) // 2, 2, *stacked.shape[2:])
+    return stacked.view(stacked.shape[0], len(pairs), len(parts), *stacked.shape[2:])
 
 
 @functools.lru_cache(maxsize=None)

@@ -301,15 +301,16 @@ class KVProbeGenerator:
 
     def _track(self, state: dict, fed: list[bool] | None) -> None:
         """Push the newly fed position into each row's ring buffer of the latest ``switch_window`` positions: its
-        layer-averaged K and V (a ``token_kv`` trajectory entry, fp16 like the stored one) projected by the switch
+        layer-averaged K and/or V (a ``token_kv`` trajectory entry, fp16 like the stored one) projected by the switch
         probe's first layer (``LiveSwitch``). Of a prompt, only its last position counts (it emits the first answer
         token); a multi-token cue pushes its last position (no switch follows a switch). ``fed[i]`` False: row i fed
-        only padding this step. One column of every layer per step."""
+        only padding this step. One column of every layer (K, V or both: what the probe reads) per step."""
         if not state["switching"]:
             return
         t = time.perf_counter()
-        position = newest_kv(state["cache"], device=self.lm.input_device).float().mean(1).half().float()
-        projected = self._live_switch.project(position)  # (batch, hidden)
+        live = self._live_switch
+        position = newest_kv(state["cache"], self.lm.input_device, live.kv).float().mean(1).half().float()
+        projected = live.project(position)  # (batch, hidden)
         recent = state.get("recent")
         if recent is None:
             recent = projected.new_zeros((projected.shape[0], self.switch_window, projected.shape[1]))

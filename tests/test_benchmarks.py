@@ -43,13 +43,16 @@ def test_memory_bytes_reduced(tiny_models, tmp_path):
 def test_probe_cost_reduced(tiny_models, tmp_path):
     out = tmp_path / "probe_cost.json"
     figures = load("probe_cost").main(["--model", str(tiny_models["llama"]), "--windows", "4", "--steps", "2",
-                                       "--train-items", "256", "--questions", "2", "--max-new", "6", "--out", str(out)])
+                                       "--train-items", "256", "--questions", "2", "--max-new", "6", "--rounds", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == figures
-    assert [(r["window"], r["layers"]) for r in figures["live"]] == [(4, 3)]
+    assert [(r["kv"], r["window"], r["layers"]) for r in figures["live"]] == [("k", 4, 3), ("both", 4, 3)]
     assert figures["training"]["difficulty"]["examples_per_s"] > 0 and figures["training"]["correctness"]["items"] == 256
     assert figures["training"]["switch"]["items"] == 256
     e2e = figures["end_to_end"]
-    assert e2e["questions"] == 2 and e2e["decoded_tokens"] > 2 and 0 < e2e["probe_s"] < e2e["wall_s"]
+    assert e2e["questions"] == 2 and {e2e["shipped_kv"], "k", "both"} == {"k", "both"}
+    for kv in ("k", "both"):
+        (run,) = e2e[kv]["rounds"]
+        assert run["decoded_tokens"] > 2 and 0 < run["probe_s"] < run["wall_s"] and e2e[kv]["probe_share_of_wall_median"] > 0
 
 
 def test_capture_scaling_reduced(tiny_models, tmp_path):

@@ -66,6 +66,7 @@ def test_newest_kv_is_the_last_column_of_every_layer(lm):
     got = newest_kv(cache)
     assert got.shape == (2, lm.shape.layers, 2, lm.shape.kv_heads, lm.shape.head_dim) and torch.equal(got, want)
     assert torch.equal(newest_kv([(k, v) for k, v in layer_kv(cache)]), want)  # legacy tuples go through layer_kv
+    assert torch.equal(newest_kv(cache, kv="k"), want[:, :, :1]) and torch.equal(newest_kv(cache, kv="v"), want[:, :, 1:])
     layer = cache.layers[0]
     layer.cumulative_length = layer.keys.shape[-2] + 5  # a dropped sliding-window prefix: the newest column is intact
     assert torch.equal(newest_kv(cache), want)

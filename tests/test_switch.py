@@ -89,7 +89,8 @@ def test_live_switch_equals_the_probe_on_the_window_mean(kv, head_pool, head):
     probe.eval()
     positions = torch.randn(4, 5, 2, 3, 8, generator=g)  # (batch, window positions, 2, heads, dim)
     live = probe.live(window=5)
-    summed = sum(live.project(positions[:, i]) for i in range(5))
+    read = {"k": slice(0, 1), "v": slice(1, 2), "both": slice(0, 2)}[kv]  # the parts the decode loop reads
+    summed = sum(live.project(positions[:, i, read]) for i in range(5))
     want = probe.score(probe(probe.pooled_inputs(positions.mean(1))))
     torch.testing.assert_close(torch.tensor(live.scores(summed)), want, atol=1e-5, rtol=1e-5)
     assert want.std() > 0

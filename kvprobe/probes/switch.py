@@ -214,10 +214,11 @@ class LiveSwitch:
         return self
 
     def project(self, positions: torch.Tensor) -> torch.Tensor:
-        """Per-position layer-averaged K and V (batch, 2, kv_heads, head_dim) -> (batch, hidden)."""
-        if self.kv == "both" and self.head_pool == "flatten":  # probe_input's layout, without its views
+        """Per-position layer-averaged K and/or V, only the parts this probe reads (``kv``): (batch, 1 or 2,
+        kv_heads, head_dim) -> (batch, hidden)."""
+        if self.head_pool == "flatten":  # probe_input's layout, without its views
             return positions.reshape(len(positions), -1) @ self.weight
-        return probe_input(positions[:, None], None, self.kv, self.head_pool) @ self.weight
+        return probe_input(positions[:, None], None, "both", self.head_pool) @ self.weight
 
     def scores(self, summed: torch.Tensor) -> list[float]:
         """P(keep thinking) from the sum of a window's projected positions (batch, hidden), one float a row."""
