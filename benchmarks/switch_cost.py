@@ -8,8 +8,8 @@ the first probe call at ``--at`` tokens arms the switch and the next one fires i
 the probes' judgement):
 
 - live (``KVProbeGenerator``, policy ``route+switch``): prefill the fast prompt and score it, keep the prefix both
-  prompts share and prefill the rest of the slow prompt, decode ``at`` tokens, append the answer cue's token ids
-  to the same cache, keep decoding. Tokens processed = prompts + decoded + cue.
+  prompts share and prefill the rest of the slow prompt, decode ``at`` tokens, append the answer cue to the same
+  cache (``steering.cue_block``: tokenised as the text would be), keep decoding. Tokens processed = prompts + decoded + cue.
 - post hoc (the paper's procedure): prefill the fast prompt and score it, generate the slow answer in full from a
   fresh prefill of the slow prompt, replay the same switch probe and policy over the answer's windows afterwards
   to find the switch point, decode the prefix to text, append the cue as text, re-tokenise and prefill the whole
@@ -62,7 +62,8 @@ def post_hoc(gen: KVProbeGenerator, question: str, caps: dict) -> dict:
     again = tok.encode(text, add_special_tokens=False)
     _, answer = greedy(lm, again, caps["fast"])
     return {"seconds": time.perf_counter() - t0, "tokens": len(routing[0].ids) + len(prompt) + len(full) + len(again) + len(answer),
-            "switch_at": point, "full_answer": len(full), "answer": len(answer)}
+            "switch_at": point, "full_answer": len(full), "answer": len(answer),
+            "answer_text": tok.decode(answer, skip_special_tokens=True)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
             ph = post_hoc(gen, q, caps)
             per_item.append({"switched": r.switched_at is not None, "live_s": live_s, "live_tokens": live_tokens,
                              "post_hoc_s": ph["seconds"], "post_hoc_tokens": ph["tokens"], "live_at": r.switched_at, "post_hoc_at": ph["switch_at"],
-                             "live_decoded": r.decoded_tokens, "post_hoc_decoded": ph["full_answer"] + ph["answer"]})
+                             "live_decoded": r.decoded_tokens, "post_hoc_decoded": ph["full_answer"] + ph["answer"],
+                             "same_answer": gen.lm.tokenizer.decode(r.token_ids[(r.switched_at or 0) + r.cue_tokens:],
+                                                                    skip_special_tokens=True) == ph["answer_text"]})
     switched = [p for p in per_item if p["switched"]]
     total = lambda key: sum(p[key] for p in switched)
     figures = {
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         "live_fewer_tokens_every_item": all(p["live_tokens"] < p["post_hoc_tokens"] for p in switched),
         "live_faster_every_item": all(p["live_s"] < p["post_hoc_s"] for p in switched),
         "same_switch_point_every_item": all(p["live_at"] == p["post_hoc_at"] for p in switched),
+        "same_answer_after_the_cue": sum(p["same_answer"] for p in switched),
         "per_switched_item": [{k: round(v, 3) if isinstance(v, float) else v for k, v in p.items() if k != "switched"} for p in switched],
     }
     return emit(figures, args.out)

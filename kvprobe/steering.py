@@ -73,7 +73,8 @@ class SteeringSpec:
 @dataclass
 class GenerationResult:
     """What happened for one prompt. ``tokens`` counts every decoded token per mode (the token decoded at a
-    switch counts in the mode that decoded it); cue tokens are forced, not decoded, and counted apart."""
+    switch counts in the mode that decoded it); cue tokens are forced, not decoded, and counted apart: the ids fed at
+    the switch beyond the decoded token (``cue_block``: the decoded token and the cue, tokenised as text)."""
 
     text: str
     mode: str  # chosen before decoding
@@ -482,9 +483,9 @@ class KVProbeGenerator:
                 continue
             r.switched_at, r.switch_score = r.tokens["fast"] + r.tokens["slow"], score
             r.mode, r.in_mode = "fast", 0
-            blocks[j] = blocks[j] + cue
-            r.out.extend(cue)
-            r.cue += len(cue)
+            blocks[j] = cue_block(self.lm.tokenizer, r.ids[-4:], blocks[j][0], cue, self.steering.answer_cue)
+            r.out[-1:] = blocks[j]  # the decoded token, possibly merged with the cue's first characters
+            r.cue += len(blocks[j]) - 1
             yield {"type": "switch", "row": r.index, "at": r.switched_at, "score": score, "to": "fast"}
             text = self.lm.tokenizer.decode(r.out, skip_special_tokens=True)
             yield {"type": "text", "row": r.index, "text": text[len(texts[r.index]):]}
@@ -528,6 +529,19 @@ def _wrap(model, tokenizer) -> LoadedModel:
     tokenizer.padding_side = "left"
     spec = ModelSpec(name=source or type(model).__name__, dtype=str(model.dtype).removeprefix("torch."))
     return LoadedModel(model.eval(), tokenizer, spec, source, digest, model_shape(model.config))
+
+
+def cue_block(tokenizer, fed: list[int], token: int, cue_ids: list[int], cue: str) -> list[int]:
+    """What to feed at a switch: the just-decoded ``token`` (not yet in the cache) and the answer cue, tokenised as
+    the text would be. Appending the cue's own ids can leave a sequence no tokenizer produces (" " + "\n" + "\n"
+    where the text " \n\n" tokenises as " \n" + "\n"), and the model then continues as after no real text;
+    re-tokenising the last few ``fed`` tokens with the token and the cue gives the ids a fresh prefill of the
+    switched text would have. Used when it leaves the fed tokens as they are (the cache holds them); otherwise
+    the token and the cue's ids."""
+    ids = tokenizer.encode(tokenizer.decode(fed + [token], skip_special_tokens=False) + cue, add_special_tokens=False)
+    if ids[: len(fed)] == fed and len(ids) > len(fed):
+        return ids[len(fed):]
+    return [token] + cue_ids
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from conftest import grade_by_number_and_mode
+from conftest import grade_by_number_and_mode, real_assets_available
 from kvprobe import features as F
 from kvprobe import switching
 from kvprobe.export import ProbeMismatch
 from kvprobe.fit import main
 from kvprobe.models import ModelSpec, load_model
-from kvprobe.steering import KVProbeGenerator, SteeringSpec
+from kvprobe.steering import KVProbeGenerator, SteeringSpec, cue_block
 from kvprobe.store import CaptureStore
 
 QUESTIONS = ["What is 3 + 4?", "What is 7 * 2 - 5?", "What is 9?"]
@@ -135,14 +135,51 @@ def test_mixed_batch_routes_each_row_like_its_fixed_mode(gen):
 def test_forced_switch_continues_from_cache_like_a_fresh_prefill(gen):
     g = forced(gen, switch_low=2.0, switch_high=-1.0, min_tokens=2)  # arms at the 2nd slow token, fires at the 3rd
     text, r = g.generate(QUESTIONS[1], policy="route+switch")
-    cue = gen.lm.tokenizer.encode(g.steering.answer_cue, add_special_tokens=False)
+    tok = gen.lm.tokenizer
+    slow = g.generate(QUESTIONS[1], policy="slow")[1].token_ids  # what it decodes without a switch
     assert (r.mode, r.final_mode, r.switched_at) == ("slow", "fast", 3) and r.switch_score < 2.0
-    assert r.token_ids[3:3 + len(cue)] == cue and r.cue_tokens == len(cue)
-    assert r.tokens["slow"] == 3 and r.tokens["fast"] == len(r.token_ids) - 3 - len(cue) and r.decoded_tokens == len(r.token_ids) - len(cue)
-    prefix = gen.prompt_ids(QUESTIONS[1], "slow") + r.token_ids[: 3 + len(cue)]
-    after = r.token_ids[3 + len(cue):]
-    assert greedy(gen.lm, prefix, len(after)) == after  # a fresh prefill of the switched text decodes the same tokens
+    fed = 3 + r.cue_tokens  # the ids through the cue: two decoded, then the third decoded token and the cue
+    assert r.token_ids[:2] == slow[:2] and r.cue_tokens >= 1
+    assert tok.decode(r.token_ids[:fed]) == tok.decode(slow[:3]) + g.steering.answer_cue  # the text is what was cut + cue
+    assert r.tokens["slow"] == 3 and r.tokens["fast"] == len(r.token_ids) - fed and r.decoded_tokens == len(r.token_ids) - r.cue_tokens
+    prefix = gen.prompt_ids(QUESTIONS[1], "slow") + r.token_ids[:fed]
+    after = r.token_ids[fed:]
+    assert greedy(gen.lm, prefix, len(after)) == after  # a fresh prefill of the switched ids decodes the same tokens
     assert 0.0 <= r.confidence <= 1.0 and r.probe_seconds > 0
+
+
+def test_cue_block_tokenises_the_switch_as_text(gen):
+    """At a switch, the decoded token and the cue are fed as a fresh tokenisation of the text would have them; when
+    that would change tokens already in the cache, the cue's own ids follow the token."""
+    tok = gen.lm.tokenizer
+    cue = "\n\nAnswer:"
+    cue_ids = tok.encode(cue, add_special_tokens=False)
+    for text in ["The answer is 12", "so 3 + 4 = 7.", "Then the answer is "]:
+        ids = tok.encode(text, add_special_tokens=False)
+        block = cue_block(tok, ids[-5:-1], ids[-1], cue_ids, cue)
+        assert tok.decode(ids[-5:-1] + block) == tok.decode(ids[-5:]) + cue
+        assert block == tok.encode(tok.decode(ids[-5:]) + cue, add_special_tokens=False)[4:] or block == [ids[-1]] + cue_ids
+    merging = [t for t in range(len(tok)) if tok.decode([t]).isspace()]  # a whitespace token can merge with "\n\n"
+    merged = [t for t in merging if cue_block(tok, [], t, cue_ids, cue) != [t] + cue_ids]
+    for t in merged:
+        assert tok.decode(cue_block(tok, [], t, cue_ids, cue)) == tok.decode([t]) + cue
+
+
+@pytest.mark.skipif(not real_assets_available(), reason="needs the embedded SmolLM2 (scripts/setup.sh)")
+def test_cue_block_on_the_real_tokenizer():
+    """The case that made a live switch ramble on SmolLM2: an answer cut after "is " fed " ", "\n", "\n", "Answer",
+    ":" - a sequence no tokenisation of the text gives (" \n" is one token there)."""
+    from kvprobe.models import load_tokenizer, resolve
+
+    tok = load_tokenizer(resolve("smollm2")[0])
+    cue = "\n\nAnswer:"
+    cue_ids = tok.encode(cue, add_special_tokens=False)
+    ids = tok.encode("we need to find the difference. The answer is ", add_special_tokens=False)
+    block = cue_block(tok, ids[-5:-1], ids[-1], cue_ids, cue)
+    assert block != [ids[-1]] + cue_ids and tok.decode(block) == tok.decode(ids[-1:]) + cue
+    assert ids[:-1] + block == tok.encode(tok.decode(ids) + cue, add_special_tokens=False)
+    done = tok.encode("so the answer is 7.", add_special_tokens=False)
+    assert cue_block(tok, done[-5:-1], done[-1], cue_ids, cue) == [done[-1]] + cue_ids  # "." and "\n\n" stay apart
 
 
 def test_batching_with_left_padding_equals_one_by_one(gen):
@@ -212,6 +249,7 @@ def test_switch_cost_benchmark_reduced(gen, tmp_path):
     figures = load("switch_cost").main(["--generator", str(folder), "--n", "2", "--at", "2", "--out", str(out)])
     assert json.loads(out.read_text()) == figures and figures["switched_items"] == 2
     assert figures["same_switch_point_every_item"] and figures["live_fewer_tokens_every_item"]
+    assert 0 <= figures["same_answer_after_the_cue"] <= 2
 
 
 def test_window_kv_never_reads_padding_values():
