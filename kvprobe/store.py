@@ -137,8 +137,11 @@ class CaptureStore:
                 return f"{name} does not match its recorded sha256 (truncated or altered)"
         return None
 
+    def rows_of(self, j: int) -> list[dict]:
+        return pq.read_table(self._files(j)[1]).to_pylist()
+
     def rows(self, n_shards: int) -> list[dict]:
-        return [r for j in range(n_shards) for r in pq.read_table(self._files(j)[1]).to_pylist()]
+        return [r for j in range(n_shards) for r in self.rows_of(j)]
 
     def finalize(self, n_shards: int, summary: dict) -> None:
         tables = [pq.read_table(self._files(j)[1]) for j in range(n_shards)]

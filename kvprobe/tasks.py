@@ -18,7 +18,7 @@ from typing import Any, Callable
 from kvprobe.assets import package_dir
 
 LETTERS = "ABCDEFGHIJ"
-GRADING_VERSION = 3  # part of every capture's fingerprint: bump when grading changes, so stale grades are redone
+GRADING_VERSION = 4  # part of every capture's fingerprint: bump when grading changes; the stored answers are regraded
 
 
 @dataclass(frozen=True)
@@ -276,10 +276,13 @@ def load_items(spec: TaskSpec) -> list[Item]:
 # --- grading -----------------------------------------------------------------------------------------------
 
 _ANSWER_LINE = re.compile(r"(?:final answer|answer)\s*(?:is)?\s*[:=]?\s*(.+)", re.IGNORECASE)
+_ANSWER_TAGS = re.compile(r"</?(?:final_answer|answer)>", re.IGNORECASE)  # "Answer: <answer>43</answer>"
 
 
 def final_answer_text(response: str) -> str:
-    """The part of a response that states the answer: after the last 'Answer:' if any, else the whole text."""
+    """The part of a response that states the answer: after the last 'Answer:' if any, else the whole text;
+    answer tags some models wrap it in (<answer>...</answer>) removed."""
+    response = _ANSWER_TAGS.sub(" ", response)
     matches = list(_ANSWER_LINE.finditer(response))
     return matches[-1].group(1).strip() if matches else response.strip()
 

@@ -83,6 +83,28 @@ def test_rerun_with_same_fingerprint_does_no_model_work(tiny, tmp_path, monkeypa
     assert counter.calls > 0 and third.path != first.path
 
 
+def test_grading_change_regrades_stored_answers_without_generating(tiny, tmp_path, monkeypatch):
+    """A newer GRADING_VERSION finds the capture its predecessor graded, regrades the stored answers into its own
+    folder and loads no model; the tensors are the same and the older folder stays as it was."""
+    import kvprobe.capture as C
+
+    first = run(tiny, tmp_path)
+    before = pq.read_table(first.path / "table.parquet").to_pylist()
+    monkeypatch.setattr(C, "GRADING_VERSION", C.GRADING_VERSION + 1)
+    monkeypatch.setattr(C, "grade", lambda item, response: (str(len(response)), len(response) % 2 == 0))  # a "new grader"
+    monkeypatch.setattr(C, "load_model", lambda spec: pytest.fail("a grading change loaded the model"))
+    second = run(tiny, tmp_path)
+    assert second.path != first.path and second.summary["reused"] and second.summary["regraded_from"] == first.path.name
+    after = pq.read_table(second.path / "table.parquet").to_pylist()
+    assert [r["response"] for r in after] == [r["response"] for r in before]
+    assert [(r["prediction"], r["correct"]) for r in after] == [(str(len(r["response"])), len(r["response"]) % 2 == 0) for r in before]
+    assert second.summary["correct"] == sum(r["correct"] for r in after)
+    for a, b in zip(shard_tensors(first.path), shard_tensors(second.path)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert pq.read_table(first.path / "table.parquet").to_pylist() == before and CaptureStore(first.path).verify() == []
+    assert run(tiny, tmp_path).path == second.path  # and from now on it is an ordinary cached capture
+
+
 def test_interrupted_run_resumes_from_finished_shards(tiny, tmp_path):
     lm = load_model(ModelSpec(name=str(tiny)))
     counter = CountingModel(lm, fail_on_call=3)  # shard 0 = 2 batches, then die inside shard 1

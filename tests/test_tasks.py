@@ -86,6 +86,9 @@ def test_grade_choice_and_extraction_failures():
     assert grade_choice("A. bank\nB. library\nC. mall", "C", choices) == ("", False)  # a listing names no choice
     assert grade_choice("F. other", "B", choices)[0] == ""  # not one of the choices
     assert final_answer_text("work...\nAnswer: 42") == "42"
+    assert final_answer_text("51 - 8 = 43\n\nAnswer: <answer>43</answer>") == "43"
+    assert grade(Item("q", "?", "43"), "51 - 8 = 43\n\nAnswer: <answer>43</answer>") == ("43", True)
+    assert grade(Item("q", "?", "43"), "<answer>42</answer>") == ("42", False)
     assert grade(Item("q", "?", "B", choices), "B. library") == ("B", True)
 
 
