@@ -248,29 +248,31 @@ def capture(
 def _regrade_older(store: CaptureStore, spec: dict, items: list[Item], verbose: bool) -> None:
     """Adopt a complete capture of the same spec that an older ``GRADING_VERSION`` graded: its answers and tensors
     are what this run would generate, so its rows are graded again and nothing is regenerated. A grading fix
-    then costs seconds, not hours of generation. The older folder is left as it was."""
-    older = None
+    then costs seconds, not hours of generation. Only when it holds exactly this task's questions (an old version
+    may have come with other task data); the older folder is left as it was."""
     for version in range(spec["grading"] - 1, 0, -1):
         old_spec = {k: v for k, v in spec.items() if k != "fingerprint"} | {"grading": version}
-        candidate = CaptureStore(store.path.with_name(f"{store.path.name.rsplit('-', 1)[0]}-{fingerprint(old_spec)[:16]}"))
-        if candidate.complete and not candidate.verify():
-            older = candidate
-            break
-    if older is None:
+        older = CaptureStore(store.path.with_name(f"{store.path.name.rsplit('-', 1)[0]}-{fingerprint(old_spec)[:16]}"))
+        if not older.complete or older.verify():
+            continue
+        n = len(older.manifest()["shards"])
+        tables = [older.rows_of(j) for j in range(n)]
+        rows = [r for t in tables for r in t]
+        if len(rows) != len(items) or any((items[r["index"]].qid, items[r["index"]].question, items[r["index"]].gold)
+                                          != (r["qid"], r["question"], r["gold"]) for r in rows):
+            continue  # other questions under the same task spec: generate afresh
+        break
+    else:
         return
     store.begin(spec)
     shards, _ = older.open()
-    for j, tensors in enumerate(shards):
-        rows = older.rows_of(j)
+    for j, (tensors, rows) in enumerate(zip(shards, tables)):
         for row in rows:
-            item = items[row["index"]]
-            if item.qid != row["qid"]:
-                raise RuntimeError(f"{older.path} holds {row['qid']} where this task has {item.qid}: not the same questions")
-            prediction, correct = grade(item, row["response"])
+            prediction, correct = grade(items[row["index"]], row["response"])
             row.update(prediction=prediction, correct=correct, extracted=prediction != "")
         store.write_shard(j, tensors, rows)
     summary = older.manifest()["summary"]
-    store.finalize(len(shards), _summary(store, len(shards), summary["capture_seconds"]) | {"regraded_from": older.path.name})
+    store.finalize(n, _summary(store, n, summary["capture_seconds"]) | {"regraded_from": older.path.name})
     if verbose:
         print(f"[kvprobe] {older.path.name} was graded by grading version {version}: its answers regraded into "
               f"{store.path.name} (accuracy {summary['accuracy']:.1%} -> {store.manifest()['summary']['accuracy']:.1%}), "

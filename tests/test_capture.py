@@ -1,6 +1,7 @@
 """Capture end to end on tiny models: store layout, fingerprint reuse, resume, corruption, data-parallel, PEFT."""
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -103,6 +104,16 @@ def test_grading_change_regrades_stored_answers_without_generating(tiny, tmp_pat
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert pq.read_table(first.path / "table.parquet").to_pylist() == before and CaptureStore(first.path).verify() == []
     assert run(tiny, tmp_path).path == second.path  # and from now on it is an ordinary cached capture
+    # an older capture whose questions differ from this task's (task data changed with an old version) is not adopted
+    monkeypatch.setattr(C, "GRADING_VERSION", C.GRADING_VERSION + 1)
+    table = pq.read_table(second.path / "shard-00000.parquet").to_pylist()
+    table[0]["question"] = "What is 1 + 1?"
+    CaptureStore(second.path).write_shard(0, shard_tensors(second.path)[0], table)
+    CaptureStore(second.path).finalize(3, second.summary)
+    monkeypatch.setattr(C, "load_model", load_model)
+    shutil.rmtree(first.path)  # leaves the altered capture as the only older one
+    third = run(tiny, tmp_path)
+    assert "regraded_from" not in third.summary and not third.summary["reused"]
 
 
 def test_interrupted_run_resumes_from_finished_shards(tiny, tmp_path):
