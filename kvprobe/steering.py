@@ -112,6 +112,7 @@ class _Row:
     switched_at: int | None = None
     switch_score: float | None = None
     armed: bool = False
+    forced: list[int] = field(default_factory=list)  # the rest of a switch's cue, fed one per step
     trace: list[tuple[int, float]] = field(default_factory=list)
     chosen: str = ""  # the mode decoding started in
     done: bool = False
@@ -306,8 +307,7 @@ class KVProbeGenerator:
         """Push the newly fed position into each row's ring buffer of the latest ``switch_window`` positions: its
         layer-averaged K and/or V (a ``token_kv`` trajectory entry, fp16 like the stored one) projected by the switch
         probe's first layer (``LiveSwitch``). Of a prompt, only its last position counts (it emits the first answer
-        token); a multi-token cue pushes its last position (no switch follows a switch). ``fed[i]`` False: row i fed
-        only padding this step. One column of every layer (K, V or both: what the probe reads) per step."""
+        token). ``fed[i]`` False: row i fed only padding this step. One column of every layer (K, V or both: what the probe reads) per step."""
         if not state["switching"]:
             return
         t = time.perf_counter()
@@ -428,6 +428,9 @@ class KVProbeGenerator:
                 if r.done:
                     blocks.append([tok.pad_token_id]), fed.append(False)
                     continue
+                if r.forced:  # one cue token per step: a multi-token block would pad every other row inside its
+                    blocks.append([r.forced.pop(0)]), fed.append(True)  # sequence and change their float sums
+                    continue
                 t = next_ids[j]
                 r.out.append(t)
                 r.tokens[r.mode] += 1
@@ -465,7 +468,7 @@ class KVProbeGenerator:
 
     def _maybe_switch(self, rows: list[_Row], state: dict, blocks: list[list[int]], cue: list[int], texts: dict) -> Iterator[dict]:
         """Score the latest window of every slow row due for a probe; arm above ``switch_high``, switch the armed
-        ones below ``switch_low``: append the answer cue to what this step feeds."""
+        ones below ``switch_low``: the answer cue follows, one token per step."""
         s = self.steering
         due = [j for j, r in enumerate(rows) if not r.done and r.switched_at is None and r.mode == "slow"
                and r.in_mode >= s.min_tokens and r.in_mode % s.probe_every == 0]
@@ -485,9 +488,10 @@ class KVProbeGenerator:
                 continue
             r.switched_at, r.switch_score = r.tokens["fast"] + r.tokens["slow"], score
             r.mode, r.in_mode = "fast", 0
-            blocks[j] = cue_block(self.lm.tokenizer, r.ids[-4:], blocks[j][0], cue, self.steering.answer_cue)
-            r.out[-1:] = blocks[j]  # the decoded token, possibly merged with the cue's first characters
-            r.cue += len(blocks[j]) - 1
+            block = cue_block(self.lm.tokenizer, r.ids[-4:], blocks[j][0], cue, self.steering.answer_cue)
+            blocks[j], r.forced = block[:1], block[1:]
+            r.out[-1:] = block  # the decoded token, possibly merged with the cue's first characters
+            r.cue += len(block) - 1
             yield {"type": "switch", "row": r.index, "at": r.switched_at, "score": score, "to": "fast"}
             text = self.lm.tokenizer.decode(r.out, skip_special_tokens=True)
             yield {"type": "text", "row": r.index, "text": text[len(texts[r.index]):]}

@@ -191,6 +191,21 @@ def test_batching_with_left_padding_equals_one_by_one(gen):
         assert r.token_ids == greedy(gen.lm, gen.prompt_ids(q, "slow"), len(r.token_ids))  # the loop decodes as HF does
 
 
+def test_switching_rows_in_a_batch_decode_as_one_by_one(gen):
+    """A switch feeds its cue one token per step, so no row is ever padded inside its sequence by another's switch:
+    each row of a batch decodes what it decodes alone."""
+    g = forced(gen, switch_low=2.0, switch_high=-1.0, min_tokens=2)
+    widths, forward = [], g._forward
+    g._forward = lambda state, block, fed=None: widths.append(max(map(len, block))) or forward(state, block, fed)
+    together = g.generate(QUESTIONS, policy="route+switch")
+    del g._forward
+    assert widths[0] > 1 and widths[1] > 1 and set(widths[2:]) == {1}  # fast prompt, slow suffix, then one position a step
+    for q, (text, r) in zip(QUESTIONS, together):
+        alone_text, alone = g.generate(q, policy="route+switch")
+        assert r.switched_at == alone.switched_at == 3 and r.token_ids == alone.token_ids and text == alone_text
+        assert r.cue_tokens == alone.cue_tokens >= 1 and r.decoded_tokens == alone.decoded_tokens
+
+
 def test_streaming_events(gen):
     g = forced(gen, switch_low=2.0, switch_high=-1.0, min_tokens=1)  # arms at the first probe, fires at the second
     events = list(g.generate(QUESTIONS[:2], policy="route+switch", stream=True))
