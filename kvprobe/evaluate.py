@@ -133,7 +133,7 @@ def write_report(args, gen: KVProbeGenerator, results: dict, n: int) -> None:
             f"{s.probe_every} token(s) from token {s.min_tokens}, arms above {s.switch_high} and switches slow->fast below "
             f"{s.switch_low:.4f} (calibrated on validation), answer cue {json.dumps(s.answer_cue)}" if gen.switch else "")
         + ". Tokens count every decoded token of both modes; cue "
-        "tokens are forced (prefilled, not decoded) and listed apart, as are prompt tokens. The bar: accuracy >= best "
+        "tokens are forced (fed, not decoded) and listed apart, as are prompt tokens. The bar: accuracy >= best "
         "fixed mode - 1 point, <= 0.5x always-slow's tokens, probe time <= 1%.", "",
     ] + lines + ["", f"![accuracy vs tokens]({figure.name})", ""] + switch_lines(gen))
     notes = "<!-- notes: everything below this line is hand-written and kept when the tables are regenerated -->"
