@@ -12,7 +12,8 @@ The loop is our own greedy decode over a ``DynamicCache``, so the probes run bet
   positions every ``probe_every`` tokens ("keep thinking?"). Once the score has risen above ``switch_high`` (armed)
   and then falls below ``switch_low`` (the result is written), the answer cue is appended and the model answers
   (slow -> fast). At most one switch; decoding continues from the same cache and token ids, with no
-  decode-to-text and re-prefill (the decoded token and the cue are fed as the text would tokenise: ``cue_block``).
+  decode-to-text and re-prefill (the decoded token and the cue are fed as the text would tokenise, ``cue_block``,
+  one token per step so that no other row of the batch is padded inside its sequence).
   The switch probe's input is the window of per-position layer-averaged K (and/or V: what capture stores as the
   ``token_kv`` trajectory); each position is projected by the probe's first layer as it is fed
   (``LiveSwitch``), so the upkeep is one column per layer and a call sums ``window`` small vectors.
