@@ -249,7 +249,8 @@ def _regrade_older(store: CaptureStore, spec: dict, items: list[Item], verbose: 
     """Adopt a complete capture of the same spec that an older ``GRADING_VERSION`` graded: its answers and tensors
     are what this run would generate, so its rows are graded again and nothing is regenerated. A grading fix
     then costs seconds, not hours of generation. Only when it holds exactly this task's questions (an old version
-    may have come with other task data); the older folder is left as it was."""
+    may have come with other task data); an intact older folder is left as it was (a damaged one is treated as
+    any damaged capture: its bad shards are removed and it is not adopted)."""
     for version in range(spec["grading"] - 1, 0, -1):
         old_spec = {k: v for k, v in spec.items() if k != "fingerprint"} | {"grading": version}
         older = CaptureStore(store.path.with_name(f"{store.path.name.rsplit('-', 1)[0]}-{fingerprint(old_spec)[:16]}"))
