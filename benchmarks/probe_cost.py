@@ -44,6 +44,11 @@ def shipped_kv() -> str:
     return yaml.safe_load((REPO / "configs" / "model" / "switch.yaml").read_text())["init_args"]["kv"]
 
 
+def switch_probe(lm, kv: str, **kwargs) -> SwitchProbe:
+    """An untrained switch probe on ``kv`` (``k``, ``v`` or ``both``) of this model's layer-averaged windows."""
+    return SwitchProbe(kv=kv, input_dim=(2 if kv == "both" else 1) * lm.shape.kv_heads * lm.shape.head_dim, **kwargs)
+
+
 def generator(lm, window: int, layers: int, kv: str) -> KVProbeGenerator:
     """A generator with untrained probes of the right shapes (timing does not depend on the weights)."""
     s = lm.shape
@@ -52,8 +57,7 @@ def generator(lm, window: int, layers: int, kv: str) -> KVProbeGenerator:
     difficulty = DifficultyProbe(input_dim=s.layers * 2 * s.kv_heads * s.head_dim).eval()
     difficulty.thresholds = {"best_at_0.5x_slow": {"threshold": 0.5}}
     correctness = CorrectnessProbe(input_dim=layers * 2 * s.kv_heads * s.head_dim).eval()
-    parts = 2 if kv == "both" else 1
-    switch = SwitchProbe(kv=kv, input_dim=parts * s.kv_heads * s.head_dim, probe_every=1, min_tokens=1).eval()
+    switch = switch_probe(lm, kv, probe_every=1, min_tokens=1).eval()
     switch.thresholds = {"switch_low": -1.0, "switch_high": 2.0}  # scores every token, never switches
     return KVProbeGenerator(lm, difficulty, correctness, {"difficulty": spec, "correctness": spec, "switch": spec}, SteeringSpec(), switch)
 
@@ -151,7 +155,7 @@ def training_throughput(lm, n: int) -> dict:
     for name, (cls, shape, key, dtype) in cases.items():
         loader = DataLoader(Synthetic(n, shape, key, dtype), batch_size=64, shuffle=True)
         if name == "switch":  # reads the shipped probe's parts of each window
-            probe = cls(kv=shipped_kv(), input_dim=(2 if shipped_kv() == "both" else 1) * s.kv_heads * s.head_dim)
+            probe = switch_probe(lm, shipped_kv())
         else:
             probe = cls(input_dim=s.layers * 2 * s.kv_heads * s.head_dim)
         trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,

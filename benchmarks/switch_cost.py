@@ -9,7 +9,8 @@ the probes' judgement):
 
 - live (``KVProbeGenerator``, policy ``route+switch``): prefill the fast prompt and score it, keep the prefix both
   prompts share and prefill the rest of the slow prompt, decode ``at`` tokens, append the answer cue to the same
-  cache (``steering.cue_block``: tokenised as the text would be), keep decoding. Tokens processed = prompts + decoded + cue.
+  cache (``steering.cue_block``: tokenised as the text would be; one token a step), keep decoding. Tokens processed =
+  prompts + decoded + cue.
 - post hoc (the paper's procedure): prefill the fast prompt and score it, generate the slow answer in full from a
   fresh prefill of the slow prompt, replay the same switch probe and policy over the answer's windows afterwards
   to find the switch point, decode the prefix to text, append the cue as text, re-tokenise and prefill the whole

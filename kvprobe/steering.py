@@ -308,7 +308,8 @@ class KVProbeGenerator:
         """Push the newly fed position into each row's ring buffer of the latest ``switch_window`` positions: its
         layer-averaged K and/or V (a ``token_kv`` trajectory entry, fp16 like the stored one) projected by the switch
         probe's first layer (``LiveSwitch``). Of a prompt, only its last position counts (it emits the first answer
-        token). ``fed[i]`` False: row i fed only padding this step. One column of every layer (K, V or both: what the probe reads) per step."""
+        token). ``fed[i]`` False: row i fed only padding this step. One column of every layer (K, V or both: what
+        the probe reads) per step."""
         if not state["switching"]:
             return
         t = time.perf_counter()
@@ -413,7 +414,6 @@ class KVProbeGenerator:
         tok = self.lm.tokenizer
         eos = self.lm.model.generation_config.eos_token_id
         eos = set([eos] if isinstance(eos, int) else (eos or [tok.eos_token_id]))
-        cue = tok.encode(self.steering.answer_cue, add_special_tokens=False)
         texts = {r.index: "" for r in rows}
         for r in rows:
             r.chosen = r.mode
@@ -446,7 +446,7 @@ class KVProbeGenerator:
                 else:
                     blocks.append([t]), fed.append(True)
             if switch:
-                yield from self._maybe_switch(rows, state, blocks, cue, texts)
+                yield from self._maybe_switch(rows, state, blocks, texts)
             if all(r.done for r in rows):
                 break
             for r, b, f in zip(rows, blocks, fed):
@@ -467,7 +467,7 @@ class KVProbeGenerator:
             )
             yield {"type": "done", "row": r.index, "result": result}
 
-    def _maybe_switch(self, rows: list[_Row], state: dict, blocks: list[list[int]], cue: list[int], texts: dict) -> Iterator[dict]:
+    def _maybe_switch(self, rows: list[_Row], state: dict, blocks: list[list[int]], texts: dict) -> Iterator[dict]:
         """Score the latest window of every slow row due for a probe; arm above ``switch_high``, switch the armed
         ones below ``switch_low``: the answer cue follows, one token per step."""
         s = self.steering
@@ -489,7 +489,7 @@ class KVProbeGenerator:
                 continue
             r.switched_at, r.switch_score = r.tokens["fast"] + r.tokens["slow"], score
             r.mode, r.in_mode = "fast", 0
-            block = cue_block(self.lm.tokenizer, r.ids[-4:], blocks[j][0], cue, self.steering.answer_cue)
+            block = cue_block(self.lm.tokenizer, r.ids[-4:], blocks[j][0], self.steering.answer_cue)
             blocks[j], r.forced = block[:1], block[1:]
             r.out[-1:] = block  # the decoded token, possibly merged with the cue's first characters
             r.cue += len(block) - 1
@@ -538,7 +538,7 @@ def _wrap(model, tokenizer) -> LoadedModel:
     return LoadedModel(model.eval(), tokenizer, spec, source, digest, model_shape(model.config))
 
 
-def cue_block(tokenizer, fed: list[int], token: int, cue_ids: list[int], cue: str) -> list[int]:
+def cue_block(tokenizer, fed: list[int], token: int, cue: str) -> list[int]:
     """What to feed at a switch: the just-decoded ``token`` (not yet in the cache) and the answer cue, tokenised as
     the text would be. Appending the cue's own ids can leave a sequence no tokenizer produces (" " + "\n" + "\n"
     where the text " \n\n" tokenises as " \n" + "\n"), and the model then continues as after no real text;
@@ -548,7 +548,7 @@ def cue_block(tokenizer, fed: list[int], token: int, cue_ids: list[int], cue: st
     ids = tokenizer.encode(tokenizer.decode(fed + [token], skip_special_tokens=False) + cue, add_special_tokens=False)
     if ids[: len(fed)] == fed and len(ids) > len(fed):
         return ids[len(fed):]
-    return [token] + cue_ids
+    return [token] + tokenizer.encode(cue, add_special_tokens=False)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

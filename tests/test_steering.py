@@ -156,13 +156,13 @@ def test_cue_block_tokenises_the_switch_as_text(gen):
     cue_ids = tok.encode(cue, add_special_tokens=False)
     for text in ["The answer is 12", "so 3 + 4 = 7.", "Then the answer is "]:
         ids = tok.encode(text, add_special_tokens=False)
-        block = cue_block(tok, ids[-5:-1], ids[-1], cue_ids, cue)
+        block = cue_block(tok, ids[-5:-1], ids[-1], cue)
         assert tok.decode(ids[-5:-1] + block) == tok.decode(ids[-5:]) + cue
         assert block == tok.encode(tok.decode(ids[-5:]) + cue, add_special_tokens=False)[4:] or block == [ids[-1]] + cue_ids
     merging = [t for t in range(len(tok)) if tok.decode([t]).isspace()]  # a whitespace token can merge with "\n\n"
-    merged = [t for t in merging if cue_block(tok, [], t, cue_ids, cue) != [t] + cue_ids]
+    merged = [t for t in merging if cue_block(tok, [], t, cue) != [t] + cue_ids]
     for t in merged:
-        assert tok.decode(cue_block(tok, [], t, cue_ids, cue)) == tok.decode([t]) + cue
+        assert tok.decode(cue_block(tok, [], t, cue)) == tok.decode([t]) + cue
 
 
 @pytest.mark.skipif(not real_assets_available(), reason="needs the embedded SmolLM2 (scripts/setup.sh)")
@@ -175,11 +175,11 @@ def test_cue_block_on_the_real_tokenizer():
     cue = "\n\nAnswer:"
     cue_ids = tok.encode(cue, add_special_tokens=False)
     ids = tok.encode("we need to find the difference. The answer is ", add_special_tokens=False)
-    block = cue_block(tok, ids[-5:-1], ids[-1], cue_ids, cue)
+    block = cue_block(tok, ids[-5:-1], ids[-1], cue)
     assert block != [ids[-1]] + cue_ids and tok.decode(block) == tok.decode(ids[-1:]) + cue
     assert ids[:-1] + block == tok.encode(tok.decode(ids) + cue, add_special_tokens=False)
     done = tok.encode("so the answer is 7.", add_special_tokens=False)
-    assert cue_block(tok, done[-5:-1], done[-1], cue_ids, cue) == [done[-1]] + cue_ids  # "." and "\n\n" stay apart
+    assert cue_block(tok, done[-5:-1], done[-1], cue) == [done[-1]] + cue_ids  # "." and "\n\n" stay apart
 
 
 def test_batching_with_left_padding_equals_one_by_one(gen):
