@@ -8,6 +8,7 @@ the two captures are ordinary KV captures (cached, resumable). The probe reads t
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import Counter
 
 import torch
@@ -44,6 +45,9 @@ class DifficultyDataModule(KVCaptureDataModule):
         generation: decoding settings; ``max_new_tokens`` needs an entry for each mode.
         features: what KV-derived tensors to store (``prompt_window`` > 0: the probe's input).
         split: question-level train/val/test split.
+        extra_train: more questions for the training split only, captured in both modes like ``task``; any whose
+            id or text is also in ``task`` is left out, so validation and test stay exactly ``task``'s. More
+            training data without reshuffling (and so without recapturing) the questions a probe is judged on.
         short_tokens: a fast answer counts as short (label 0, else 25) under this many generated tokens.
         route_on: whose prompt the probe reads: ``fast`` (the generator prefills the fast prompt first and moves on
             to slow only when the probe says so) or ``slow``.
@@ -60,6 +64,7 @@ class DifficultyDataModule(KVCaptureDataModule):
         generation: GenerationSpec = GenerationSpec(),
         features: FeatureSpec = FeatureSpec(),
         split: SplitSpec = SplitSpec(),
+        extra_train: TaskSpec | None = None,
         short_tokens: int = 128,
         route_on: str = "fast",
         cache_dir: str | None = None,
@@ -67,12 +72,15 @@ class DifficultyDataModule(KVCaptureDataModule):
         num_workers: int = 0,
     ):
         super().__init__(model, task, prompt, generation, features, split, cache_dir, batch_size, num_workers)
+        self.extra_train = copy.deepcopy(extra_train)
         if route_on not in MODES:
             raise ValueError(f"route_on {route_on!r} is not one of {MODES}")
         if not features.prompt_window:
             raise ValueError("the difficulty probe reads the prompt window: set features.prompt_window > 0")
         self.short_tokens, self.route_on = short_tokens, route_on
         self.results: dict[str, CaptureResult] = {}
+        self.extra_results: dict[str, CaptureResult] = {}
+        self.extra_counts: dict[str, int] = {}
         self.label_counts: dict[str, int] = {}
 
     def mode_prompt(self, mode: str) -> PromptSpec:
@@ -81,27 +89,31 @@ class DifficultyDataModule(KVCaptureDataModule):
         return prompt
 
     def _capture(self, rank: int = 0, world_size: int = 1, barrier=None) -> CaptureResult:
-        for mode in MODES:  # the cheap fast mode first: its summary shows up in minutes
-            self.results[mode] = capture(
-                self.model_spec, self.task, self.mode_prompt(mode), self.generation, self.features,
-                root=self.cache_dir, rank=rank, world_size=world_size, barrier=barrier,
-            )
+        sources = [(self.task, self.results)] + ([(self.extra_train, self.extra_results)] if self.extra_train else [])
+        for task, results in sources:
+            for mode in MODES:  # the cheap fast mode first: its summary shows up in minutes
+                results[mode] = capture(
+                    self.model_spec, task, self.mode_prompt(mode), self.generation, self.features,
+                    root=self.cache_dir, rank=rank, world_size=world_size, barrier=barrier,
+                )
         if rank == 0:
             self._join()
             print(f"[kvprobe] difficulty labels (short_tokens={self.short_tokens}): {self.label_histogram()}", flush=True)
         return self.results[self.route_on]
 
     def _join(self) -> None:
-        """Per question of the route_on capture: both modes' outcomes and labels (NaN where a grade is missing)."""
-        tables = {mode: CaptureStore(r.path).open()[1].to_pylist() for mode, r in self.results.items()}
-        by_qid = {mode: {row["qid"]: row for row in rows} for mode, rows in tables.items()}
-        rows = tables[self.route_on]
+        """Per row of the route_on captures (``task``'s, then ``extra_train``'s, in ``_open``'s order): both modes'
+        outcomes and labels (NaN where a grade is missing)."""
         nan = float("nan")
-
-        def column(mode: str, key: str) -> torch.Tensor:
-            return torch.tensor([float(by_qid[mode][r["qid"]][key]) if r["qid"] in by_qid[mode] else nan for r in rows])
-
-        out = {f"{mode}_{key}": column(mode, key) for mode in MODES for key in ("correct", "gen_tokens")}
+        keys = [(mode, key) for mode in MODES for key in ("correct", "gen_tokens")]
+        values = {k: [] for k in keys}
+        for results in [self.results] + ([self.extra_results] if self.extra_train else []):
+            tables = {mode: CaptureStore(r.path).open()[1].to_pylist() for mode, r in results.items()}
+            by_qid = {mode: {row["qid"]: row for row in rows} for mode, rows in tables.items()}
+            for r in tables[self.route_on]:
+                for mode, key in keys:
+                    values[mode, key].append(float(by_qid[mode][r["qid"]][key]) if r["qid"] in by_qid[mode] else nan)
+        out = {f"{mode}_{key}": torch.tensor(v) for (mode, key), v in values.items()}
         out = {k.replace("gen_tokens", "tokens"): v for k, v in out.items()}
         out["label"] = difficulty_labels(out["fast_correct"], out["fast_tokens"], out["slow_correct"], self.short_tokens)
         out["slow_needed"] = (out["label"] == 75).float().where(~out["label"].isnan(), torch.tensor(nan))
@@ -112,6 +124,19 @@ class DifficultyDataModule(KVCaptureDataModule):
     def label_histogram(self) -> str:
         n = sum(self.label_counts.values())
         return ", ".join(f"{k}: {v} ({v / n:.0%})" for k, v in self.label_counts.items() if v or k != "unlabelled")
+
+    def _open(self) -> tuple[list[dict], list[dict], dict[str, list[int]]]:
+        """``task``'s capture split by question, then ``extra_train``'s rows appended, its new questions to train."""
+        shards, rows, parts = super()._open()
+        if self.extra_train:
+            extra_shards, table = CaptureStore(self.extra_results[self.route_on].path).open()
+            taken = {r["qid"] for r in rows} | {r["question"] for r in rows}
+            extra = table.to_pylist()
+            kept = [len(rows) + i for i, r in enumerate(extra) if r["qid"] not in taken and r["question"] not in taken]
+            parts["train"] += kept
+            self.extra_counts = {"captured": len(extra), "used": len(kept)}
+            shards, rows = shards + extra_shards, rows + extra
+        return shards, rows, parts
 
     def _datasets(self, shards: list[dict], rows: list[dict], parts: dict[str, list[int]], scores: dict) -> dict:
         """Each split's labelled questions (the split is by question, so the same in every mode), with outcomes."""
@@ -124,5 +149,7 @@ class DifficultyDataModule(KVCaptureDataModule):
     def export_spec(self) -> dict:
         return super().export_spec() | {
             "difficulty": {"short_tokens": self.short_tokens, "route_on": self.route_on, "label_counts": self.label_counts,
-                           "captures": {mode: str(r.path) for mode, r in self.results.items()}},
+                           "captures": {mode: str(r.path) for mode, r in self.results.items()},
+                           "extra_train": self.extra_train and {"task": dataclasses.asdict(self.extra_train), **self.extra_counts,
+                                                                "captures": {m: str(r.path) for m, r in self.extra_results.items()}}},
         }

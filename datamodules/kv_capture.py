@@ -143,10 +143,14 @@ class KVCaptureDataModule(L.LightningDataModule):
                 self.result = self._capture(self.trainer.global_rank, self.trainer.world_size, strategy.barrier)
             else:
                 self.result = self._capture()
+        shards, rows, parts = self._open()
+        self.datasets = self._datasets(shards, rows, parts, label_free_scores(shards, rows))
+
+    def _open(self) -> tuple[list[dict], list[dict], dict[str, list[int]]]:
+        """The capture's shards and rows, and each split's row indices (subclasses may add rows to a split)."""
         shards, table = CaptureStore(self.result.path).open()
         rows = table.to_pylist()
-        parts = self.split.assign([r["qid"] for r in rows])
-        self.datasets = self._datasets(shards, rows, parts, label_free_scores(shards, rows))
+        return shards, rows, self.split.assign([r["qid"] for r in rows])
 
     def _datasets(self, shards: list[dict], rows: list[dict], parts: dict[str, list[int]], scores: dict) -> dict[str, CaptureDataset]:
         """One dataset per split over the opened capture (subclasses add what they serve beside it)."""

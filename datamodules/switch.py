@@ -70,7 +70,8 @@ class SwitchDataModule(DifficultyDataModule):
         batch_size: int = 512,
         num_workers: int = 0,
     ):
-        super().__init__(model, task, prompt, generation, features, split, short_tokens, route_on, cache_dir, batch_size, num_workers)
+        super().__init__(model, task, prompt, generation, features, split, short_tokens=short_tokens, route_on=route_on,
+                         cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers)
         if not features.token_trajectory:
             raise ValueError("the switch probe reads decode windows from the trajectory: set features.token_trajectory: true")
         if window < 1:

@@ -146,15 +146,20 @@ def main(argv: list[str] | None = None) -> None:
     fig.savefig(figure, dpi=120)
 
     counts = spec["difficulty"]["label_counts"]
+    extra = spec["difficulty"].get("extra_train")
+    n_task = len(dm.outcomes["label"]) - (extra["captured"] if extra else 0)
+    more = (f" Training also uses {extra['used']} extra questions ({describe(extra['task'])}), answered the same way "
+            f"({extra['captured'] - extra['used']} more were left out: the task has the same question)." if extra else "")
     header = [
         "# Difficulty: routing between fast and slow mode from the prompt's KV cache", "",
         "Regenerate everything below (captures are cached; the first capture of both modes takes ~15-20 min on 2 cores):", "",
         "```bash", "bash scripts/setup_qwen.sh            # the optional second model, once",
         "python -m kvprobe.difficulty_report", "```", "",
         f"Model `{spec['model']['name']}` ({spec['model']['dtype']}), task `{spec['task']['name']}` "
-        f"({len(dm.outcomes['label'])} questions: {describe(spec['task'])}), each answered "
+        f"({n_task} questions: {describe(spec['task'])}), each answered "
         f"in both modes with greedy decoding (fast cap {spec['generation']['max_new_tokens']['fast']} tokens, slow cap "
-        f"{spec['generation']['max_new_tokens']['slow']}). Labels (short_tokens={spec['difficulty']['short_tokens']}): "
+        f"{spec['generation']['max_new_tokens']['slow']}).{more} Labels (short_tokens={spec['difficulty']['short_tokens']}"
+        f"{', every captured question' if extra else ''}): "
         + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ". Question-level split: train "
         f"{len(dm.datasets['train'])}, validation {len(dm.datasets['val'])}, test {len(dm.datasets['test'])}; "
         "the probe is trained on train, its epoch and every threshold chosen on validation; test is touched once.", "",

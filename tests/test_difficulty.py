@@ -175,6 +175,41 @@ def test_split_by_question_and_label_histogram(tiny_models, tmp_path, mode_grade
     assert {p.name.split("-")[1] for p in (tmp_path / "captures").iterdir()} == {"fast", "slow"}
 
 
+def test_extra_training_questions_join_train_only(tiny_models, tmp_path, mode_grader):
+    from datamodules import DifficultyDataModule
+    from kvprobe.capture import GenerationSpec
+    from kvprobe.tasks import TaskSpec, load_items
+
+    main_task, extra_task = TaskSpec(params={"n": 40, "seed": 4}), TaskSpec(params={"n": 30, "seed": 5})
+
+    def module(extra):
+        dm = DifficultyDataModule(
+            ModelSpec(name=str(tiny_models["llama"])), main_task, extra_train=extra,
+            generation=GenerationSpec(max_new_tokens={"fast": 3, "slow": 5}, batch_size=8, shard_size=16),
+            cache_dir=str(tmp_path / "captures"),
+        )
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    plain, extended = module(None), module(extra_task)
+    qids = {dm: {name: [ds.rows[g]["qid"] for g in ds.indices] for name, ds in dm.datasets.items()} for dm in (plain, extended)}
+    assert qids[extended]["val"] == qids[plain]["val"] and qids[extended]["test"] == qids[plain]["test"]
+    taken = {item.question for item in load_items(main_task)}
+    new = [item for item in load_items(extra_task) if item.question not in taken]
+    assert 0 < len(new) < 30  # some extra questions repeat the task's: they must stay out
+    assert qids[extended]["train"] == qids[plain]["train"] + [item.qid for item in new]
+    ds = extended.datasets["train"]
+    for i in range(len(ds)):
+        row = ds.rows[ds.indices[i]]
+        k = int(row["qid"].rsplit("/", 1)[-1]) % 4  # labels from the mode grader, as in the test above
+        assert float(ds[i]["label"]) == {0: 0.0, 1: 75.0, 2: 100.0, 3: 0.0}[k], row["qid"]
+    spec = extended.export_spec()["difficulty"]["extra_train"]
+    assert spec["task"]["params"] == {"n": 30, "seed": 5} and set(spec["captures"]) == {"fast", "slow"}
+    assert spec["captured"] == 30 and spec["used"] == len(new)
+    assert plain.export_spec()["difficulty"]["extra_train"] is None
+
+
 def test_export_round_trip_keeps_thresholds_and_refuses_other_models(tiny_models, tmp_path, mode_grader):
     main(fit_args(tiny_models["llama"], tmp_path, "--trainer.max_epochs", "2", "--model.init_args.layers", "2",
                   "--model.init_args.l2_norm", "true", "--model.init_args.position_pool", "sum"))

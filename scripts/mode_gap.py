@@ -1,0 +1,41 @@
+"""Does thinking step by step help this model on this task? Fast vs slow accuracy and tokens, per task.
+
+    python scripts/mode_gap.py --model qwen2.5-coder-0.5b --tasks arc_easy commonsense_qa --n 48   # ~5 min, 2 cores
+
+Answers the first ``n`` questions of each task in both modes (the package's default prompts, greedy, batches of
+``batch_size`` as capture runs them) and prints accuracy and mean decoded tokens per mode. A task where fast mode
+is as good as slow is one a fast/slow router can answer cheaply; docs/difficulty.md uses it to discuss mixes.
+"""
+
+import argparse
+
+import torch
+
+from kvprobe.capture import GenerationSpec, _generate_batch
+from kvprobe.features import FeatureSpec
+from kvprobe.models import ModelSpec, load_model
+from kvprobe.prompts import MODES, PromptSpec, prompt_ids
+from kvprobe.tasks import TaskSpec, grade, load_items
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+parser.add_argument("--dtype", default="bfloat16")
+parser.add_argument("--tasks", nargs="+", default=["arc_easy", "commonsense_qa"])
+parser.add_argument("--n", type=int, default=48)
+parser.add_argument("--batch_size", type=int, default=24)
+args = parser.parse_args()
+
+lm = load_model(ModelSpec(name=args.model, dtype=args.dtype))
+gen = GenerationSpec()
+for task in args.tasks:
+    items = load_items(TaskSpec(task))[: args.n]
+    for mode in MODES:
+        ids = [prompt_ids(item, PromptSpec(mode=mode), lm.tokenizer) for item in items]
+        right = tokens = 0
+        for start in range(0, len(ids), args.batch_size):
+            with torch.inference_mode():
+                _, new, lengths, *_ = _generate_batch(lm, ids[start:start + args.batch_size], gen, gen.max_new_tokens[mode], FeatureSpec())
+            for b, item in enumerate(items[start:start + args.batch_size]):
+                right += grade(item, lm.tokenizer.decode(new[b, :int(lengths[b])], skip_special_tokens=True))[1]
+                tokens += int(lengths[b])
+        print(f"{task} {mode}: accuracy {right / len(items):.3f}, {tokens / len(items):.1f} tokens ({len(items)} questions)", flush=True)
