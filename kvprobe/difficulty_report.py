@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             f"({extra['captured'] - extra['used']} more were left out: the task has the same question)." if extra else "")
     header = [
         "# Difficulty: routing between fast and slow mode from the prompt's KV cache", "",
-        "Regenerate everything below (captures are cached; the first capture of both modes takes ~15-20 min on 2 cores):", "",
+        "Regenerate everything below (captures are cached; the first capture of both modes takes ~45-50 min on 2 cores):", "",
         "```bash", "bash scripts/setup_qwen.sh            # the optional second model, once",
         "python -m kvprobe.difficulty_report", "```", "",
         f"Model `{spec['model']['name']}` ({spec['model']['dtype']}), task `{spec['task']['name']}` "
