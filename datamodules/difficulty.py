@@ -88,9 +88,12 @@ class DifficultyDataModule(KVCaptureDataModule):
         prompt.mode = mode
         return prompt
 
+    def _sources(self) -> list[tuple[TaskSpec, dict[str, CaptureResult]]]:
+        """``task`` and, when set, ``extra_train``, each with its captures per mode (filled by ``_capture``)."""
+        return [(self.task, self.results)] + ([(self.extra_train, self.extra_results)] if self.extra_train else [])
+
     def _capture(self, rank: int = 0, world_size: int = 1, barrier=None) -> CaptureResult:
-        sources = [(self.task, self.results)] + ([(self.extra_train, self.extra_results)] if self.extra_train else [])
-        for task, results in sources:
+        for task, results in self._sources():
             for mode in MODES:  # the cheap fast mode first: its summary shows up in minutes
                 results[mode] = capture(
                     self.model_spec, task, self.mode_prompt(mode), self.generation, self.features,
@@ -107,7 +110,7 @@ class DifficultyDataModule(KVCaptureDataModule):
         nan = float("nan")
         keys = [(mode, key) for mode in MODES for key in ("correct", "gen_tokens")]
         values = {k: [] for k in keys}
-        for results in [self.results] + ([self.extra_results] if self.extra_train else []):
+        for _, results in self._sources():
             tables = {mode: CaptureStore(r.path).open()[1].to_pylist() for mode, r in results.items()}
             by_qid = {mode: {row["qid"]: row for row in rows} for mode, rows in tables.items()}
             for r in tables[self.route_on]:

@@ -119,6 +119,22 @@ def _generate_batch(lm: LoadedModel, batch: list[list[int]], gen: GenerationSpec
     return out, new, lengths, finished, stats, width
 
 
+def answer_and_grade(lm: LoadedModel, items: list[Item], prompt: PromptSpec, gen: GenerationSpec) -> tuple[list[bool], list[int]]:
+    """Answer ``items`` under ``prompt`` (batches of ``gen.batch_size`` in the given order, capped at the mode's
+    ``max_new_tokens``) and grade them, storing nothing: (correct, decoded tokens) per item. For quick measurements
+    that need no KV features (scripts/)."""
+    ids = [prompt_ids(item, prompt, lm.tokenizer) for item in items]
+    correct, tokens = [], []
+    for start in range(0, len(ids), gen.batch_size):
+        with torch.inference_mode():
+            _, new, lengths, *_ = _generate_batch(lm, ids[start : start + gen.batch_size], gen,
+                                                  gen.max_new_tokens[prompt.mode], FeatureSpec())
+        for b, item in enumerate(items[start : start + gen.batch_size]):
+            correct.append(grade(item, lm.tokenizer.decode(new[b, : int(lengths[b])], skip_special_tokens=True))[1])
+            tokens.append(int(lengths[b]))
+    return correct, tokens
+
+
 def _features(out, width: int, lengths: torch.Tensor, prompt_lengths: torch.Tensor, lm: LoadedModel, feats: FeatureSpec):
     pairs = layer_kv(out, device=lm.input_device)
     tensors = {"response_kv": F.pooled_response(pairs, width, lengths)}

@@ -48,9 +48,8 @@ with tempfile.TemporaryDirectory() as tmp:
                   flush=True)
 
 outcomes, _ = split_columns(dm, "test")
-needed = ((outcomes.slow_correct == 1) & (outcomes.fast_correct == 0)).float()
-budget = 0.5 * float(outcomes.slow_tokens.mean())
-bar = max(float(outcomes.fast_correct.mean()), float(outcomes.slow_correct.mean())) - 0.01
+needed = outcomes.slow_needed().float()
+bar, budget = outcomes.bar()
 generator = torch.Generator().manual_seed(0)
 for d in (1.0, 1.5, 2.0, 2.5, 3.0, 3.5):
     aurocs, accuracies = [], []

@@ -14,11 +14,10 @@ import argparse
 import torch
 
 from kvprobe import assets
-from kvprobe.capture import GenerationSpec, _generate_batch
-from kvprobe.features import FeatureSpec
+from kvprobe.capture import GenerationSpec, answer_and_grade
 from kvprobe.models import ModelSpec, load_model
 from kvprobe.prompts import PromptSpec, prompt_ids
-from kvprobe.tasks import TaskSpec, grade, load_items
+from kvprobe.tasks import TaskSpec, load_items
 
 VARIANTS = {
     "default ('Reply with only the final answer, no explanation.')": PromptSpec(mode="fast"),
@@ -37,15 +36,8 @@ lm = load_model(ModelSpec(name="qwen2.5-coder-0.5b", dtype=args.dtype))
 params = {"n": 360, "seed": 1, "terms": 2, "digits": 2, "min_digits": 1, "operators": "+-*"}
 items = load_items(TaskSpec("arithmetic", params=params))[:64]
 for name, spec in VARIANTS.items():
-    ids = [prompt_ids(item, spec, lm.tokenizer) for item in items]
-    right = tokens = 0
-    for start in range(0, len(ids), 32):
-        with torch.inference_mode():
-            _, new, lengths, _, _, _ = _generate_batch(lm, ids[start:start + 32], GenerationSpec(), 32, FeatureSpec())
-        for b, item in enumerate(items[start:start + 32]):
-            right += grade(item, lm.tokenizer.decode(new[b, :int(lengths[b])], skip_special_tokens=True))[1]
-            tokens += int(lengths[b])
-    print(f"{name}: accuracy {right / len(items):.3f}, {tokens / len(items):.1f} tokens", flush=True)
+    correct, tokens = answer_and_grade(lm, items, spec, GenerationSpec(batch_size=32))
+    print(f"{name}: accuracy {sum(correct) / len(items):.3f}, {sum(tokens) / len(items):.1f} tokens", flush=True)
 
 if args.check_conversion:
     from transformers import AutoModelForCausalLM

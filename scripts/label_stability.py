@@ -18,11 +18,11 @@ import dataclasses
 import torch
 
 from kvprobe import fit, routing
-from kvprobe.capture import _generate_batch
-from kvprobe.features import FeatureSpec
+from kvprobe.capture import answer_and_grade
+from kvprobe.difficulty_report import split_columns
 from kvprobe.models import load_model
-from kvprobe.prompts import MODES, prompt_ids
-from kvprobe.tasks import grade, load_items
+from kvprobe.prompts import MODES
+from kvprobe.tasks import load_items
 
 # Reworded, same demands. (A looser slow instruction, "Work it out step by step. End with a line 'Answer: <answer>'.",
 # made the model skip the reasoning on most questions: that changes the mode, not the wording.)
@@ -33,45 +33,28 @@ cli = fit.make_cli(["--config", "configs/difficulty.yaml", "--trainer.logger", "
 dm = cli.datamodule
 dm.prepare_data()
 dm.setup()
-test = dm.datasets["test"]
-idx = torch.tensor(test.indices)
-captured = routing.Outcomes(*(dm.outcomes[k][idx] for k in ("fast_correct", "slow_correct", "fast_tokens", "slow_tokens")))
+captured, rows = split_columns(dm, "test")
 by_qid = {item.qid: item for item in load_items(dm.task)}
-items = [by_qid[test.rows[i]["qid"]] for i in test.indices]
+items = [by_qid[row["qid"]] for row in rows]
 lm = load_model(dm.model_spec)
 
 
 def rerun(batch_size: int, instructions: dict[str, str]) -> routing.Outcomes:
-    cols = {}
-    for mode in MODES:
-        spec = dataclasses.replace(dm.mode_prompt(mode), **instructions)
-        ids = [prompt_ids(item, spec, lm.tokenizer) for item in items]
-        correct, tokens = [], []
-        for start in range(0, len(ids), batch_size):
-            with torch.inference_mode():
-                _, new, lengths, *_ = _generate_batch(lm, ids[start:start + batch_size], dm.generation,
-                                                      dm.generation.max_new_tokens[mode], FeatureSpec())
-            for b, item in enumerate(items[start:start + batch_size]):
-                correct.append(float(grade(item, lm.tokenizer.decode(new[b, :int(lengths[b])], skip_special_tokens=True))[1]))
-                tokens.append(float(lengths[b]))
-        cols[mode] = (torch.tensor(correct), torch.tensor(tokens))
-    return routing.Outcomes(cols["fast"][0], cols["slow"][0], cols["fast"][1], cols["slow"][1])
-
-
-def needed(o: routing.Outcomes) -> torch.Tensor:
-    return (o.slow_correct == 1) & (o.fast_correct == 0)
+    gen = dataclasses.replace(dm.generation, batch_size=batch_size)
+    cols = {mode: answer_and_grade(lm, items, dataclasses.replace(dm.mode_prompt(mode), **instructions), gen) for mode in MODES}
+    return routing.Outcomes(*(torch.tensor(cols[mode][k]) for k in (0, 1) for mode in MODES))
 
 
 oracle = captured.route(captured.oracle())
-slow_tokens, bar = float(captured.slow_tokens.mean()), max(float(captured.fast_correct.mean()), float(captured.slow_correct.mean())) - 0.01
+slow_tokens, (bar, budget) = float(captured.slow_tokens.mean()), captured.bar()
 print(f"captured: fast {captured.fast_correct.mean():.3f}, slow {captured.slow_correct.mean():.3f} @ {slow_tokens:.1f} tok; "
-      f"bar: >= {bar:.3f} at <= {0.5 * slow_tokens:.1f} tok; oracle {oracle['accuracy']:.3f} @ {oracle['mean_tokens']:.1f} tok", flush=True)
+      f"bar: >= {bar:.3f} at <= {budget:.1f} tok; oracle {oracle['accuracy']:.3f} @ {oracle['mean_tokens']:.1f} tok", flush=True)
 for name, (batch_size, instructions) in {"batch 8": (8, {}), "paraphrase": (32, PARAPHRASE)}.items():
     again = rerun(batch_size, instructions)
     flips = {m: int((getattr(again, f"{m}_correct") != getattr(captured, f"{m}_correct")).sum()) for m in MODES}
-    agree = float((needed(again) == needed(captured)).float().mean())
-    r = captured.route(needed(again))
+    agree = float((again.slow_needed() == captured.slow_needed()).float().mean())
+    r = captured.route(again.slow_needed())
     print(f"{name}: rerun fast {again.fast_correct.mean():.3f}, slow {again.slow_correct.mean():.3f}; grades flipped: "
           f"fast {flips['fast']}, slow {flips['slow']} of {len(items)}; 'slow needed' agrees on {agree:.1%}; rerun router "
           f"{r['accuracy']:.3f} @ {r['mean_tokens']:.1f} tok ({r['mean_tokens'] / slow_tokens:.2f}x), meets bar: "
-          f"{r['accuracy'] >= bar and r['mean_tokens'] <= 0.5 * slow_tokens}", flush=True)
+          f"{r['accuracy'] >= bar and r['mean_tokens'] <= budget}", flush=True)

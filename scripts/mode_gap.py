@@ -9,13 +9,10 @@ is as good as slow is one a fast/slow router can answer cheaply; docs/difficulty
 
 import argparse
 
-import torch
-
-from kvprobe.capture import GenerationSpec, _generate_batch
-from kvprobe.features import FeatureSpec
+from kvprobe.capture import GenerationSpec, answer_and_grade
 from kvprobe.models import ModelSpec, load_model
-from kvprobe.prompts import MODES, PromptSpec, prompt_ids
-from kvprobe.tasks import TaskSpec, grade, load_items
+from kvprobe.prompts import MODES, PromptSpec
+from kvprobe.tasks import TaskSpec, load_items
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -26,16 +23,10 @@ parser.add_argument("--batch_size", type=int, default=24)
 args = parser.parse_args()
 
 lm = load_model(ModelSpec(name=args.model, dtype=args.dtype))
-gen = GenerationSpec()
+gen = GenerationSpec(batch_size=args.batch_size)
 for task in args.tasks:
     items = load_items(TaskSpec(task))[: args.n]
     for mode in MODES:
-        ids = [prompt_ids(item, PromptSpec(mode=mode), lm.tokenizer) for item in items]
-        right = tokens = 0
-        for start in range(0, len(ids), args.batch_size):
-            with torch.inference_mode():
-                _, new, lengths, *_ = _generate_batch(lm, ids[start:start + args.batch_size], gen, gen.max_new_tokens[mode], FeatureSpec())
-            for b, item in enumerate(items[start:start + args.batch_size]):
-                right += grade(item, lm.tokenizer.decode(new[b, :int(lengths[b])], skip_special_tokens=True))[1]
-                tokens += int(lengths[b])
-        print(f"{task} {mode}: accuracy {right / len(items):.3f}, {tokens / len(items):.1f} tokens ({len(items)} questions)", flush=True)
+        correct, tokens = answer_and_grade(lm, items, PromptSpec(mode=mode), gen)
+        print(f"{task} {mode}: accuracy {sum(correct) / len(items):.3f}, {sum(tokens) / len(items):.1f} tokens "
+              f"({len(items)} questions)", flush=True)

@@ -61,6 +61,22 @@ def test_store_layout_and_table(tiny, tmp_path):
     assert result.summary["items"] == 10 and result.summary["bytes_on_disk"] > 0
 
 
+def test_answer_and_grade_answers_like_capture(tiny, tmp_path, monkeypatch):
+    import kvprobe.capture as capture_module
+    from kvprobe.tasks import load_items
+
+    # a grade that depends on the generated text (and the item, so both grades occur even if a tiny model's texts agree)
+    def grade(item, response):
+        return "", (sum(map(ord, response)) + int(item.qid.rsplit("/", 1)[-1])) % 2 == 0
+
+    monkeypatch.setattr(capture_module, "grade", grade)
+    one = GenerationSpec(max_new_tokens=GEN.max_new_tokens, batch_size=1, shard_size=4)  # batch 1: no padding either way
+    rows = pq.read_table(run(tiny, tmp_path, generation=one).path / "table.parquet").to_pylist()
+    correct, tokens = capture_module.answer_and_grade(load_model(ModelSpec(name=str(tiny))), load_items(TASK), PromptSpec(), one)
+    assert correct == [r["correct"] for r in rows] and tokens == [r["gen_tokens"] for r in rows]
+    assert len(set(correct)) == 2  # both grades occur
+
+
 def test_capture_leaves_the_callers_random_state_alone(tiny, tmp_path):
     """A probe initialised after a capture must not depend on whether the capture ran or was cached."""
     torch.manual_seed(123)

@@ -164,8 +164,7 @@ class DifficultyProbe(HeadProbe):
         """Thresholds for every budget, fitted on the validation split only."""
         scores, outcomes = self.predict_scores(val_loader)
         self.thresholds = routing.calibrate(scores, outcomes, self.budgets)
-        needed = (outcomes.slow_correct == 1) & (outcomes.fast_correct == 0)
-        self.val_metrics = {"route_gain": outcomes.route_gain(scores), "auroc": _auroc(scores, needed)}
+        self.val_metrics = {"route_gain": outcomes.route_gain(scores), "auroc": _auroc(scores, outcomes.slow_needed())}
 
     def test_step(self, batch: dict, _) -> None:
         self._outputs.append(self._collect(batch))
