@@ -1,6 +1,6 @@
 """Live steering on a task's test split: every policy generates, is graded, and is costed, side by side.
 
-    python -m kvprobe.evaluate --generator checkpoints/qwen2.5-coder-0.5b --data configs/data/difficulty_mix.yaml
+    python -m kvprobe.evaluate --generator qwen2.5-coder-0.5b --data configs/data/difficulty_mix.yaml
 
 For each policy (fast, slow, route, route+switch, oracle) the generator answers the test questions of the data
 config's split (the split the probes never trained on), greedy, batched. Reported per policy: accuracy, mean
@@ -61,7 +61,7 @@ def run_policy(gen: KVProbeGenerator, items: list[Item], policy: str, batch_size
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generator", default="checkpoints/qwen2.5-coder-0.5b", help="generator folder or alias")
+    parser.add_argument("--generator", default="qwen2.5-coder-0.5b", help="generator folder or alias")
     parser.add_argument("--data", default="configs/data/difficulty_mix.yaml", help="difficulty data config (both modes)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES, help="route+switch needs a switch probe")

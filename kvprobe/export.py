@@ -3,20 +3,30 @@
 Weights are safetensors (never a pickle). The JSON records the probe class and its arguments, the base model's
 name, fingerprint and layer/head shape, the capture's feature and prompt specs, the metrics it reached, and the
 versions that made it. Loading onto another model fails with a message naming both.
+
+A folder is written whole: into a staging folder beside it, renamed into place once every file is there. A crash
+leaves the previous export as it was, never new weights beside old results.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
 import kvprobe
 
+PROBE_FILES = ("probe.safetensors", "probe.json", "results.json", "test.png")
+PROBE_KINDS = ("difficulty", "correctness", "switch")  # a generator folder's probe subfolders
 ALLOWED_CLASSES = {"kvprobe.probes.correctness.CorrectnessProbe", "kvprobe.probes.difficulty.DifficultyProbe",
                    "kvprobe.probes.switch.SwitchProbe"}
 
@@ -32,9 +42,9 @@ def _versions() -> dict:
     return {"kvprobe": kvprobe.__version__, "transformers": transformers.__version__, "torch": torch.__version__, "lightning": lightning.__version__}
 
 
-def save_probe(probe: torch.nn.Module, folder: str | Path, capture_spec: dict, metrics: dict | None = None) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def save_probe(probe: torch.nn.Module, folder: str | Path, capture_spec: dict, metrics: dict | None = None,
+               results: dict | None = None) -> Path:
+    """Export ``probe`` with its base model's stamp (from ``capture_spec``); ``results`` go beside it as results.json."""
     cls = f"{type(probe).__module__}.{type(probe).__qualname__}"
     config = {
         "probe_class": cls,
@@ -49,17 +59,55 @@ def save_probe(probe: torch.nn.Module, folder: str | Path, capture_spec: dict, m
         "metrics": metrics or {},
         "versions": _versions(),
     }
-    return write_probe(probe, folder, config)
+    return write_probe(probe, folder, config, results)
 
 
-def write_probe(probe: torch.nn.Module, folder: str | Path, config: dict) -> Path:
-    """Weights as safetensors, ``config`` as probe.json (its calibration refreshed from the probe)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def write_probe(probe: torch.nn.Module, folder: str | Path, config: dict, results: dict | None = None) -> Path:
+    """Weights as safetensors, ``config`` as probe.json (its calibration refreshed from the probe), all at once."""
     config = config | {"calibration": probe.export_state()}
-    save_file({k: v.detach().contiguous().cpu() for k, v in probe.state_dict().items()}, folder / "probe.safetensors")
-    (folder / "probe.json").write_text(json.dumps(config, indent=1, default=str))
-    return folder
+    with replace_folder(folder, "probe.json", set(PROBE_FILES)) as staging:
+        save_file({k: v.detach().contiguous().cpu() for k, v in probe.state_dict().items()}, staging / "probe.safetensors")
+        (staging / "probe.json").write_text(json.dumps(config, indent=1, default=str))
+        if results is not None:
+            (staging / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    return Path(folder)
+
+
+@contextmanager
+def replace_folder(folder: str | Path, marker: str, known: set[str]) -> Iterator[Path]:
+    """Yield an empty staging folder; when the block ends without error it replaces ``folder`` in one rename.
+
+    ``folder`` may be absent, empty, or an earlier export (it holds ``marker`` and nothing outside ``known``); any
+    other folder is refused, so that a mistyped export path never deletes a user's files. On error the staging
+    folder is removed and ``folder`` is left as it was.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists():
+        entries = {p.name for p in folder.iterdir()} if folder.is_dir() else None
+        if entries is None or (entries and (marker not in entries or entries - known)):
+            raise FileExistsError(f"{folder} exists and is not a kvprobe export ({marker} and only {sorted(known)}); "
+                                  "export to a new or empty folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; an export is shared like any folder
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            os.replace(staging, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_config(folder: str | Path) -> dict:

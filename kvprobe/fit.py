@@ -5,14 +5,19 @@
 
 One run does it all: capture (skipped when cached) -> fit on train, select the best epoch on val -> calibrate on
 val (a temperature, or routing thresholds for each budget) -> test on held-out questions beside the baselines ->
-export under ``checkpoints/`` and log the lot (config, metrics, test figure, probe files) to W&B (offline unless
-you set ``trainer.logger.offline: false``).
+export to ``--export_dir`` (default: a new folder under ``runs/probes/``; the shipped probes change only when you
+name their folder) -> draw the test figure and log the lot (config, metrics, figure, probe files) to W&B (offline
+unless you set ``trainer.logger.init_args.offline: false``). The export is complete before any figure or logging
+step runs, and a failure there is reported without touching it.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -26,10 +31,16 @@ from kvprobe.export import save_probe
 
 class FitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--export_dir", type=str, default="checkpoints/coe", help="where the exported probe is written")
+        parser.add_argument("--export_dir", type=str | None, default=None,
+                            help="where the exported probe is written; null = runs/probes/<time>-<probe>-<task>/")
 
 
-def run(cli: LightningCLI, export_dir: str | Path) -> dict:
+def default_export_dir(root: str | Path, probe: LightningModule, task: str) -> Path:
+    kind = type(probe).__name__.removesuffix("Probe").lower()
+    return Path(root) / "probes" / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{task}"
+
+
+def run(cli: LightningCLI, export_dir: str | Path | None = None) -> dict:
     trainer, probe, dm = cli.trainer, cli.model, cli.datamodule
     for logger in trainer.loggers:  # the whole resolved config, not only the probe's arguments
         logger.log_hyperparams({"config": cli.config.as_dict()})
@@ -44,25 +55,56 @@ def run(cli: LightningCLI, export_dir: str | Path) -> dict:
     results = {"test": probe.test_results, "calibration": probe.export_state(), "best_checkpoint": best,
                "val_select": None if score is None else float(score),
                "capture": str(dm.path), "items": {k: len(v) for k, v in dm.datasets.items()}}
-    folder = save_probe(probe, export_dir, spec, results)
-    fig = probe.figure(f"{spec['model']['name']} / {spec['task']['name']}: test split")
-    fig.savefig(Path(folder) / "test.png", dpi=120)
-    (Path(folder) / "results.json").write_text(json.dumps(results, indent=1))
+    folder = Path(export_dir or default_export_dir(trainer.default_root_dir, probe, spec["task"]["name"]))
+    save_probe(probe, folder, spec, results=results)
+    print(f"[kvprobe] probe exported to {folder}; test: {probe.headline()}")
+    # everything below is presentation: a failure is reported, the export stays as written
+    fig = _figure(probe, f"{spec['model']['name']} / {spec['task']['name']}: test split", folder)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            import wandb
-
-            run_dir = Path(logger.experiment.dir)  # copies, not links: the run must outlive the export folder
-            logger.log_image("test/figure", [wandb.Image(fig)])
-            for f in ("probe.safetensors", "probe.json", "results.json", "test.png"):
-                shutil.copy(Path(folder) / f, run_dir / f)
-                logger.experiment.save(str(run_dir / f), base_path=str(run_dir), policy="now")
-            summary = {f"test/{n}/{m}": v for n, d in probe.test_results.items() for m, v in d.items()}
-            summary |= {f"data/{k}": v for k, v in spec.get("difficulty", {}).get("label_counts", {}).items()}
-            logger.experiment.summary.update(summary)
-            logger.experiment.finish()
-    print(f"[kvprobe] probe exported to {folder}; test: {probe.headline()}")
+            _log_wandb(logger, probe, spec, folder, fig)
     return results
+
+
+def _report(step: str, err: BaseException, folder: Path) -> None:
+    detail = traceback.format_exc() if os.environ.get("KVPROBE_DEBUG") else ""
+    print(f"[kvprobe] warning: {step} failed ({type(err).__name__}: {err}); the probe in {folder} is complete "
+          f"(KVPROBE_DEBUG=1 shows the traceback)\n{detail}".rstrip())
+
+
+def _figure(probe: LightningModule, title: str, folder: Path):
+    """The probe's test figure, written to ``folder/test.png`` (through a temporary file); None if drawing fails."""
+    try:
+        fig = probe.figure(title)
+        fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
+        os.close(fd)
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, folder / "test.png")
+        return fig
+    except Exception as err:  # noqa: BLE001 - a figure never costs the user the probe
+        _report("drawing the test figure", err, folder)
+        return None
+
+
+def _log_wandb(logger: WandbLogger, probe: LightningModule, spec: dict, folder: Path, fig) -> None:
+    """Metrics, figure and a copy of the exported files into the W&B run; the run is finished whatever happens."""
+    try:
+        import wandb
+
+        run_dir = Path(logger.experiment.dir)  # copies, not links: the run must outlive the export folder
+        if fig is not None:
+            logger.log_image("test/figure", [wandb.Image(fig)])
+        for f in sorted(p.name for p in folder.iterdir()):
+            shutil.copy(folder / f, run_dir / f)
+            logger.experiment.save(str(run_dir / f), base_path=str(run_dir), policy="now")
+        summary = {f"test/{n}/{m}": v for n, d in probe.test_results.items() for m, v in d.items()}
+        summary |= {f"data/{k}": v for k, v in spec.get("difficulty", {}).get("label_counts", {}).items()}
+        summary["export_dir"] = str(folder.resolve())
+        logger.experiment.summary.update(summary)
+    except Exception as err:  # noqa: BLE001
+        _report("logging to W&B", err, folder)
+    finally:
+        logger.experiment.finish()
 
 
 def make_cli(args: list[str] | None = None) -> FitCLI:

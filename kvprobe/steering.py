@@ -1,6 +1,6 @@
 """KVProbeGenerator: trained probes steer generation live, from the very KV cache the decode loop builds.
 
-    gen = KVProbeGenerator.from_pretrained("checkpoints/smollm2")
+    gen = KVProbeGenerator.from_pretrained("smollm2")     # a shipped alias (kvprobe/pretrained/) or a folder
     answer, record = gen.generate("What is 17 * 3?", policy="route")
 
 The loop is our own greedy decode over a ``DynamicCache``, so the probes run between steps:
@@ -38,14 +38,14 @@ import torch
 import kvprobe
 from kvprobe import features as F
 from kvprobe.cache import cache_argument, layer_kv, newest_kv
-from kvprobe.export import ProbeMismatch, load_probe, read_config, write_probe
+from kvprobe.export import PROBE_KINDS, ProbeMismatch, load_probe, read_config, replace_folder, write_probe
 from kvprobe.features import FeatureSpec
 from kvprobe.models import LoadedModel, ModelSpec, last_logits_only, load_model, model_shape, resolve
 from kvprobe.prompts import PromptSpec, chat_ids, prompt_ids, with_instruction
+from kvprobe.resources import resolve_generator
 from kvprobe.tasks import Item
 
 POLICIES = ("fast", "slow", "route", "route+switch", "oracle")
-REPO = Path(__file__).resolve().parents[1]
 GENERATOR_FILE = "generator.json"
 
 
@@ -130,6 +130,7 @@ class KVProbeGenerator:
             raise ValueError("a KVProbeGenerator needs at least one probe (difficulty and/or correctness)")
         self.lm, self.difficulty, self.correctness, self.switch = lm, difficulty, correctness, switch
         self.configs = configs or {}
+        self.path: Path | None = None  # the folder from_pretrained loaded
         self.steering = self._steering(steering or SteeringSpec())
         main = self.configs.get("difficulty") or self.configs["correctness"]
         self.prompt = PromptSpec(**main["prompt"])
@@ -164,11 +165,10 @@ class KVProbeGenerator:
     def from_pretrained(cls, path: str | Path, model=None, tokenizer=None, device_map: str | None = None,
                         dtype: str | None = None, steering: SteeringSpec | None = None) -> "KVProbeGenerator":
         """Probes from a generator folder (``generator.json`` + ``difficulty/`` + ``correctness/``), a single exported
-        probe folder, or an alias under ``checkpoints/``; the base model they record, or ``model`` (a kvprobe
-        ``LoadedModel``, or a transformers model with its ``tokenizer``), checked to match."""
-        folder = Path(path).expanduser()
-        if not folder.exists() and (REPO / "checkpoints" / str(path)).is_dir():
-            folder = REPO / "checkpoints" / str(path)
+        probe folder, or a shipped alias (``kvprobe.resources.aliases()``: ``smollm2``, ``qwen2.5-coder-0.5b``); the
+        base model they record, or ``model`` (a kvprobe ``LoadedModel``, or a transformers model with its
+        ``tokenizer``), checked to match. ``.path`` says which folder was loaded."""
+        folder = resolve_generator(path)
         if (folder / GENERATOR_FILE).is_file():
             meta = json.loads((folder / GENERATOR_FILE).read_text())
             probes = {name: folder / sub for name, sub in meta["probes"].items()}
@@ -191,20 +191,21 @@ class KVProbeGenerator:
             model = _wrap(model, tokenizer)
         shape = {k: v for k, v in asdict(model.shape).items()}
         loaded = {name: load_probe(p, model.fingerprint, shape, model.spec.name) for name, p in probes.items()}
-        return cls(model, loaded.get("difficulty"), loaded.get("correctness"), configs, steering, loaded.get("switch"))
+        gen = cls(model, loaded.get("difficulty"), loaded.get("correctness"), configs, steering, loaded.get("switch"))
+        gen.path = folder.resolve()
+        return gen
 
     def save_pretrained(self, path: str | Path) -> Path:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        probes = {}
-        for name, probe in (("difficulty", self.difficulty), ("correctness", self.correctness), ("switch", self.switch)):
-            if probe is not None:
-                write_probe(probe, folder / name, self.configs[name])
-                probes[name] = name
-        meta = {"format": "kvprobe-generator", "kvprobe": kvprobe.__version__, "probes": probes,
+        """Write the generator folder whole: it appears complete or not at all (an older one stays until then)."""
+        probes = {name: probe for name, probe in (("difficulty", self.difficulty), ("correctness", self.correctness),
+                                                  ("switch", self.switch)) if probe is not None}
+        meta = {"format": "kvprobe-generator", "kvprobe": kvprobe.__version__, "probes": {name: name for name in probes},
                 "base_model": next(iter(self.configs.values()))["base_model"], "steering": asdict(self.steering)}
-        (folder / GENERATOR_FILE).write_text(json.dumps(meta, indent=1))
-        return folder
+        with replace_folder(path, GENERATOR_FILE, set(PROBE_KINDS) | {GENERATOR_FILE}) as staging:
+            for name, probe in probes.items():
+                write_probe(probe, staging / name, self.configs[name])
+            (staging / GENERATOR_FILE).write_text(json.dumps(meta, indent=1))
+        return Path(path)
 
     @classmethod
     def from_probes(cls, lm: LoadedModel, difficulty: str | Path | None = None, correctness: str | Path | None = None,

