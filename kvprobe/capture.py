@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> CaptureResult:
 
     from datamodules import KVCaptureDataModule
 
-    parser = ArgumentParser(prog="python -m kvprobe.capture", description="Capture answers and KV features of a task.")
+    parser = ArgumentParser(prog="kvprobe capture", description="Capture answers and KV features of a task.")
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with a `data:` section (see configs/)")
     parser.add_class_arguments(KVCaptureDataModule, "data")
     parser.add_argument("--devices", type=int, default=1, help="data-parallel processes (gloo on CPU, one GPU each on CUDA)")

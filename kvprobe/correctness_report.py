@@ -46,7 +46,7 @@ def train(data: str, source: str, out: Path) -> tuple[dict, object]:
     """Fit one probe; returns its results and the CLI (its ``model`` holds the test outputs, ``datamodule`` the data)."""
     model_cfg = PROBES.get(source, PROBES["kv"])
     args = ["--config", "configs/coe.yaml", "--data", data, "--model", model_cfg, "--export_dir", str(out),
-            "--trainer.logger", "false", "--trainer.callbacks.init_args.dirpath", str(out / "lightning"),
+            "--trainer.logger", "false", "--trainer.callbacks.init_args.dirpath", str(Path("runs/lightning") / out.name),
             "--trainer.enable_progress_bar", "false"]
     if source == "prompt_kv":
         args += ["--model.init_args.source", source]

@@ -35,7 +35,7 @@ VARIANTS = {  # design-space points beside the objectives, each with the chosen 
 
 def train(config: str, out: Path, extra: list[str]) -> tuple[dict, object]:
     args = ["--config", config, "--export_dir", str(out), "--trainer.logger", "false",
-            "--trainer.callbacks.init_args.dirpath", str(out / "lightning"), "--trainer.enable_progress_bar", "false", *extra]
+            "--trainer.callbacks.init_args.dirpath", str(Path("runs/lightning") / out.name), "--trainer.enable_progress_bar", "false", *extra]
     cli = fit.make_cli(args)
     return fit.run(cli, out), cli
 

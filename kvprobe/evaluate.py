@@ -60,7 +60,7 @@ def run_policy(gen: KVProbeGenerator, items: list[Item], policy: str, batch_size
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="kvprobe evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generator", default="qwen2.5-coder-0.5b", help="generator folder or alias")
     parser.add_argument("--data", default="configs/data/difficulty_mix.yaml", help="difficulty data config (both modes)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])

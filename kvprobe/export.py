@@ -82,11 +82,7 @@ def replace_folder(folder: str | Path, marker: str, known: set[str]) -> Iterator
     folder is removed and ``folder`` is left as it was.
     """
     folder = Path(folder).expanduser()
-    if folder.exists():
-        entries = {p.name for p in folder.iterdir()} if folder.is_dir() else None
-        if entries is None or (entries and (marker not in entries or entries - known)):
-            raise FileExistsError(f"{folder} exists and is not a kvprobe export ({marker} and only {sorted(known)}); "
-                                  "export to a new or empty folder")
+    check_replaceable(folder, marker, known)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
@@ -102,6 +98,16 @@ def replace_folder(folder: str | Path, marker: str, known: set[str]) -> Iterator
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def check_replaceable(folder: str | Path, marker: str = "probe.json", known: set[str] = set(PROBE_FILES)) -> None:
+    """Raise FileExistsError unless ``folder`` is absent, empty, or an earlier export that may be replaced."""
+    folder = Path(folder).expanduser()
+    if folder.exists():
+        entries = {p.name for p in folder.iterdir()} if folder.is_dir() else None
+        if entries is None or (entries and (marker not in entries or entries - known)):
+            raise FileExistsError(f"{folder} exists and is not a kvprobe export ({marker} and only {sorted(known)}); "
+                                  "export to a new or empty folder")
 
 
 def _umask() -> int:

@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
 from datamodules import KVCaptureDataModule
-from kvprobe.export import save_probe
+from kvprobe.export import check_replaceable, save_probe
 
 
 class FitCLI(LightningCLI):
@@ -42,6 +42,8 @@ def default_export_dir(root: str | Path, probe: LightningModule, task: str) -> P
 
 def run(cli: LightningCLI, export_dir: str | Path | None = None) -> dict:
     trainer, probe, dm = cli.trainer, cli.model, cli.datamodule
+    if export_dir:  # before any work: a folder that must not be replaced is refused now, not after training
+        check_replaceable(export_dir)
     for logger in trainer.loggers:  # the whole resolved config, not only the probe's arguments
         logger.log_hyperparams({"config": cli.config.as_dict()})
     trainer.fit(probe, dm)

@@ -562,10 +562,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Assemble a generator folder from exported probes: ``python -m kvprobe.steering --difficulty D --correctness C --out O``."""
+    """Assemble a generator folder from exported probes: ``kvprobe assemble --difficulty D --correctness C --out O``
+    (or ``python -m kvprobe.steering ...``)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m kvprobe.steering", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="kvprobe assemble", description=main.__doc__)
     parser.add_argument("--difficulty", help="exported difficulty probe folder (python -m kvprobe.fit --config configs/difficulty.yaml)")
     parser.add_argument("--correctness", help="exported correctness probe folder (source kv)")
     parser.add_argument("--switch", help="exported switch probe folder (python -m kvprobe.fit --config configs/switch.yaml)")

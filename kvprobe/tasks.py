@@ -261,6 +261,9 @@ def _hf(
                 raise TaskError(f"hf task: {local} is not a {'/'.join(HF_FILE_BUILDERS)} file nor a save_to_disk folder")
             data = datasets.load_dataset(builder, data_files=str(local), split="train")  # one file is one split
         else:
+            if _hub_offline():  # name it at once instead of after the hub client's retries
+                raise TaskError(f"hf task: {path!r} is not a local file or folder, and the hub is offline (HF_HUB_OFFLINE); "
+                                "give a save_to_disk folder or a parquet/json/csv file")
             data = datasets.load_dataset(path, name, split=split)
     except TaskError:
         raise
@@ -273,6 +276,12 @@ def _hf(
         if column is not None and column not in columns:
             raise TaskError(f"hf task: {path!r} has no column {column!r} (params.{field_name}); its columns: {sorted(columns)}")
     return _rows_to_items(iter(data), "hf", lambda i: f"{path} row {i}", question_field, answer_field, choices_field, id_field)
+
+
+def _hub_offline() -> bool:
+    import datasets.config  # read from HF_HUB_OFFLINE / HF_DATASETS_OFFLINE when datasets is imported
+
+    return bool(datasets.config.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE)
 
 
 def _rows_to_items(rows, prefix: str, where: Callable[[int], str], question_field: str, answer_field: str,

@@ -31,7 +31,7 @@ with tempfile.TemporaryDirectory() as tmp:
         for seed in SEEDS if fraction < 1 else SEEDS[:1]:
             out = f"{tmp}/f{fraction:.4f}-s{seed}"
             cli = fit.make_cli(["--config", "configs/difficulty.yaml", "--export_dir", out, "--trainer.logger", "false",
-                                "--trainer.callbacks.init_args.dirpath", f"{out}/lightning",
+                                "--trainer.callbacks.init_args.dirpath", f"{out}-lightning",
                                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
             dm = cli.datamodule
             dm.prepare_data()

@@ -81,3 +81,55 @@ def test_wandb_offline_run_holds_test_metrics(tiny_models, tmp_path, parity_grad
     log = next(run.glob("run-*.wandb")).read_bytes()
     assert b"test/probe/auroc" in log and b"val/auroc" in log  # logged metrics, in W&B's own record
     assert b"max_new_tokens" in log  # the resolved config (data section included) is in the run
+
+
+def test_a_failing_figure_leaves_a_complete_export_and_a_finished_run(tiny_models, tmp_path, parity_grader, monkeypatch, capsys):
+    from kvprobe.probes.correctness import CorrectnessProbe
+
+    main(fit_args(tiny_models["qwen3"], tmp_path, "--trainer.max_epochs", "1", "--trainer.logger", "false"))
+    export = tmp_path / "export"
+    assert (export / "test.png").is_file()
+    def no_matplotlib(self, title):
+        raise ModuleNotFoundError("No module named 'matplotlib'")
+    monkeypatch.setattr(CorrectnessProbe, "figure", no_matplotlib)
+    results = main(fit_args(tiny_models["qwen3"], tmp_path, "--trainer.max_epochs", "2", "--model.init_args.head", "mlp"))
+    assert "drawing the test figure failed (ModuleNotFoundError" in capsys.readouterr().out
+    assert sorted(p.name for p in export.iterdir()) == ["probe.json", "probe.safetensors", "results.json"]  # no stale test.png
+    assert read_config(export)["probe_args"]["head"] == "mlp" and load_probe(export).hparams.head == "mlp"
+    assert json.loads((export / "results.json").read_text())["test"]["probe"] == pytest.approx(results["test"]["probe"])
+    [run] = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert (run / "files" / "probe.safetensors").is_file()  # logging went on without the figure
+    import wandb
+
+    assert wandb.run is None  # the run was finished
+    assert not list(tmp_path.glob(".export.*"))  # no staging folder left
+
+
+def test_an_interrupted_export_leaves_the_previous_one_whole(tiny_models, tmp_path, parity_grader, monkeypatch):
+    import kvprobe.export
+
+    main(fit_args(tiny_models["llama"], tmp_path, "--trainer.max_epochs", "1", "--trainer.logger", "false"))
+    export = tmp_path / "export"
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    def crash(tensors, path, *args, **kwargs):
+        open(path, "wb").write(b"half a file")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(kvprobe.export, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(fit_args(tiny_models["llama"], tmp_path, "--trainer.max_epochs", "2", "--trainer.logger", "false"))
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_default_export_goes_to_a_new_run_folder_and_never_over_a_user_folder(tiny_models, tmp_path, parity_grader):
+    args = fit_args(tiny_models["qwen2"], tmp_path, "--trainer.fast_dev_run", "true", "--trainer.logger", "false")
+    at = args.index("--export_dir")
+    main(args[:at] + args[at + 2:])
+    [folder] = (tmp_path / "runs" / "probes").iterdir()
+    assert folder.name.endswith("-correctness-arithmetic") and (folder / "probe.json").is_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="is not a kvprobe export"):
+        main(args[:at] + ["--export_dir", str(mine)] + args[at + 2:])
+    assert (mine / "notes.txt").read_text() == "keep me"

@@ -273,3 +273,19 @@ def test_window_kv_never_reads_padding_values():
     mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
     w = F.window_kv([(k, k)], mask, 4, [0])
     assert torch.isfinite(w).all() and w[0, 0, 0, 0, :, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generator_on_gpu_matches_cpu(gen, trained):
+    """The model sharded onto the GPU (device_map="auto"): probes move to its input device, and every policy gives
+    the CPU run's answers, route scores, switches and confidences."""
+    lm = load_model(ModelSpec(name=str(trained["model"]), device_map="auto"))
+    assert lm.input_device.type == "cuda"
+    root = trained["root"]
+    on_gpu = KVProbeGenerator.from_probes(lm, root / "difficulty", root / "correctness", switch=root / "switch")
+    assert next(on_gpu.difficulty.parameters()).device.type == "cuda"
+    for policy in ("fast", "slow", "route", "route+switch"):
+        for (_, cpu), (_, cuda) in zip(gen.generate(QUESTIONS, policy=policy), on_gpu.generate(QUESTIONS, policy=policy)):
+            assert cuda.token_ids == cpu.token_ids and cuda.mode == cpu.mode and cuda.switched_at == cpu.switched_at, policy
+            assert cuda.route_score == pytest.approx(cpu.route_score, abs=1e-3) if cpu.route_score is not None else cuda.route_score is None
+            assert cuda.confidence == pytest.approx(cpu.confidence, abs=1e-3)

@@ -107,6 +107,42 @@ def test_jsonl_task_fields(tmp_path):
         load_items(TaskSpec("jsonl", params={"path": str(f), "question_field": "q", "answer_field": "a", "id_field": "id"}))
 
 
+def test_hf_task_reads_any_datasets_source_with_a_column_mapping(tmp_path):
+    import datasets
+
+    rows = {"problem": ["What is 2 + 2?", "Pick one", "What is 3 * 3?"], "solution": ["4", "1", "9"], "uid": ["a", "b", "c"]}
+    data = datasets.Dataset.from_dict(rows)
+    data.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": data.select([0]), "test": data}).save_to_disk(str(tmp_path / "dict"))
+    data.to_parquet(str(tmp_path / "qs.parquet"))
+    data.to_csv(str(tmp_path / "qs.csv"), index=False)
+    data.to_json(str(tmp_path / "qs.jsonl"))
+    mapping = {"question_field": "problem", "answer_field": "solution", "id_field": "uid"}
+    expected = [("hf/a", "What is 2 + 2?", "4"), ("hf/b", "Pick one", "1"), ("hf/c", "What is 3 * 3?", "9")]
+    for source in ("saved", "dict", "qs.parquet", "qs.csv", "qs.jsonl"):
+        items = load_items(TaskSpec("hf", params={"path": str(tmp_path / source), "split": "test", **mapping}))
+        assert [(i.qid, i.question, i.gold) for i in items] == expected, source
+    first = load_items(TaskSpec("hf", limit=1, params={"path": str(tmp_path / "dict"), "split": "train", **mapping}))
+    assert [i.qid for i in first] == ["hf/a"]
+    with pytest.raises(TaskError, match=r"no column 'question' \(params.question_field\); its columns: \['problem', 'solution', 'uid'\]"):
+        load_items(TaskSpec("hf", params={"path": str(tmp_path / "qs.parquet")}))
+    with pytest.raises(TaskError, match=r"splits \['test', 'train'\], not 'validation'"):
+        load_items(TaskSpec("hf", params={"path": str(tmp_path / "dict"), "split": "validation", **mapping}))
+    with pytest.raises(TaskError, match="needs params.path"):
+        load_items(TaskSpec("hf"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(TaskError, match="is not a"):
+        load_items(TaskSpec("hf", params={"path": str(tmp_path / "notes.txt"), **mapping}))
+
+
+def test_hf_task_offline_names_the_source_at_once(monkeypatch):
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    with pytest.raises(TaskError, match="'someone/no-such-dataset' is not a local file or folder, and the hub is offline"):
+        load_items(TaskSpec("hf", params={"path": "someone/no-such-dataset"}))
+
+
 def test_prompt_modes_and_template_switch():
     tok = make_tokenizer()
     item = Item("q", "What is 2 + 2?", "4")
