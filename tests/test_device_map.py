@@ -17,6 +17,7 @@ KW = dict(task=TaskSpec("arithmetic", params={"n": 6}), generation=GenerationSpe
           features=FeatureSpec(prompt_window=4), verbose=False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, auto places the layers there (the GPU test below)")
 def test_device_map_auto_on_cpu_matches_plain(tiny_models, tmp_path):
     plain = capture(model=ModelSpec(name=str(tiny_models["qwen2"])), root=tmp_path / "plain", **KW)
     auto = capture(model=ModelSpec(name=str(tiny_models["qwen2"]), device_map="auto"), root=tmp_path / "auto", **KW)
