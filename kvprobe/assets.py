@@ -79,6 +79,25 @@ class EmbeddedModel:
         return target
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a whole file, memoised in the cache dir by path, size and mtime: a file version is hashed once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    memo = cache_dir() / "sha256" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    if memo.is_file():
+        try:
+            record = json.loads(memo.read_text())
+            if {k: record.get(k) for k in key} == key:
+                return record["sha256"]
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            pass  # a damaged memo is recomputed
+    digest = sha256_file(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(memo, json.dumps(key | {"sha256": digest}).encode())
+    return digest
+
+
 def _verify(path: Path, sha256: str, size: int, hint: str) -> None:
     """sha256 check, memoised in a sidecar keyed by size and mtime so a 0.5 GB file is hashed once."""
     stat = path.stat()

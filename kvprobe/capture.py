@@ -9,6 +9,7 @@ very cache (a second forward pass would cost 5-6% of generation time; pooling co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,10 +62,12 @@ class CaptureResult:
 
 
 def capture_spec(model: ModelSpec, source: str, digest: str, task: TaskSpec, prompt: PromptSpec, gen: GenerationSpec,
-                 feats: FeatureSpec) -> dict:
+                 feats: FeatureSpec, items: list[Item]) -> dict:
     """Everything that changes what is stored. Its hash names the capture folder. Loads no weights.
 
     ``source`` and ``digest`` are ``kvprobe.models.fingerprint(model)``: what to load, and its content hash.
+    ``items`` enter as a digest of their ids, questions, golds and choices: a task file edited in place, or the
+    same relative path in another folder, names another capture.
     """
     from transformers import AutoConfig
 
@@ -74,10 +77,16 @@ def capture_spec(model: ModelSpec, source: str, digest: str, task: TaskSpec, pro
         "grading": GRADING_VERSION,
         "model": {"fingerprint": digest, "dtype": model.dtype, "name": model.name},
         "task": asdict(task),
+        "items": items_digest(items),
         "prompt": prompt.to_dict(),
         "generation": asdict(gen),
         "features": feats.to_dict(),
     }
+
+
+def items_digest(items: list[Item]) -> str:
+    rows = [[item.qid, item.question, item.gold, list(item.choices) if item.choices else None] for item in items]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
 
 
 def _validate(items: list[Item], ids: list[list[int]], limit: int | None, max_new: int) -> None:
@@ -217,11 +226,11 @@ def capture(
     items = load_items(task)  # bad task input fails here, before any model work
     model = loaded.spec if loaded else model
     source, model_digest = (loaded.source, loaded.fingerprint) if loaded else model_fingerprint(model)
-    spec = capture_spec(model, source, model_digest, task, prompt, generation, features)
+    spec = capture_spec(model, source, model_digest, task, prompt, generation, features, items)
     digest = fingerprint(spec)
     store = CaptureStore(Path(root or cache_dir() / "captures") / f"{task.name}-{prompt.mode}-{digest[:16]}")
     if not store.complete and rank == 0:
-        _regrade_older(store, spec | {"fingerprint": digest}, items, verbose)
+        _adopt_older(store, spec | {"fingerprint": digest}, items, verbose)
     barrier()
     if store.complete and not store.verify():
         return _finish(store, verbose and rank == 0, reused=True)
@@ -261,14 +270,26 @@ def capture(
     return _finish(store, verbose and rank == 0, reused=False)
 
 
-def _regrade_older(store: CaptureStore, spec: dict, items: list[Item], verbose: bool) -> None:
-    """Adopt a complete capture of the same spec that an older ``GRADING_VERSION`` graded: its answers and tensors
-    are what this run would generate, so its rows are graded again and nothing is regenerated. A grading fix
-    then costs seconds, not hours of generation. Only when it holds exactly this task's questions (an old version
-    may have come with other task data); an intact older folder is left as it was (a damaged one is treated as
-    any damaged capture: its bad shards are removed and it is not adopted)."""
-    for version in range(spec["grading"] - 1, 0, -1):
-        old_spec = {k: v for k, v in spec.items() if k != "fingerprint"} | {"grading": version}
+def _older_specs(spec: dict):
+    """(grading version, spec) an older kvprobe wrote for this very capture: earlier grading versions, and specs
+    from before the items digest entered the fingerprint (the questions are then compared row by row)."""
+    base = {k: v for k, v in spec.items() if k != "fingerprint"}
+    for version in range(spec["grading"], 0, -1):
+        for with_items in (True, False):
+            old = base | {"grading": version}
+            if not with_items:
+                old.pop("items", None)
+            if old != base:
+                yield version, old
+
+
+def _adopt_older(store: CaptureStore, spec: dict, items: list[Item], verbose: bool) -> None:
+    """Adopt a complete capture of the same spec that an older kvprobe wrote (another ``GRADING_VERSION``, or no
+    items digest): its answers and tensors are what this run would generate, so its rows are graded again and
+    nothing is regenerated. A grading fix then costs seconds, not hours of generation. Only when it holds exactly
+    this task's questions; an intact older folder is left as it was (a damaged one is treated as any damaged
+    capture: its bad shards are removed and it is not adopted)."""
+    for version, old_spec in _older_specs(spec):
         older = CaptureStore(store.path.with_name(f"{store.path.name.rsplit('-', 1)[0]}-{fingerprint(old_spec)[:16]}"))
         if not older.complete or older.verify():
             continue
@@ -291,7 +312,7 @@ def _regrade_older(store: CaptureStore, spec: dict, items: list[Item], verbose: 
     summary = older.manifest()["summary"]
     store.finalize(n, _summary(store, n, summary["capture_seconds"]) | {"regraded_from": older.path.name})
     if verbose:
-        print(f"[kvprobe] {older.path.name} was graded by grading version {version}: its answers regraded into "
+        print(f"[kvprobe] {older.path.name} holds these questions' answers (grading version {version}): regraded into "
               f"{store.path.name} (accuracy {summary['accuracy']:.1%} -> {store.manifest()['summary']['accuracy']:.1%}), "
               "nothing regenerated", flush=True)
 

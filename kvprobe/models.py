@@ -69,10 +69,10 @@ def model_shape(config) -> ModelShape:
 
 
 def _folder_fingerprint(folder: Path) -> str:
-    """Hash of config/tokenizer files and of each weight file's size plus its first and last MiB.
+    """Hash of the folder's config and tokenizer files and of each weight file's full contents.
 
-    Hashing a multi-GB checkpoint in full on every run would cost more than the capture it keys; the head and
-    tail of a safetensors file hold its header and last tensor, which change with any re-save.
+    A weight file's sha256 is memoised by path, size and mtime (``assets.file_sha256``), so each version of a
+    file is read once (Qwen2.5-0.5B's 2 GB: docs/capture.md); any edit, even one matrix in the middle, changes it.
     """
     conversion = folder / "kvprobe-conversion.json"
     if conversion.is_file():
@@ -83,12 +83,7 @@ def _folder_fingerprint(folder: Path) -> str:
         if f.suffix in {".json", ".txt", ".model", ".jinja"}:
             digest.update(f.read_bytes())
         elif f.suffix in {".safetensors", ".bin", ".pt", ".gguf"}:
-            size = f.stat().st_size
-            digest.update(str(size).encode())
-            with open(f, "rb") as fh:
-                digest.update(fh.read(1 << 20))
-                fh.seek(max(0, size - (1 << 20)))
-                digest.update(fh.read(1 << 20))
+            digest.update(assets.file_sha256(f).encode())
     return digest.hexdigest()
 
 

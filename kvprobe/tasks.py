@@ -50,6 +50,17 @@ class TaskSpec:
     offset: int = 0
     params: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise TaskError(f"task.limit must be a positive number of items or null (all), not {self.limit!r}")
+        if not isinstance(self.offset, int) or self.offset < 0:
+            raise TaskError(f"task.offset must be 0 or more (items to skip from the start), not {self.offset!r}")
+        if not isinstance(self.params, dict):
+            raise TaskError(f"task.params must be a mapping of the task's options, not {self.params!r}")
+        path = self.params.get("path")
+        if self.name in ("jsonl", "hf") and isinstance(path, str) and Path(path).expanduser().exists():
+            self.params = self.params | {"path": str(Path(path).expanduser().resolve())}  # recorded where it was read
+
 
 class TaskError(ValueError):
     """Bad task input; the message names the item and the fix."""

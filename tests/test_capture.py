@@ -259,3 +259,67 @@ def test_datamodule_captures_data_parallel_under_a_ddp_trainer(tiny_models, tmp_
         for name in a:
             tol = 2e-3 if a[name].dtype == torch.float16 else 1e-5
             torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol)
+
+
+def test_a_changed_task_file_or_the_same_relative_path_elsewhere_is_never_served_from_cache(tiny_models, tmp_path, monkeypatch):
+    """The items enter the fingerprint: an edited file, or "q.jsonl" in another folder, asks its own questions."""
+    tiny = tiny_models["qwen2"]
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder, offset in ((first, 0), (second, 50)):
+        folder.mkdir()
+        (folder / "q.jsonl").write_text("".join(json.dumps({"question": f"What is {offset + i} + 1?", "answer": str(offset + i + 1)}) + "\n" for i in range(4)))
+    task = TaskSpec("jsonl", params={"path": "q.jsonl"})
+
+    def questions(result):
+        return [r["question"] for r in pq.read_table(result.path / "table.parquet").to_pylist()]
+
+    monkeypatch.chdir(first)
+    a = run(tiny, tmp_path / "captures", task=task)
+    assert questions(a) == [f"What is {i} + 1?" for i in range(4)] and run(tiny, tmp_path / "captures", task=task).summary["reused"]
+    monkeypatch.chdir(second)
+    b = run(tiny, tmp_path / "captures", task=task)
+    assert b.path != a.path and not b.summary["reused"] and questions(b) == [f"What is {50 + i} + 1?" for i in range(4)]
+    (second / "q.jsonl").write_text(json.dumps({"question": "What is 7 * 6?", "answer": "42"}) + "\n")  # edited in place
+    c = run(tiny, tmp_path / "captures", task=task)
+    assert c.path not in (a.path, b.path) and not c.summary["reused"] and questions(c) == ["What is 7 * 6?"]
+
+
+def test_a_model_edited_in_place_gets_another_fingerprint(tiny_models, tmp_path):
+    """One MLP matrix zeroed in the middle of model.safetensors (same size, same head and tail): not the same model."""
+    from safetensors.torch import save_file
+
+    from kvprobe.models import fingerprint
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], folder)
+    before = fingerprint(ModelSpec(name=str(folder)))[1]
+    a = run(folder, tmp_path / "captures")
+    weights = load_file(folder / "model.safetensors")
+    size = (folder / "model.safetensors").stat().st_size
+    name = "model.layers.1.mlp.up_proj.weight"
+    weights[name] = torch.zeros_like(weights[name])
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    assert (folder / "model.safetensors").stat().st_size == size
+    assert fingerprint(ModelSpec(name=str(folder)))[1] != before
+    b = run(folder, tmp_path / "captures")
+    assert b.path != a.path and not b.summary["reused"]
+
+
+def test_a_capture_from_before_the_items_digest_is_adopted_without_generating(tiny, tmp_path, monkeypatch):
+    import kvprobe.capture as C
+
+    plain = C.capture_spec
+
+    def without_items(*args):  # what an older kvprobe wrote
+        spec = plain(*args)
+        spec.pop("items")
+        return spec
+
+    monkeypatch.setattr(C, "capture_spec", without_items)
+    old = run(tiny, tmp_path)
+    monkeypatch.setattr(C, "capture_spec", plain)
+    monkeypatch.setattr(C, "load_model", lambda spec: pytest.fail("an older capture of the same questions was regenerated"))
+    new = run(tiny, tmp_path)
+    assert new.path != old.path and new.summary["regraded_from"] == old.path.name
+    assert [r["response"] for r in pq.read_table(new.path / "table.parquet").to_pylist()] == \
+           [r["response"] for r in pq.read_table(old.path / "table.parquet").to_pylist()]
