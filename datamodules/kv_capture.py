@@ -85,6 +85,16 @@ class SplitSpec:
         return out
 
 
+def split_keys(rows: list[dict]) -> list[str]:
+    """What each row is split by: its question id, or, where one question text (case and spacing aside) sits under
+    several ids, the smallest of them, so that the same question never lands in train and in test."""
+    norm = [" ".join(r["question"].lower().split()) for r in rows]
+    first: dict[str, str] = {}
+    for text, r in zip(norm, rows):
+        first[text] = min(first.get(text, r["qid"]), r["qid"])
+    return [first[text] for text in norm]
+
+
 class KVCaptureDataModule(L.LightningDataModule):
     """Runs a frozen model over a task once, stores KV features, serves them as train/val/test.
 
@@ -150,7 +160,7 @@ class KVCaptureDataModule(L.LightningDataModule):
         """The capture's shards and rows, and each split's row indices (subclasses may add rows to a split)."""
         shards, table = CaptureStore(self.result.path).open()
         rows = table.to_pylist()
-        return shards, rows, self.split.assign([r["qid"] for r in rows])
+        return shards, rows, self.split.assign(split_keys(rows))
 
     def _datasets(self, shards: list[dict], rows: list[dict], parts: dict[str, list[int]], scores: dict) -> dict[str, CaptureDataset]:
         """One dataset per split over the opened capture (subclasses add what they serve beside it)."""

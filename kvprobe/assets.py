@@ -114,10 +114,30 @@ def _verify(path: Path, sha256: str, size: int, hint: str) -> None:
     _write_atomically(stamp, json.dumps(key).encode())
 
 
+def umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only be read by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_created(path: str | Path) -> None:
+    """Give a file or folder made by ``tempfile`` (0600 / 0700) the mode a plain create would: a cache shared by a
+    team stays readable to those the umask lets read it."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask())
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
+    as_created(tmp)
     os.replace(tmp, path)
 
 
@@ -129,6 +149,7 @@ def _join_atomically(files: list[Path], target: Path) -> None:
             for f in files:
                 with open(f, "rb") as src:
                     shutil.copyfileobj(src, out, 1 << 24)
+        as_created(tmp)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -170,9 +191,19 @@ def converted_gguf(gguf: Path, sha256: str | None = None) -> Path:
     if marker.is_file():
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    # from_config initialises weights from the global RNG: forked, so a fit that converts the model on its way
+    # (a new KVPROBE_CACHE) initialises its probe exactly like one that found the folder converted
+    with torch.random.fork_rng():
+        _convert(gguf, sha256, target)
+    return target
+
+
+def _convert(gguf: Path, sha256: str, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -187,10 +218,10 @@ def converted_gguf(gguf: Path, sha256: str | None = None) -> Path:
         (tmp / "kvprobe-conversion.json").write_text(json.dumps(record, indent=1))
         if target.exists():  # a stale folder without marker: an earlier conversion died after the rename
             shutil.rmtree(target)
+        as_created(tmp)
         os.replace(tmp, target)
     except Exception as err:
         raise AssetError(f"converting {gguf} into an HF folder failed: {err}") from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target

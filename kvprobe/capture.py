@@ -1,7 +1,7 @@
 """Capture: generate -> grade -> KV features -> store. One process, data-parallel, or sharded over GPUs.
 
     python -m kvprobe.capture --config configs/data/arithmetic.yaml      # the embedded model on arithmetic
-    python -m kvprobe.capture --task.name gsm8k --task.limit 32 --devices 2
+    python -m kvprobe.capture --data.task.name gsm8k --data.task.limit 32 --devices 2
 
 Nothing hooks the model: the KV cache is an ordinary output of ``generate``, and features are pooled from that
 very cache (a second forward pass would cost 5-6% of generation time; pooling costs ~0.05%).
@@ -26,7 +26,7 @@ from kvprobe.cache import layer_kv
 from kvprobe.features import FeatureSpec
 from kvprobe.models import LoadedModel, ModelSpec, last_logits_only, load_model, load_tokenizer, model_shape
 from kvprobe.models import fingerprint as model_fingerprint
-from kvprobe.prompts import PromptSpec, prompt_ids
+from kvprobe.prompts import PromptSpec, check_token_caps, prompt_ids
 from kvprobe.store import CaptureStore, fingerprint
 from kvprobe.tasks import GRADING_VERSION, Item, TaskError, TaskSpec, grade, load_items
 
@@ -53,6 +53,18 @@ class GenerationSpec:
     top_p: float = 1.0
     seed: int = 0
     shard_size: int = 64
+
+    def __post_init__(self) -> None:
+        self.max_new_tokens = check_token_caps(self.max_new_tokens, "generation.max_new_tokens")
+        for name in ("batch_size", "shard_size"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"generation.{name} must be a whole number >= 1, not {value!r}")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, not {self.temperature!r}, {self.top_p!r}")
+
+
+CAP_WARNING = 0.10  # above this share of answers cut by the token cap, a capture's labels are mostly "did it finish"
 
 
 @dataclass
@@ -233,23 +245,25 @@ def capture(
         _adopt_older(store, spec | {"fingerprint": digest}, items, verbose)
     barrier()
     if store.complete and not store.verify():
+        if rank == 0:
+            store.begin(spec | {"fingerprint": digest})  # rewrites a damaged spec.json, else nothing
         return _finish(store, verbose and rank == 0, reused=True)
     tokenizer = loaded.tokenizer if loaded else load_tokenizer(source)
     ids = [prompt_ids(item, prompt, tokenizer) for item in items]
     _validate(items, ids, spec["shape"]["max_positions"], generation.max_new_tokens[prompt.mode])
-    store.begin(spec | {"fingerprint": digest})
 
     shards = [range(s, min(s + generation.shard_size, len(items))) for s in range(0, len(items), generation.shard_size)]
     mine = [j for j in range(len(shards)) if j % world_size == rank]
     todo = [j for j in mine if not store.shard_ok(j)]
     lm = loaded or (load_model(model) if todo else None)  # only a merge left to do: no weights needed
+    store.begin(spec | {"fingerprint": digest})  # the folder appears once everything before work has passed
     progress = tqdm(
         total=sum(len(shards[j]) for j in todo), desc=f"capture {task.name}/{prompt.mode}" + (f" [rank {rank}]" if world_size > 1 else ""),
         unit="item", disable=not verbose or not todo, position=rank,
     )
     progress.tokens, progress.t0 = 0, time.perf_counter()
-    t0 = time.perf_counter()
     for j in todo:
+        t0 = time.perf_counter()
         # each shard samples from its own seed; forked, so the caller's random state (e.g. a probe's initialisation
         # after seed_everything) is the same whether this run captured or found the capture cached
         with torch.random.fork_rng(), torch.inference_mode():
@@ -257,15 +271,14 @@ def capture(
             tensors, rows = _run_shard(lm, [items[i] for i in shards[j]], [ids[i] for i in shards[j]], generation, features, prompt, progress)
         for r, i in zip(rows, shards[j]):
             r["index"] = i
-        store.write_shard(j, tensors, rows)
+        store.write_shard(j, tensors, rows, time.perf_counter() - t0)
     progress.close()
-    seconds = time.perf_counter() - t0
     barrier()
     if rank == 0:
         missing = [j for j in range(len(shards)) if not store.shard_ok(j)]
         if missing:
             raise RuntimeError(f"shards {missing} were not written by their ranks; rerun the capture to finish them")
-        store.finalize(len(shards), _summary(store, len(shards), seconds))
+        store.finalize(len(shards), _summary(store, len(shards), store.seconds(len(shards))))
     barrier()
     return _finish(store, verbose and rank == 0, reused=False)
 
@@ -304,12 +317,12 @@ def _adopt_older(store: CaptureStore, spec: dict, items: list[Item], verbose: bo
         return
     store.begin(spec)
     shards, _ = older.open()
+    summary = older.manifest()["summary"]
     for j, (tensors, rows) in enumerate(zip(shards, tables)):
         for row in rows:
             prediction, correct = grade(items[row["index"]], row["response"])
             row.update(prediction=prediction, correct=correct, extracted=prediction != "")
-        store.write_shard(j, tensors, rows)
-    summary = older.manifest()["summary"]
+        store.write_shard(j, tensors, rows, summary["capture_seconds"] / n)  # the generation it came from
     store.finalize(n, _summary(store, n, summary["capture_seconds"]) | {"regraded_from": older.path.name})
     if verbose:
         print(f"[kvprobe] {older.path.name} holds these questions' answers (grading version {version}): regraded into "
@@ -324,6 +337,7 @@ def _summary(store: CaptureStore, n_shards: int, seconds: float) -> dict:
         "items": len(rows), "correct": correct, "accuracy": correct / len(rows),
         "extraction_failures": sum(not r["extracted"] for r in rows),
         "unfinished": sum(not r["finished"] for r in rows),
+        "cap_share": round(sum(not r["finished"] for r in rows) / len(rows), 4),
         "mean_gen_tokens": sum(r["gen_tokens"] for r in rows) / len(rows),
         "capture_seconds": round(seconds, 1),
     }
@@ -341,6 +355,13 @@ def _finish(store: CaptureStore, verbose: bool, reused: bool) -> CaptureResult:
             f"{s['bytes_on_disk'] / 1e6:.1f} MB on disk -> {store.path}",
             flush=True,
         )
+    if verbose and summary.get("cap_share", 0) > CAP_WARNING:
+        spec = store.spec()
+        mode, caps = spec["prompt"]["mode"], spec["generation"]["max_new_tokens"]
+        print(f"[kvprobe] WARNING: {summary['cap_share']:.0%} of the answers ({summary['unfinished']} of {summary['items']}) "
+              f"hit the token cap generation.max_new_tokens.{mode}={caps[mode]} and are graded wrong: the labels mostly say "
+              f"'did not finish'. Raise the cap (e.g. --data.generation.max_new_tokens "
+              f"'{json.dumps(caps | {mode: caps[mode] * 2})}') and capture again.", flush=True)
     return CaptureResult(store.path, summary)
 
 
@@ -359,7 +380,7 @@ def main(argv: list[str] | None = None) -> CaptureResult:
     parser.add_class_arguments(KVCaptureDataModule, "data")
     parser.add_argument("--devices", type=int, default=1, help="data-parallel processes (gloo on CPU, one GPU each on CUDA)")
     cfg = parser.parse_args(argv)
-    datamodule = parser.instantiate_classes(cfg).data
+    datamodule = parser.instantiate(cfg).data
     if cfg.devices > 1:
         from lightning.fabric import Fabric
 
@@ -368,4 +389,6 @@ def main(argv: list[str] | None = None) -> CaptureResult:
 
 
 if __name__ == "__main__":
-    main()
+    from kvprobe.cli import run_module
+
+    run_module(main, "kvprobe capture")

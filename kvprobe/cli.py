@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from typing import Callable
 
 COMMANDS = {  # name: (module whose main() runs it, what it does)
     "fit": ("kvprobe.fit", "train, calibrate, test and export a probe (--config configs/coe.yaml; --print_config)"),
@@ -35,6 +37,30 @@ def configs(argv: list[str]) -> None:
     print(f"[kvprobe] configs copied to {dest}; run: kvprobe fit --config {dest / 'coe.yaml'}")
 
 
+def guarded(run: Callable[[], object], prog: str, argv: list[str]) -> int:
+    """Run a command; a user's error (bad input, a missing or damaged file, another model's probe) becomes one line
+    that names it, with the traceback behind ``--debug`` or ``KVPROBE_DEBUG=1``."""
+    from kvprobe.assets import AssetError
+    from kvprobe.store import CorruptCapture
+
+    debug = "--debug" in argv or os.environ.get("KVPROBE_DEBUG", "") not in ("", "0")
+    sys.argv = [prog, *(a for a in argv if a != "--debug")]
+    try:
+        run()
+    except (ValueError, OSError, CorruptCapture, AssetError) as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split())
+        print(f"{prog}: error: {message} ({type(err).__name__}; --debug or KVPROBE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_module(run: Callable[[], object], prog: str) -> None:
+    """``python -m kvprobe.X``: the same error handling as ``kvprobe X``."""
+    sys.exit(guarded(run, prog, sys.argv[1:]))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -45,16 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvprobe: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     if name == "configs":
-        try:
-            configs(rest)
-        except OSError as err:
-            print(f"kvprobe configs: {err}", file=sys.stderr)
-            return 2
-        return 0
+        return guarded(lambda: configs(sys.argv[1:]), "kvprobe configs", rest)
     # each command parses sys.argv itself (LightningCLI warns when given both); its usage then reads "kvprobe NAME"
-    sys.argv = [f"kvprobe {name}", *rest]
-    importlib.import_module(COMMANDS[name][0]).main()
-    return 0
+    return guarded(importlib.import_module(COMMANDS[name][0]).main, f"kvprobe {name}", rest)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     for src in tasks:
         for dst in tasks:
             if src != dst and same_model(src, dst):
-                probe = load_probe(exported[(src, "kv")])
+                probe = load_probe(exported[(src, "kv")], fingerprint=CaptureStore(modules[dst].path).spec()["model"]["fingerprint"])
                 m = evaluate(probe, modules[dst].test_dataloader())
                 transfer.append(f"| {src} | {dst} | {m['auroc']:.3f} [{m['auroc_lo']:.2f}, {m['auroc_hi']:.2f}] | "
                                 f"{m['fpr95']:.3f} | {m['aupr']:.3f} | {m['ece']:.3f} |")
@@ -170,4 +170,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from kvprobe.cli import run_module
+
+    run_module(main, "python -m kvprobe.correctness_report")

@@ -158,4 +158,6 @@ def switch_lines(gen: KVProbeGenerator) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    from kvprobe.cli import run_module
+
+    run_module(main, "kvprobe evaluate")

@@ -24,9 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kvprobe
+from kvprobe.assets import as_created
 
 PROBE_FILES = ("probe.safetensors", "probe.json", "results.json", "test.png")
 PROBE_KINDS = ("difficulty", "correctness", "switch")  # a generator folder's probe subfolders
+REQUIRED_KEYS = ("probe_class", "probe_args", "base_model", "features", "prompt", "generation")
 ALLOWED_CLASSES = {"kvprobe.probes.correctness.CorrectnessProbe", "kvprobe.probes.difficulty.DifficultyProbe",
                    "kvprobe.probes.switch.SwitchProbe"}
 
@@ -87,7 +89,7 @@ def replace_folder(folder: str | Path, marker: str, known: set[str]) -> Iterator
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; an export is shared like any folder
+        as_created(staging)  # mkdtemp makes 0700; an export is shared like any folder
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, old / folder.name)
@@ -110,20 +112,20 @@ def check_replaceable(folder: str | Path, marker: str = "probe.json", known: set
                                   "export to a new or empty folder")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def read_config(folder: str | Path) -> dict:
     path = Path(folder) / "probe.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no probe.json: not an exported kvprobe probe")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); re-export the probe") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(config, dict) or k not in config]
+    if not missing and not {"name", "fingerprint"} <= set(config["base_model"] if isinstance(config["base_model"], dict) else ()):
+        missing = ["base_model.name/fingerprint"]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a complete kvprobe probe; re-export it")
+    return config
 
 
 def check_model(config: dict, fingerprint: str, shape: dict | None, where: str, name: str = "the model given") -> None:
@@ -137,11 +139,20 @@ def check_model(config: dict, fingerprint: str, shape: dict | None, where: str, 
         )
 
 
-def load_probe(folder: str | Path, fingerprint: str | None = None, shape: dict | None = None, model_name: str = "the model given") -> torch.nn.Module:
-    """Rebuild an exported probe; with ``fingerprint`` (and ``shape``), refuse one made for another model."""
+def load_probe(folder: str | Path, model=None, *, fingerprint: str | None = None, shape: dict | None = None,
+               model_name: str = "the model given", check: bool = True) -> torch.nn.Module:
+    """Rebuild an exported probe for ``model`` (a kvprobe ``LoadedModel``, a ``ModelSpec`` or a model name: an alias,
+    a folder; no weights are loaded to check it) and refuse one made for another model. ``fingerprint`` (and
+    ``shape``) give the model's stamp directly. Loading without any is refused unless ``check=False`` says so."""
     config = read_config(folder)
+    if model is not None:
+        fingerprint, shape, model_name = _model_stamp(model)
     if fingerprint is not None:
         check_model(config, fingerprint, shape, str(folder), model_name)
+    elif check:
+        raise ValueError(f"load_probe({str(folder)!r}) needs the model the probe is for, to refuse another model's probe: "
+                         f"model=... (the probe was trained on {config['base_model']['name']!r}), fingerprint=..., or "
+                         "check=False to load it unchecked")
     if config["probe_class"] not in ALLOWED_CLASSES:
         raise ValueError(f"{folder}: unknown probe class {config['probe_class']!r}")
     module, name = config["probe_class"].rsplit(".", 1)
@@ -154,3 +165,17 @@ def load_probe(folder: str | Path, fingerprint: str | None = None, shape: dict |
     probe.load_state_dict(state)
     probe.load_export_state(config.get("calibration", {}))
     return probe.eval()
+
+
+def _model_stamp(model) -> tuple[str, dict, str]:
+    """(fingerprint, shape, name) of a LoadedModel, a ModelSpec or a model name, without loading weights."""
+    from transformers import AutoConfig
+
+    from kvprobe.models import LoadedModel, ModelSpec, model_shape
+    from kvprobe.models import fingerprint as model_fingerprint
+
+    if isinstance(model, LoadedModel):
+        return model.fingerprint, asdict(model.shape), model.spec.name
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(name=str(model))
+    source, digest = model_fingerprint(spec)
+    return digest, asdict(model_shape(AutoConfig.from_pretrained(source))), spec.name

@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
 from datamodules import KVCaptureDataModule
+from kvprobe.assets import as_created
 from kvprobe.export import check_replaceable, save_probe
 
 
@@ -81,6 +82,7 @@ def _figure(probe: LightningModule, title: str, folder: Path):
         fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
         os.close(fd)
         fig.savefig(tmp, dpi=120)
+        as_created(tmp)
         os.replace(tmp, folder / "test.png")
         return fig
     except Exception as err:  # noqa: BLE001 - a figure never costs the user the probe
@@ -123,4 +125,6 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from kvprobe.cli import run_module
+
+    run_module(main, "kvprobe fit")

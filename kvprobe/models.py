@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -28,6 +32,12 @@ class ModelSpec:
     dtype: str = "float32"
     device_map: str | None = None
     adapter: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"model.name must name a model (an alias, a folder, a .gguf file or a hub id), not {self.name!r}")
 
 
 @dataclass(frozen=True)
@@ -103,11 +113,27 @@ def resolve(name: str) -> tuple[str, str]:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a folder but holds no config.json: not a HF model folder")
         return str(path), _folder_fingerprint(path)
+    known = f"an embedded alias ({', '.join(assets.EMBEDDED)}), a HF folder nor a .gguf file"
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(
-            f"model {name!r} is neither an embedded alias ({', '.join(assets.EMBEDDED)}), a HF folder nor a .gguf file"
-        )
+        raise FileNotFoundError(f"model {name!r} is neither {known}")
+    unreachable = hub_unreachable()
+    if unreachable:  # say so at once: the hub client would retry for half a minute before failing
+        close = difflib.get_close_matches(name, list(assets.EMBEDDED), n=1)
+        raise FileNotFoundError(f"model {name!r} is neither {known}, and it cannot be a hub id here: {unreachable}"
+                                + (f". Did you mean {close[0]!r}?" if close else ""))
     return name, "hub:" + name  # a hub id (needs a network): pin a revision by downloading it to a folder
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode set, or its host not answering), or None."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as err:
+        return f"{host} cannot be reached ({err})"
+    return None
 
 
 def fingerprint(spec: ModelSpec) -> tuple[str, str]:
@@ -130,11 +156,12 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     kwargs = {"dtype": DTYPES[spec.dtype]}
     if spec.device_map is not None:
         kwargs["device_map"] = spec.device_map
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if spec.adapter:
-        from peft import PeftModel
+    with torch.random.fork_rng():  # weights (and a LoRA adapter) may be initialised before loading: the caller's RNG stays
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if spec.adapter:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(Path(spec.adapter).expanduser()))
+            model = PeftModel.from_pretrained(model, str(Path(spec.adapter).expanduser()))
     model.eval().requires_grad_(False)
     return LoadedModel(model, load_tokenizer(source), spec, source, digest, model_shape(model.config))
 

@@ -49,6 +49,16 @@ class PromptSpec:
         return asdict(self)
 
 
+def check_token_caps(caps, name: str = "max_new_tokens") -> dict[str, int]:
+    """``caps`` as ``{mode: positive int}``, or a ValueError naming ``name`` and what it takes."""
+    ok = isinstance(caps, dict) and caps and not set(caps) - set(MODES) and all(
+        type(v) is int and v >= 1 for v in caps.values())
+    if not ok:
+        raise ValueError(f"{name} maps modes {MODES} to positive whole numbers of tokens (e.g. {{fast: 32, slow: 256}}), "
+                         f"not {caps!r}")
+    return dict(caps)
+
+
 def uses_template_switch(spec: PromptSpec, tokenizer) -> bool:
     has_switch = "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "")
     if spec.thinking_switch == "template" and not has_switch:
@@ -84,6 +94,9 @@ def chat_ids(msgs: list[dict], spec: PromptSpec, tokenizer) -> list[int]:
 def with_instruction(msgs: list[dict], spec: PromptSpec, tokenizer) -> list[dict]:
     """A user's own chat with the mode's instruction appended to its last user message (what ``messages`` does
     for a task item), so live chats and captured questions are prompted alike."""
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"chat message {i} must be a dict with string 'role' and 'content', not {m!r}")
     users = [i for i, m in enumerate(msgs) if m.get("role") == "user"]
     if not users:
         raise ValueError("a chat prompt needs at least one message with role 'user'")

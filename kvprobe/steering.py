@@ -41,7 +41,7 @@ from kvprobe.cache import cache_argument, layer_kv, newest_kv
 from kvprobe.export import PROBE_KINDS, ProbeMismatch, load_probe, read_config, replace_folder, write_probe
 from kvprobe.features import FeatureSpec
 from kvprobe.models import LoadedModel, ModelSpec, last_logits_only, load_model, model_shape, resolve
-from kvprobe.prompts import PromptSpec, chat_ids, prompt_ids, with_instruction
+from kvprobe.prompts import PromptSpec, chat_ids, check_token_caps, prompt_ids, with_instruction
 from kvprobe.resources import resolve_generator
 from kvprobe.tasks import Item
 
@@ -170,7 +170,7 @@ class KVProbeGenerator:
         ``tokenizer``), checked to match. ``.path`` says which folder was loaded."""
         folder = resolve_generator(path)
         if (folder / GENERATOR_FILE).is_file():
-            meta = json.loads((folder / GENERATOR_FILE).read_text())
+            meta = _read_generator(folder / GENERATOR_FILE)
             probes = {name: folder / sub for name, sub in meta["probes"].items()}
             steering = steering or _steering_spec(meta.get("steering", {}), folder / GENERATOR_FILE)
         elif (folder / "probe.json").is_file():
@@ -189,8 +189,7 @@ class KVProbeGenerator:
             model = load_model(ModelSpec(name=base["name"], dtype=dtype or base["dtype"], device_map=device_map))
         elif not isinstance(model, LoadedModel):
             model = _wrap(model, tokenizer)
-        shape = {k: v for k, v in asdict(model.shape).items()}
-        loaded = {name: load_probe(p, model.fingerprint, shape, model.spec.name) for name, p in probes.items()}
+        loaded = {name: load_probe(p, model) for name, p in probes.items()}
         gen = cls(model, loaded.get("difficulty"), loaded.get("correctness"), configs, steering, loaded.get("switch"))
         gen.path = folder.resolve()
         return gen
@@ -212,8 +211,7 @@ class KVProbeGenerator:
                     steering: SteeringSpec | None = None, switch: str | Path | None = None) -> "KVProbeGenerator":
         """Assemble a generator from exported probe folders (e.g. ``python -m kvprobe.fit`` outputs)."""
         folders = {k: Path(v) for k, v in (("difficulty", difficulty), ("correctness", correctness), ("switch", switch)) if v}
-        shape = asdict(lm.shape)
-        loaded = {k: load_probe(v, lm.fingerprint, shape, lm.spec.name) for k, v in folders.items()}
+        loaded = {k: load_probe(v, lm) for k, v in folders.items()}
         configs = {k: read_config(v) for k, v in folders.items()}
         return cls(lm, loaded.get("difficulty"), loaded.get("correctness"), configs, steering, loaded.get("switch"))
 
@@ -228,7 +226,7 @@ class KVProbeGenerator:
             return prompt_ids(prompt, spec, self.lm.tokenizer)
         if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
             return chat_ids(with_instruction(prompt, spec, self.lm.tokenizer), spec, self.lm.tokenizer)
-        raise TypeError(f"a prompt is a string, a kvprobe Item or a list of chat messages, not {type(prompt).__name__}")
+        raise ValueError(f"a prompt is a string, a kvprobe Item or a list of chat messages, not {type(prompt).__name__}")
 
     # --- generation ---------------------------------------------------------------------------------------------------
     def generate(self, prompts, policy: str = "route", max_new_tokens: dict[str, int] | int | None = None,
@@ -238,6 +236,8 @@ class KVProbeGenerator:
         With ``stream=True`` returns an iterator of events (dicts with ``type`` in ``route``, ``text``, ``switch``,
         ``done``; each names its ``row``) as they happen.
         """
+        if not isinstance(prompts, (str, Item, list, tuple)):
+            raise ValueError(f"prompts: a string, a kvprobe Item, a chat (list of messages) or a list of these, not {type(prompts).__name__}")
         single = isinstance(prompts, (str, Item)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         batch = [prompts] if single else list(prompts)
         if not batch:
@@ -255,9 +255,23 @@ class KVProbeGenerator:
     def _caps(self, max_new_tokens) -> dict[str, int]:
         if max_new_tokens is None:
             return dict(self.max_new_tokens)
-        if isinstance(max_new_tokens, int):
-            return {"fast": max_new_tokens, "slow": max_new_tokens}
-        return dict(self.max_new_tokens) | dict(max_new_tokens)
+        if not isinstance(max_new_tokens, dict):
+            max_new_tokens = {"fast": max_new_tokens, "slow": max_new_tokens}
+        return dict(self.max_new_tokens) | check_token_caps(max_new_tokens)
+
+    def _check_context(self, batch: list, policy: str, caps: dict[str, int], oracle_modes) -> None:
+        """Refuse a prompt that, with its mode's token cap, would run past the model's positions (the model would
+        decode garbage there, with a confident score)."""
+        limit = self.lm.shape.max_positions
+        if not limit:
+            return
+        for i, prompt in enumerate(batch):
+            modes = [oracle_modes[i]] if policy == "oracle" else [policy] if policy in ("fast", "slow") else ["fast", "slow"]
+            for mode in modes:
+                n = len(self.prompt_ids(prompt, mode))
+                if n + caps[mode] > limit:
+                    raise ValueError(f"prompt {i} is {n} tokens in {mode} mode; with max_new_tokens {caps[mode]} that is more "
+                                     f"than the model's {limit} positions: shorten it or lower max_new_tokens")
 
     def _events(self, batch: list, policy: str, caps: dict[str, int], oracle_modes) -> Iterator[dict]:
         if policy not in POLICIES:
@@ -267,8 +281,10 @@ class KVProbeGenerator:
         if policy == "route+switch" and self.switch is None:
             raise ValueError("policy 'route+switch' needs a switch probe (python -m kvprobe.fit --config configs/switch.yaml, "
                              "then python -m kvprobe.steering ... --switch <folder>)")
-        if policy == "oracle" and (oracle_modes is None or len(oracle_modes) != len(batch)):
-            raise ValueError("policy 'oracle' needs oracle_modes: one 'fast'/'slow' per prompt")
+        if policy == "oracle" and (oracle_modes is None or len(oracle_modes) != len(batch)
+                                   or any(m not in ("fast", "slow") for m in oracle_modes)):
+            raise ValueError(f"policy 'oracle' needs oracle_modes: one 'fast'/'slow' per prompt, not {oracle_modes!r}")
+        self._check_context(batch, policy, caps, oracle_modes)
         t0 = time.perf_counter()
         with torch.inference_mode():
             if policy.startswith("route"):
@@ -518,6 +534,21 @@ def _steering_spec(saved: dict, where: Path) -> SteeringSpec:
     return SteeringSpec(**saved)
 
 
+def _read_generator(path: Path) -> dict:
+    """generator.json, checked: a damaged or foreign file is named with the command that rebuilds it."""
+    fix = "rebuild it with kvprobe assemble (README.md)"
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {fix}") from None
+    probes = meta.get("probes") if isinstance(meta, dict) else None
+    if not isinstance(probes, dict) or not probes or set(probes) - set(PROBE_KINDS):
+        raise ValueError(f"{path} must name its probes as {{kind: subfolder}} with kinds from {PROBE_KINDS}; {fix}")
+    if not isinstance(meta.get("steering", {}), dict):
+        raise ValueError(f"{path}: 'steering' must be an object of SteeringSpec settings; {fix}")
+    return meta
+
+
 def _kind(config: dict) -> str:
     """Which generator slot an exported probe fills, from its class."""
     return {"DifficultyProbe": "difficulty", "CorrectnessProbe": "correctness", "SwitchProbe": "switch"}[config["probe_class"].rsplit(".", 1)[1]]
@@ -585,4 +616,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from kvprobe.cli import run_module
+
+    run_module(main, "kvprobe assemble")

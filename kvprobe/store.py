@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
-from kvprobe.assets import sha256_file
+from kvprobe.assets import as_created, sha256_file
 
 
 class CorruptCapture(RuntimeError):
@@ -46,6 +46,7 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        as_created(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -54,6 +55,15 @@ def _atomic(path: Path, write) -> None:
 
 def _write_json(path: Path, obj) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
+
+
+def _read_object(path: Path) -> dict | None:
+    """A JSON object from ``path``, or None when it is missing, unreadable or not an object."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "BOOL": np.bool_, "U8": np.uint8}
@@ -92,22 +102,28 @@ class CaptureStore:
 
     # --- writing ------------------------------------------------------------------------------------------
     def begin(self, spec: dict) -> None:
+        """Create the folder and its spec.json (rewritten when missing or damaged: the caller knows the spec)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        spec_file = self.path / "spec.json"
-        if not spec_file.is_file():
-            _write_json(spec_file, spec)
+        if _read_object(self.path / "spec.json") is None:
+            _write_json(self.path / "spec.json", spec)
 
     def _files(self, j: int) -> tuple[Path, Path, Path]:
         stem = self.path / f"shard-{j:05d}"
         return stem.with_suffix(".safetensors"), stem.with_suffix(".parquet"), Path(f"{stem}.done.json")
 
-    def write_shard(self, j: int, tensors: dict[str, torch.Tensor], rows: list[dict]) -> None:
+    def write_shard(self, j: int, tensors: dict[str, torch.Tensor], rows: list[dict], seconds: float = 0.0) -> None:
+        """``seconds``: the model time the shard took, kept so a resumed capture reports its whole cost."""
         tensor_file, table_file, done_file = self._files(j)
         tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
         _atomic(tensor_file, lambda tmp: save_file(tensors, tmp))
         _atomic(table_file, lambda tmp: pq.write_table(pa.Table.from_pylist(rows), tmp))
-        record = {"items": len(rows), "files": {f.name: sha256_file(f) for f in (tensor_file, table_file)}}
+        record = {"items": len(rows), "files": {f.name: sha256_file(f) for f in (tensor_file, table_file)},
+                  "seconds": round(seconds, 3)}
         _write_json(done_file, record)
+
+    def seconds(self, n_shards: int) -> float:
+        """Model time of all shards, over every run that wrote one."""
+        return sum(json.loads(self._files(j)[2].read_text()).get("seconds", 0.0) for j in range(n_shards))
 
     def shard_ok(self, j: int) -> bool:
         """True when shard ``j`` is complete and intact. A damaged shard is removed (and reported) so it is redone."""
@@ -124,11 +140,10 @@ class CaptureStore:
         return False
 
     def _check(self, done_file: Path) -> str | None:
-        try:
-            record = json.loads(done_file.read_text())
-            files = record["files"]
-        except (json.JSONDecodeError, KeyError) as err:
-            return f"unreadable {done_file.name}: {err}"
+        record = _read_object(done_file)
+        files = record.get("files") if record else None
+        if not isinstance(files, dict):
+            return f"unreadable {done_file.name} (not a JSON object with 'files')"
         for name, digest in files.items():
             f = self.path / name
             if not f.is_file():
@@ -154,13 +169,30 @@ class CaptureStore:
     # --- reading ------------------------------------------------------------------------------------------
     @property
     def complete(self) -> bool:
-        return (self.path / "manifest.json").is_file()
+        """A manifest is there and readable. A damaged one is removed (and reported): the next capture run rebuilds
+        it from the intact shards without model work."""
+        path = self.path / "manifest.json"
+        if not path.is_file():
+            return False
+        manifest = _read_object(path)
+        if manifest is not None and isinstance(manifest.get("shards"), list) and "summary" in manifest:
+            return True
+        warnings.warn(f"{path} is damaged; removed, the next capture run rebuilds it from the intact shards")
+        path.unlink(missing_ok=True)
+        return False
 
     def manifest(self) -> dict:
-        return json.loads((self.path / "manifest.json").read_text())
+        return self._required("manifest.json")
 
     def spec(self) -> dict:
-        return json.loads((self.path / "spec.json").read_text())
+        return self._required("spec.json")
+
+    def _required(self, name: str) -> dict:
+        record = _read_object(self.path / name)
+        if record is None:
+            raise CorruptCapture(f"{self.path / name} is missing or damaged: run the capture again "
+                                 "(python -m kvprobe.capture with the same settings) to rebuild it")
+        return record
 
     def verify(self) -> list[int]:
         """Indices of shards that are damaged (and now removed, so a capture run redoes them)."""

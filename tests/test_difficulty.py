@@ -218,7 +218,7 @@ def test_export_round_trip_keeps_thresholds_and_refuses_other_models(tiny_models
     saved = json.loads((folder / "results.json").read_text())["calibration"]["thresholds"]
     assert probe.thresholds == saved and probe.budgets.slow_share == [0.25, 0.4, 0.5]
     x = torch.randn(4, 3, 2, 2, 8, 16)
-    again = load_probe(folder)
+    again = load_probe(folder, str(tiny_models["llama"]))
     torch.testing.assert_close(probe.score(probe(probe.inputs({"prompt_kv": x}))), again.score(again(again.inputs({"prompt_kv": x}))))
     with pytest.raises(ProbeMismatch, match="not on"):
         load_probe(folder, fingerprint=fingerprint(ModelSpec(name=str(tiny_models["qwen3"])))[1])

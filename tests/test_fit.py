@@ -57,7 +57,12 @@ def test_export_round_trip_and_model_mismatch(tiny_models, tmp_path, parity_grad
     llama_fp = fingerprint(ModelSpec(name=str(tiny_models["llama"])))[1]
     probe = load_probe(folder, fingerprint=llama_fp)
     x = torch.randn(5, probe.hparams.input_dim)
-    again = load_probe(folder)
+    again = load_probe(folder, str(tiny_models["llama"]))  # a model name: fingerprinted without loading weights
+    assert again.hparams.head == "mlp" and load_probe(folder, check=False).hparams.head == "mlp"
+    with pytest.raises(ValueError, match=r"needs the model the probe is for.*trained on '.*llama'.*check=False"):
+        load_probe(folder)
+    with pytest.raises(ProbeMismatch, match="not on"):
+        load_probe(folder, str(tiny_models["qwen2"]))
     torch.testing.assert_close(probe.probability(probe(x)), again.probability(again(x)))
     assert len(probe.iso_x) > 0 and probe.hparams.head == "mlp"
     qwen_fp = fingerprint(ModelSpec(name=str(tiny_models["qwen2"])))[1]
@@ -95,7 +100,7 @@ def test_a_failing_figure_leaves_a_complete_export_and_a_finished_run(tiny_model
     results = main(fit_args(tiny_models["qwen3"], tmp_path, "--trainer.max_epochs", "2", "--model.init_args.head", "mlp"))
     assert "drawing the test figure failed (ModuleNotFoundError" in capsys.readouterr().out
     assert sorted(p.name for p in export.iterdir()) == ["probe.json", "probe.safetensors", "results.json"]  # no stale test.png
-    assert read_config(export)["probe_args"]["head"] == "mlp" and load_probe(export).hparams.head == "mlp"
+    assert read_config(export)["probe_args"]["head"] == "mlp" and load_probe(export, check=False).hparams.head == "mlp"
     assert json.loads((export / "results.json").read_text())["test"]["probe"] == pytest.approx(results["test"]["probe"])
     [run] = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert (run / "files" / "probe.safetensors").is_file()  # logging went on without the figure

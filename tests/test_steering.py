@@ -289,3 +289,40 @@ def test_generator_on_gpu_matches_cpu(gen, trained):
             assert cuda.token_ids == cpu.token_ids and cuda.mode == cpu.mode and cuda.switched_at == cpu.switched_at, policy
             assert cuda.route_score == pytest.approx(cpu.route_score, abs=1e-3) if cpu.route_score is not None else cuda.route_score is None
             assert cuda.confidence == pytest.approx(cpu.confidence, abs=1e-3)
+
+
+def test_generate_gives_results_or_named_errors(gen):
+    """Any arguments: results, or a ValueError that names the argument; never a raw KeyError or TypeError."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(max_size=12)
+    prompt = st.one_of(text, st.integers(), st.none(), st.lists(st.dictionaries(st.sampled_from(["role", "content", "x"]),
+                                                                                 st.one_of(text, st.integers()), max_size=2), max_size=2))
+    caps = st.one_of(st.none(), st.integers(-1, 3), st.floats(0, 3), st.text(max_size=2),
+                     st.dictionaries(st.sampled_from(["fast", "slow", "medium"]), st.one_of(st.integers(-1, 3), st.text(max_size=1)), max_size=2))
+
+    @settings(max_examples=40, deadline=None)
+    @given(prompts=st.one_of(prompt, st.lists(prompt, max_size=3)), policy=st.sampled_from(["fast", "slow", "route", "route+switch", "oracle", "sometimes"]),
+           max_new_tokens=caps, oracle_modes=st.one_of(st.none(), st.lists(st.sampled_from(["fast", "slow", "medium"]), max_size=3)))
+    def check(prompts, policy, max_new_tokens, oracle_modes):
+        try:
+            out = gen.generate(prompts, policy=policy, max_new_tokens=max_new_tokens, oracle_modes=oracle_modes)
+        except ValueError:
+            return
+        results = out if isinstance(out, list) else [out]
+        assert all(r.decoded_tokens >= 1 for _, r in results)
+
+    check()
+
+
+def test_a_prompt_longer_than_the_context_is_refused(gen):
+    long = "1 + " * 600 + "1?"
+    with pytest.raises(ValueError, match=r"prompt 0 is \d+ tokens in slow mode; with max_new_tokens 24 that is more than the model's 512 positions"):
+        gen.generate(long, policy="slow")
+    with pytest.raises(ValueError, match="max_new_tokens maps modes"):
+        gen.generate(QUESTIONS[0], policy="fast", max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"oracle_modes: one 'fast'/'slow' per prompt, not \['medium'\]"):
+        gen.generate([QUESTIONS[0]], policy="oracle", oracle_modes=["medium"])
+    with pytest.raises(ValueError, match="chat message 0 must be a dict with string 'role' and 'content'"):
+        gen.generate([{"role": "user"}], policy="fast")
