@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -34,6 +35,9 @@ class FitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--export_dir", type=str | None, default=None,
                             help="where the exported probe is written; null = runs/probes/<time>-<probe>-<task>/")
+        parser.add_argument("--select_weight_decay", type=list[float] | None, default=None,
+                            help="weight decays to try (one fit each, the capture cached); the best by val/select is "
+                                 "kept and the choice recorded. null = the probe's own weight_decay")
 
 
 def default_export_dir(root: str | Path, probe: LightningModule, task: str) -> Path:
@@ -41,7 +45,30 @@ def default_export_dir(root: str | Path, probe: LightningModule, task: str) -> P
     return Path(root) / "probes" / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{task}"
 
 
-def run(cli: LightningCLI, export_dir: str | Path | None = None) -> dict:
+def _warnings(validation: dict) -> list[str]:
+    """What the exported card and the end of the run must say about a probe that may not be trusted."""
+    if validation.get("beats_length") is False:
+        d = validation["probe_minus_length_probe"]
+        return [f"on validation the probe does not beat the length-only baseline (AUROC difference {d['diff']:+.3f}, "
+                f"95% CI [{d['lo']:+.3f}, {d['hi']:+.3f}]): it may know nothing beyond answer length. More training "
+                "questions, --select_weight_decay, or --model.init_args.length_inputs true may help"]
+    return []
+
+
+def select_weight_decay(args: list[str] | None, grid: list[float]) -> dict:
+    """One quiet fit per weight decay on the same (cached) capture; the best by the probe's val/select wins."""
+    scores = {}
+    for wd in grid:
+        trial = make_cli([*(args or []), "--select_weight_decay", "null", "--trainer.logger", "false",
+                          "--trainer.enable_progress_bar", "false", "--model.init_args.weight_decay", str(wd)])
+        trial.trainer.fit(trial.model, trial.datamodule)
+        scores[wd] = float(trial.trainer.checkpoint_callback.best_model_score)
+    best = max(scores, key=scores.get)
+    print(f"[kvprobe] weight decay by val/select: {', '.join(f'{wd:g}: {s:.3f}' for wd, s in scores.items())} -> {best:g}")
+    return {"weight_decay": best, "val_select": scores}
+
+
+def run(cli: LightningCLI, export_dir: str | Path | None = None, selection: dict | None = None) -> dict:
     trainer, probe, dm = cli.trainer, cli.model, cli.datamodule
     if export_dir:  # before any work: a folder that must not be replaced is refused now, not after training
         check_replaceable(export_dir)
@@ -52,15 +79,20 @@ def run(cli: LightningCLI, export_dir: str | Path | None = None) -> dict:
     if best:  # our own checkpoint, read without unpickling arbitrary objects
         probe.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
     probe.calibrate(dm.val_dataloader())
+    validation = probe.validation_report(dm.val_dataloader())  # before test: nothing here may depend on it
     trainer.test(probe, dm)
     spec = dm.export_spec()
     score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     results = {"test": probe.test_results, "calibration": probe.export_state(), "best_checkpoint": best,
-               "val_select": None if score is None else float(score),
+               "val_select": None if score is None else float(score), "validation": validation,
+               "warnings": _warnings(validation), **({"selection": selection} if selection else {}),
                "capture": str(dm.path), "items": {k: len(v) for k, v in dm.datasets.items()}}
     folder = Path(export_dir or default_export_dir(trainer.default_root_dir, probe, spec["task"]["name"]))
-    save_probe(probe, folder, spec, results=results)
+    card = {k: results[k] for k in ("validation", "warnings", "selection") if k in results}
+    save_probe(probe, folder, spec, metrics=card, results=results)
     print(f"[kvprobe] probe exported to {folder}; test: {probe.headline()}")
+    for warning in results["warnings"]:
+        print(f"[kvprobe] WARNING: {warning}")
     # everything below is presentation: a failure is reported, the export stays as written
     fig = _figure(probe, f"{spec['model']['name']} / {spec['task']['name']}: test split", folder)
     for logger in trainer.loggers:
@@ -113,15 +145,27 @@ def _log_wandb(logger: WandbLogger, probe: LightningModule, spec: dict, folder: 
 
 def make_cli(args: list[str] | None = None) -> FitCLI:
     """The parsed, instantiated CLI (probe, datamodule, trainer) without running anything."""
-    return FitCLI(
-        LightningModule, KVCaptureDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False, args=args,
-        save_config_kwargs={"overwrite": True}, parser_kwargs={"description": __doc__},
-    )
+    argv = sys.argv
+    if args is not None:  # LightningCLI warns when it sees both ``args`` and a command line (pytest's, say)
+        sys.argv = argv[:1]
+    try:
+        return FitCLI(
+            LightningModule, KVCaptureDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False, args=args,
+            save_config_kwargs={"overwrite": True}, parser_kwargs={"description": __doc__},
+        )
+    finally:
+        sys.argv = argv
 
 
 def main(args: list[str] | None = None) -> dict:
+    args = sys.argv[1:] if args is None else args
     cli = make_cli(args)
-    return run(cli, cli.config["export_dir"])
+    grid = cli.config["select_weight_decay"]
+    if not grid:
+        return run(cli, cli.config["export_dir"])
+    selection = select_weight_decay(args, grid)
+    cli = make_cli([*(args or []), "--select_weight_decay", "null", "--model.init_args.weight_decay", str(selection["weight_decay"])])
+    return run(cli, cli.config["export_dir"], selection)
 
 
 if __name__ == "__main__":

@@ -137,9 +137,11 @@ class KVProbeGenerator:
         self.max_new_tokens = dict(main["generation"]["max_new_tokens"])
         self.route_on = main.get("difficulty", {}).get("route_on", "fast")
         self.window_layers = FeatureSpec(**main["features"]).layer_ids(lm.shape.layers)
-        if correctness is not None and (correctness.hparams.source != "kv" or correctness.hparams.coe_features):
-            raise ValueError("live correctness needs a probe on the answer's KV alone (source 'kv', coe_features false), "
-                             f"not source={correctness.hparams.source!r} coe_features={correctness.hparams.coe_features}")
+        if correctness is not None and (correctness.hparams.source != "kv" or correctness.hparams.coe_features
+                                        or correctness.hparams.get("length_inputs")):
+            raise ValueError("live correctness needs a probe on the answer's KV alone (source 'kv', coe_features and "
+                             f"length_inputs false), not source={correctness.hparams.source!r} "
+                             f"coe_features={correctness.hparams.coe_features} length_inputs={correctness.hparams.get('length_inputs')}")
         if difficulty is not None and self.steering.threshold not in difficulty.thresholds:
             raise ValueError(f"threshold {self.steering.threshold!r} is not among the probe's calibrated thresholds "
                              f"{sorted(difficulty.thresholds)}")

@@ -138,3 +138,23 @@ def test_default_export_goes_to_a_new_run_folder_and_never_over_a_user_folder(ti
     with pytest.raises(FileExistsError, match="is not a kvprobe export"):
         main(args[:at] + ["--export_dir", str(mine)] + args[at + 2:])
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_weight_decay_selection_length_inputs_and_the_length_warning(tiny_models, tmp_path, parity_grader, capsys):
+    """Labels by question parity: nothing in the KV (nor the length) knows them, so the probe cannot beat the
+    length-only baseline on validation, and the run says so at the end, in results.json and in the card."""
+    results = main(fit_args(tiny_models["qwen2"], tmp_path, "--trainer.max_epochs", "3", "--trainer.logger", "false",
+                            "--select_weight_decay", "[0.01, 100]", "--model.init_args.length_inputs", "true"))
+    selection = results["selection"]
+    assert set(selection["val_select"]) == {0.01, 100.0}
+    assert selection["weight_decay"] == max(selection["val_select"], key=selection["val_select"].get)
+    config = read_config(tmp_path / "export")
+    assert config["probe_args"]["weight_decay"] == selection["weight_decay"] and config["probe_args"]["length_inputs"]
+    assert config["probe_args"]["input_dim"] == 3 * 2 * 2 * 16 + 2  # KV of every layer, then log length and finished
+    assert results["val_select"] == pytest.approx(selection["val_select"][selection["weight_decay"]])  # the same fit again
+    d = results["validation"]["probe_minus_length_probe"]
+    assert results["validation"]["beats_length"] is (d["lo"] > 0) is False
+    assert results["warnings"] and "does not beat the length-only baseline" in results["warnings"][0]
+    assert config["metrics"]["warnings"] == results["warnings"]
+    out = capsys.readouterr().out
+    assert "weight decay by val/select" in out and "WARNING: on validation the probe does not beat" in out

@@ -36,6 +36,8 @@ class CorrectnessProbe(HeadProbe):
         head_pool: ``flatten`` keeps each KV head; ``mean`` averages heads.
         layer_pool: ``flatten`` keeps each layer (the trajectory); ``mean``/``sum`` pool it away.
         coe_features: append the label-free KV-CoE scores (layer and token axis) to the input.
+        length_inputs: append the length-only baseline's inputs (log response length, finished before the cap), so
+            the probe sees what that baseline sees and has no reason to do worse.
         head: ``linear`` (logistic regression) or ``mlp`` (one hidden layer).
         hidden_dim: width of the MLP's hidden layer.
         dropout: dropout on the standardised input.
@@ -53,6 +55,7 @@ class CorrectnessProbe(HeadProbe):
         head_pool: str = "flatten",
         layer_pool: str = "flatten",
         coe_features: bool = False,
+        length_inputs: bool = False,
         head: str = "linear",
         hidden_dim: int = 64,
         dropout: float = 0.0,
@@ -95,6 +98,8 @@ class CorrectnessProbe(HeadProbe):
             x = probe_input(x, hp.layers, hp.kv, hp.head_pool, hp.layer_pool)
         if hp.coe_features:
             x = torch.cat([x] + [batch["scores"][name].float()[:, None] for name in COE_INPUTS if name in batch["scores"]], 1)
+        if hp.get("length_inputs") and hp.source != "length":
+            x = torch.cat([x, length_features(batch)], 1)
         return x
 
     def fit_on_train(self, batches: list[dict]) -> None:
@@ -155,6 +160,18 @@ class CorrectnessProbe(HeadProbe):
             self.temperature.fill_(calibration.fit_temperature(logits, labels))
         elif self.hparams.calibration == "isotonic":
             self.iso_x, self.iso_y = calibration.fit_isotonic(logits, labels)
+
+    @torch.no_grad()
+    def validation_report(self, val_loader) -> dict:
+        """Does the probe beat the length-only baseline on validation? A paired bootstrap of the AUROC difference;
+        ``beats_length`` is False when its 95% interval reaches 0 (the probe may know nothing beyond length)."""
+        logits, labels = self.predict_logits(val_loader)
+        lengths = torch.cat([length_features(b) for b in val_loader])
+        baseline = lengths @ self.length_coef[:2] + self.length_coef[2]
+        if labels.min() == labels.max():
+            return {}
+        diff = paired_bootstrap_auroc(logits, baseline, labels)
+        return {"probe_minus_length_probe": diff, "beats_length": diff["lo"] > 0}
 
     def test_step(self, batch: dict, _) -> None:
         out = {"probe": self.probability(self(self.inputs(batch))), "correct": batch["correct"], "length_probe":

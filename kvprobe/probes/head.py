@@ -41,6 +41,10 @@ class HeadProbe(L.LightningModule):
     def fit_on_train(self, batches: list[dict]) -> None:
         """Anything else a probe fits on the training split before training (nothing by default)."""
 
+    def validation_report(self, val_loader) -> dict:
+        """Checks on the validation split that an export should carry (and ``fit`` warns about); none by default."""
+        return {}
+
     def _gather(self) -> dict[str, torch.Tensor]:
         """The step outputs collected in ``self._outputs`` since the last call, one CPU tensor per key (cleared)."""
         cols = {k: torch.cat([o[k] for o in self._outputs]).cpu() for k in self._outputs[0]}
