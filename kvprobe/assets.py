@@ -218,7 +218,8 @@ def _convert(gguf: Path, sha256: str, target: Path) -> None:
         (tmp / "kvprobe-conversion.json").write_text(json.dumps(record, indent=1))
         if target.exists():  # a stale folder without marker: an earlier conversion died after the rename
             shutil.rmtree(target)
-        as_created(tmp)
+        for path in [tmp, *tmp.rglob("*")]:  # save_pretrained writes its shards through 0600 temp files
+            as_created(path)
         os.replace(tmp, target)
     except Exception as err:
         raise AssetError(f"converting {gguf} into an HF folder failed: {err}") from err
