@@ -12,6 +12,8 @@ import json
 import logging
 import random
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -346,6 +348,32 @@ TASKS: dict[str, Callable[..., list[Item]]] = {
 }
 
 
+def _check_types(name: str, params: dict) -> None:
+    """Each option's value against its annotation in the task's loader (int, str, list, None-able ...)."""
+    hints = typing.get_type_hints(TASKS[name])
+    for key, value in params.items():
+        if key in hints and not _matches(value, hints[key]):
+            raise TaskError(f"task {name!r} option {key!r} must be {_describe(hints[key])}, not {value!r}")
+
+
+def _matches(value, hint) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return type(value) is int  # not a bool
+    if hint is float:
+        return type(value) in (int, float)
+    return isinstance(value, typing.get_origin(hint) or hint)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(typing.get_origin(hint) or hint, "__name__", str(hint))
+
+
 def load_items(spec: TaskSpec) -> list[Item]:
     if spec.name not in TASKS:
         raise TaskError(f"unknown task {spec.name!r}; known tasks: {', '.join(TASKS)}")
@@ -354,6 +382,7 @@ def load_items(spec: TaskSpec) -> list[Item]:
     if unknown:
         raise TaskError(f"task {spec.name!r} has no option {', '.join(map(repr, unknown))}; "
                         f"its options: {', '.join(options) if options else 'none'}")
+    _check_types(spec.name, spec.params)
     items = TASKS[spec.name](**spec.params)
     end = None if spec.limit is None else spec.offset + spec.limit
     items = items[spec.offset : end]

@@ -22,7 +22,7 @@ from kvprobe.tasks import TaskError, TaskSpec, load_items
 
 TASK = TaskSpec("arithmetic", params={"n": 10, "seed": 1})
 GEN = GenerationSpec(max_new_tokens={"fast": 6, "slow": 10}, batch_size=3, shard_size=4)
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def run(tiny, root, **kw):
