@@ -172,7 +172,9 @@ class KVCaptureDataModule(L.LightningDataModule):
 
     def export_spec(self) -> dict:
         """What an exported probe records about its data: the capture's spec (model, prompt, features, task)."""
-        return CaptureStore(self.path).spec()
+        store = CaptureStore(self.path)
+        summary = store.manifest()["summary"]
+        return store.spec() | {"capture": {k: summary.get(k) for k in ("items", "accuracy", "unfinished", "cap_share")}}
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         return DataLoader(

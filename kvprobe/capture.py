@@ -9,6 +9,7 @@ very cache (a second forward pass would cost 5-6% of generation time; pooling co
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -28,7 +29,7 @@ from kvprobe.models import LoadedModel, ModelSpec, last_logits_only, load_model,
 from kvprobe.models import fingerprint as model_fingerprint
 from kvprobe.prompts import PromptSpec, check_token_caps, prompt_ids
 from kvprobe.store import CaptureStore, fingerprint
-from kvprobe.tasks import GRADING_VERSION, Item, TaskError, TaskSpec, grade, load_items
+from kvprobe.tasks import DEFAULT_CAPS, GRADING_VERSION, Item, TaskError, TaskSpec, default_caps, grade, load_items
 
 
 @dataclass
@@ -36,7 +37,8 @@ class GenerationSpec:
     """How answers are generated.
 
     Args:
-        max_new_tokens: cap per mode (fast answers are short; step-by-step ones need room).
+        max_new_tokens: cap per mode (fast answers are short; step-by-step ones need room); ``null`` = the task's
+            default (``kvprobe.tasks.default_caps``: slow 512 for GSM8K, 256 otherwise; fast 32).
         batch_size: prompts per ``generate`` call (left-padded). Part of the fingerprint: padding changes
             floating-point sums at the 1e-6 level, which can flip a greedy token.
         do_sample: sample instead of greedy decoding.
@@ -46,7 +48,7 @@ class GenerationSpec:
         shard_size: items per shard on disk: the unit of resume and of data-parallel work.
     """
 
-    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"fast": 32, "slow": 256})
+    max_new_tokens: dict[str, int] | None = None
     batch_size: int = 16
     do_sample: bool = False
     temperature: float = 1.0
@@ -55,7 +57,8 @@ class GenerationSpec:
     shard_size: int = 64
 
     def __post_init__(self) -> None:
-        self.max_new_tokens = check_token_caps(self.max_new_tokens, "generation.max_new_tokens")
+        if self.max_new_tokens is not None:
+            self.max_new_tokens = check_token_caps(self.max_new_tokens, "generation.max_new_tokens")
         for name in ("batch_size", "shard_size"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
@@ -145,11 +148,11 @@ def answer_and_grade(lm: LoadedModel, items: list[Item], prompt: PromptSpec, gen
     ``max_new_tokens``) and grade them, storing nothing: (correct, decoded tokens) per item. For quick measurements
     that need no KV features (scripts/)."""
     ids = [prompt_ids(item, prompt, lm.tokenizer) for item in items]
+    cap = (gen.max_new_tokens or DEFAULT_CAPS)[prompt.mode]
     correct, tokens = [], []
     for start in range(0, len(ids), gen.batch_size):
         with torch.inference_mode():
-            _, new, lengths, *_ = _generate_batch(lm, ids[start : start + gen.batch_size], gen,
-                                                  gen.max_new_tokens[prompt.mode], FeatureSpec())
+            _, new, lengths, *_ = _generate_batch(lm, ids[start : start + gen.batch_size], gen, cap, FeatureSpec())
         for b, item in enumerate(items[start : start + gen.batch_size]):
             correct.append(grade(item, lm.tokenizer.decode(new[b, : int(lengths[b])], skip_special_tokens=True))[1])
             tokens.append(int(lengths[b]))
@@ -232,6 +235,8 @@ def capture(
     """
     model, task, prompt = model or ModelSpec(), task or TaskSpec(), prompt or PromptSpec()
     generation, features = generation or GenerationSpec(), features or FeatureSpec()
+    if generation.max_new_tokens is None:  # recorded resolved, so the fingerprint says what was used
+        generation = dataclasses.replace(generation, max_new_tokens=default_caps(task))
     if prompt.mode not in generation.max_new_tokens:
         raise ValueError(f"generation.max_new_tokens has no entry for mode {prompt.mode!r}: {generation.max_new_tokens}")
     barrier = barrier or (lambda: None)

@@ -57,7 +57,7 @@ def save_probe(probe: torch.nn.Module, folder: str | Path, capture_spec: dict, m
         "prompt": capture_spec["prompt"],
         "task": capture_spec["task"],
         "generation": capture_spec["generation"],
-        **{k: capture_spec[k] for k in ("difficulty", "switch") if k in capture_spec},
+        **{k: capture_spec[k] for k in ("difficulty", "switch", "capture") if k in capture_spec},
         "metrics": metrics or {},
         "versions": _versions(),
     }
@@ -157,7 +157,10 @@ def load_probe(folder: str | Path, model=None, *, fingerprint: str | None = None
         raise ValueError(f"{folder}: unknown probe class {config['probe_class']!r}")
     module, name = config["probe_class"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)
-    state = load_file(Path(folder) / "probe.safetensors")
+    try:  # safetensors parses a header and raw arrays: nothing in the file is ever executed
+        state = load_file(Path(folder) / "probe.safetensors")
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: say which file and what to do
+        raise ValueError(f"{Path(folder) / 'probe.safetensors'} is not a readable safetensors file ({err}); re-export the probe") from None
     probe = cls(**config["probe_args"])
     for key in ("iso_x", "iso_y"):  # variable-length calibration buffers take the saved size
         if key in state:

@@ -253,3 +253,101 @@ def test_one_question_under_two_ids_never_straddles_splits():
         assert not texts & others
     unique = [{"qid": f"q{i}", "question": f"Q{i}"} for i in range(20)]  # without repeats the split is by id, as before
     assert SplitSpec(seed=3).assign(split_keys(unique)) == SplitSpec(seed=3).assign([r["qid"] for r in unique])
+
+
+# --- what already held, kept by tests -----------------------------------------------------------------------------
+
+CAPTURE_SCRIPT = """
+import sys
+import torch
+torch.set_num_threads(1)  # two of these share two cores
+from kvprobe.capture import GenerationSpec, capture
+from kvprobe.features import FeatureSpec
+from kvprobe.models import ModelSpec
+from kvprobe.tasks import TaskSpec
+capture(model=ModelSpec(name=sys.argv[1]), task=TaskSpec("arithmetic", params={"n": 24, "seed": 4}),
+        generation=GenerationSpec(max_new_tokens={"fast": 6, "slow": 12}, batch_size=2, shard_size=4),
+        features=FeatureSpec(prompt_window=4), root=sys.argv[2], verbose=False)
+"""
+
+
+def _capture_process(model, root):
+    return subprocess.Popen([sys.executable, "-c", CAPTURE_SCRIPT, str(model), str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _shard_bytes(path):
+    return {f.name: f.read_bytes() for f in sorted(path.glob("shard-*.safetensors"))}
+
+
+def test_kill_9_mid_capture_resumes_to_the_same_bytes(tiny_models, tmp_path):
+    import signal
+
+    model = tiny_models["qwen3"]
+    proc = _capture_process(model, tmp_path / "killed")
+    deadline = time.time() + 240
+    while not list((tmp_path / "killed").glob("*/shard-00001.done.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    [folder] = list((tmp_path / "killed").iterdir())
+    assert not (folder / "manifest.json").exists()
+    assert _capture_process(model, tmp_path / "killed").wait() == 0
+    assert _capture_process(model, tmp_path / "clean").wait() == 0
+    [clean] = list((tmp_path / "clean").iterdir())
+    assert _shard_bytes(folder) == _shard_bytes(clean) and len(_shard_bytes(folder)) == 6
+    assert pq.read_table(folder / "table.parquet").drop(["model"]).equals(pq.read_table(clean / "table.parquet").drop(["model"]))
+
+
+def test_two_simultaneous_captures_of_one_spec_agree(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    procs = [_capture_process(model, tmp_path / "shared") for _ in range(2)]
+    assert [p.wait() for p in procs] == [0, 0], [p.stderr.read().decode()[-2000:] for p in procs]
+    [folder] = list((tmp_path / "shared").iterdir())
+    assert CaptureStore(folder).verify() == [] and CaptureStore(folder).manifest()["summary"]["items"] == 24
+    assert _capture_process(model, tmp_path / "alone").wait() == 0
+    [alone] = list((tmp_path / "alone").iterdir())
+    assert _shard_bytes(folder) == _shard_bytes(alone)
+
+
+def test_a_pickle_named_safetensors_is_refused_without_running_and_a_foreign_class_is_refused(tmp_path):
+    import pickle
+
+    from kvprobe.export import load_probe
+
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    config = {"probe_class": "kvprobe.probes.correctness.CorrectnessProbe", "probe_args": {}, "features": {}, "prompt": {},
+              "generation": {}, "base_model": {"name": "m", "fingerprint": "f"}}
+    (folder / "probe.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (folder / "probe.safetensors").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ValueError, match="probe.safetensors is not a readable safetensors file"):
+        load_probe(folder, check=False)
+    assert not marker.exists()
+    (folder / "probe.json").write_text(json.dumps(config | {"probe_class": "os.system"}))
+    with pytest.raises(ValueError, match="unknown probe class 'os.system'"):
+        load_probe(folder, check=False)
+
+
+def test_the_source_never_unpickles_nor_runs_remote_code():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for file in [*(root / "kvprobe").rglob("*.py"), *(root / "datamodules").rglob("*.py")]:
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not {"pickle", "dill", "cloudpickle", "joblib"} & {n.split(".")[0] for n in names}, file
+            if isinstance(node, ast.Call):
+                keywords = {k.arg: k.value for k in node.keywords}
+                assert "trust_remote_code" not in keywords, f"{file}:{node.lineno}"
+                func = ast.unparse(node.func)
+                if func in ("torch.load", "load"):
+                    safe = keywords.get("weights_only")
+                    assert isinstance(safe, ast.Constant) and safe.value is True, f"{file}:{node.lineno}: torch.load without weights_only=True"

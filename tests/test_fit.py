@@ -36,6 +36,7 @@ def test_fit_fast_dev_run_end_to_end(tiny, tmp_path, parity_grader):
     assert base["shape"]["layers"] == 3 and base["shape"]["kv_heads"] == 2 and base["fingerprint"] == fingerprint(ModelSpec(name=str(tiny)))[1]
     assert {"kvprobe", "transformers", "torch"} <= config["versions"].keys() and config["features"]["prompt_window"] == 8
     assert config["prompt"]["mode"] == "slow"
+    assert config["capture"]["items"] == 40 and config["capture"]["cap_share"] == config["capture"]["unfinished"] / 40
 
 
 @pytest.mark.parametrize("source", ["hidden", "prompt_kv", "length"])
