@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kvprobe.plots import pyplot
 from kvprobe.routing import Outcomes
 from kvprobe.steering import POLICIES, KVProbeGenerator
 from kvprobe.tasks import Item, grade
@@ -92,10 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write_report(args, gen: KVProbeGenerator, results: dict, n: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(args.out)
     slow = results.get("slow", {}).get("mean_tokens")

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvprobe.plots import pyplot
+
 LABELS = (0, 25, 75, 100)  # the KV paper's difficulty scheme, as class indices 0..3
 
 
@@ -175,10 +177,7 @@ def _dominates(a: dict, b: dict) -> bool:
 
 def routing_figure(curves: dict[str, dict[str, torch.Tensor]], rows: dict[str, dict[str, float]], title: str):
     """Accuracy against mean decoded tokens: each score's full curve, the fixed modes, the oracle, the routers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
     for i, (name, curve) in enumerate(curves.items()):

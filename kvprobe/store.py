@@ -21,7 +21,6 @@ import os
 import struct
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -88,12 +87,6 @@ def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", UserWarning)
             out[name] = torch.from_numpy(array)
     return out
-
-
-@dataclass
-class Shard:
-    tensors: dict[str, torch.Tensor]
-    table: pa.Table
 
 
 class CaptureStore:

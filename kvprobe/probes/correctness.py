@@ -13,6 +13,7 @@ from torch import nn
 from kvprobe import calibration
 from kvprobe.features import probe_input
 from kvprobe.metrics import bucketed_auroc, paired_bootstrap_auroc, score_metrics
+from kvprobe.plots import pyplot
 from kvprobe.probes.head import HeadProbe
 
 SOURCES = {"kv": "response_kv", "prompt_kv": "prompt_kv", "hidden": "hidden", "length": "gen_tokens"}
@@ -212,10 +213,7 @@ class CorrectnessProbe(HeadProbe):
 
 
 def roc_figure(outputs: dict[str, torch.Tensor], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from torchmetrics.functional.classification import binary_auroc, binary_roc
 
     labels = outputs["correct"].long()

@@ -19,6 +19,7 @@ from kvprobe import switching
 from kvprobe.features import probe_input
 from kvprobe.metrics import score_metrics
 from kvprobe.probes.difficulty import _auroc
+from kvprobe.plots import pyplot
 from kvprobe.probes.head import HeadProbe
 
 ANSWER_KEYS = ("n", "settled", "correct")
@@ -158,10 +159,7 @@ class SwitchProbe(HeadProbe):
         self.thresholds = state.get("thresholds", {})
 
     def figure(self, title: str):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(6, 4))
         lost = [c["lost_share"] * 100 for c in self.test_curve]
