@@ -99,19 +99,13 @@ def file_sha256(path: Path) -> str:
 
 
 def _verify(path: Path, sha256: str, size: int, hint: str) -> None:
-    """sha256 check, memoised in a sidecar keyed by size and mtime so a 0.5 GB file is hashed once."""
-    stat = path.stat()
-    if stat.st_size != size:
-        raise AssetError(f"{path} has {stat.st_size} bytes, expected {size}: the file is truncated or wrong ({hint})")
-    stamp = cache_dir() / "verified" / f"{sha256}.json"
-    key = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if stamp.is_file() and json.loads(stamp.read_text()) == key:
-        return
-    actual = sha256_file(path)
+    """Size and sha256 check; the hash is memoised (``file_sha256``), so a 0.5 GB file is read once."""
+    actual_size = path.stat().st_size
+    if actual_size != size:
+        raise AssetError(f"{path} has {actual_size} bytes, expected {size}: the file is truncated or wrong ({hint})")
+    actual = file_sha256(path)
     if actual != sha256:
         raise AssetError(f"{path} has sha256 {actual}, expected {sha256}: refusing to load it ({hint})")
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(stamp, json.dumps(key).encode())
 
 
 def umask() -> int:

@@ -44,7 +44,7 @@ def guarded(run: Callable[[], object], prog: str, argv: list[str]) -> int:
     from kvprobe.store import CorruptCapture
 
     debug = "--debug" in argv or os.environ.get("KVPROBE_DEBUG", "") not in ("", "0")
-    sys.argv = [prog, *(a for a in argv if a != "--debug")]
+    saved, sys.argv = sys.argv, [prog, *(a for a in argv if a != "--debug")]
     try:
         run()
     except (ValueError, OSError, CorruptCapture, AssetError) as err:
@@ -53,6 +53,8 @@ def guarded(run: Callable[[], object], prog: str, argv: list[str]) -> int:
         message = " ".join(str(err).split())
         print(f"{prog}: error: {message} ({type(err).__name__}; --debug or KVPROBE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
+    finally:
+        sys.argv = saved  # a caller inside Python (a test, a notebook) keeps its own command line
     return 0
 
 

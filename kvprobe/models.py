@@ -16,6 +16,9 @@ import torch
 from kvprobe import assets
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass
 class ModelSpec:
     """Which model to run and how.
@@ -34,8 +37,8 @@ class ModelSpec:
     adapter: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"model.name must name a model (an alias, a folder, a .gguf file or a hub id), not {self.name!r}")
 
@@ -61,9 +64,6 @@ class LoadedModel:
     @property
     def input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def model_shape(config) -> ModelShape:
@@ -150,8 +150,6 @@ def fingerprint(spec: ModelSpec) -> tuple[str, str]:
 def load_model(spec: ModelSpec) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
-    if spec.dtype not in DTYPES:
-        raise ValueError(f"dtype {spec.dtype!r} is not one of {sorted(DTYPES)}")
     source, digest = fingerprint(spec)
     kwargs = {"dtype": DTYPES[spec.dtype]}
     if spec.device_map is not None:

@@ -281,8 +281,11 @@ def _hf(
                 raise TaskError(f"hf task: {local} is not a {'/'.join(HF_FILE_BUILDERS)} file nor a save_to_disk folder")
             data = datasets.load_dataset(builder, data_files=str(local), split="train")  # one file is one split
         else:
-            if _hub_offline():  # name it at once instead of after the hub client's retries
-                raise TaskError(f"hf task: {path!r} is not a local file or folder, and the hub is offline (HF_HUB_OFFLINE); "
+            from kvprobe.models import hub_unreachable
+
+            unreachable = hub_unreachable()
+            if unreachable:  # name it at once instead of after the hub client's retries
+                raise TaskError(f"hf task: {path!r} is not a local file or folder, and the hub is offline ({unreachable}); "
                                 "give a save_to_disk folder or a parquet/json/csv file")
             data = datasets.load_dataset(path, name, split=split)
     except TaskError:
@@ -296,12 +299,6 @@ def _hf(
         if column is not None and column not in columns:
             raise TaskError(f"hf task: {path!r} has no column {column!r} (params.{field_name}); its columns: {sorted(columns)}")
     return _rows_to_items(iter(data), "hf", lambda i: f"{path} row {i}", question_field, answer_field, choices_field, id_field)
-
-
-def _hub_offline() -> bool:
-    import datasets.config  # read from HF_HUB_OFFLINE / HF_DATASETS_OFFLINE when datasets is imported
-
-    return bool(datasets.config.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE)
 
 
 def _rows_to_items(rows, prefix: str, where: Callable[[int], str], question_field: str, answer_field: str,
@@ -351,8 +348,13 @@ TASKS: dict[str, Callable[..., list[Item]]] = {
 }
 
 
-def _check_types(name: str, params: dict) -> None:
-    """Each option's value against its annotation in the task's loader (int, str, list, None-able ...)."""
+def _check_options(name: str, params: dict) -> None:
+    """The options against the task loader's signature: each one known, and of its annotated type."""
+    options = list(inspect.signature(TASKS[name]).parameters)
+    unknown = sorted(set(params) - set(options))
+    if unknown:
+        raise TaskError(f"task {name!r} has no option {', '.join(map(repr, unknown))}; "
+                        f"its options: {', '.join(options) if options else 'none'}")
     hints = typing.get_type_hints(TASKS[name])
     for key, value in params.items():
         if key in hints and not _matches(value, hints[key]):
@@ -388,12 +390,7 @@ def default_caps(spec: TaskSpec) -> dict[str, int]:
 def load_items(spec: TaskSpec) -> list[Item]:
     if spec.name not in TASKS:
         raise TaskError(f"unknown task {spec.name!r}; known tasks: {', '.join(TASKS)}")
-    options = list(inspect.signature(TASKS[spec.name]).parameters)
-    unknown = sorted(set(spec.params) - set(options))
-    if unknown:
-        raise TaskError(f"task {spec.name!r} has no option {', '.join(map(repr, unknown))}; "
-                        f"its options: {', '.join(options) if options else 'none'}")
-    _check_types(spec.name, spec.params)
+    _check_options(spec.name, spec.params)
     items = TASKS[spec.name](**spec.params)
     end = None if spec.limit is None else spec.offset + spec.limit
     items = items[spec.offset : end]

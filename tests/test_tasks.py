@@ -136,9 +136,7 @@ def test_hf_task_reads_any_datasets_source_with_a_column_mapping(tmp_path):
 
 
 def test_hf_task_offline_names_the_source_at_once(monkeypatch):
-    import datasets.config
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TaskError, match="'someone/no-such-dataset' is not a local file or folder, and the hub is offline"):
         load_items(TaskSpec("hf", params={"path": "someone/no-such-dataset"}))
 
