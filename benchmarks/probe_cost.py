@@ -4,9 +4,10 @@
     python benchmarks/probe_cost.py --model <folder> --train-items 512 --steps 4    # CI, reduced
 
 1. Live: what ``KVProbeGenerator`` does every token under ``route+switch`` with the probe every token, as a share
-   of one decode step of the same model on the same cache: ``_track`` (read the new position's K and/or V from
-   every layer, average over layers, project by the switch probe's first layer into the ring buffer) plus one
-   switch-probe call on the ring buffer (``_switch_scores``). Timed by calling the generator's own methods, for
+   of one decode step of the same model on the same cache: the ``Switcher`` hook's ``on_forward`` (read the new
+   position's K and/or V from every layer, average over layers, project by the switch probe's first layer into the
+   ring buffer) plus one switch-probe call on the ring buffer (``Switcher.scores``). Timed by calling the hook the
+   generator runs, for
    windows 4..32, caches of 8, 16 and all layers, and probes on K alone or K and V (the upkeep reads one column
    per layer and part). Also end to end, with the shipped probe's parts: the share of ``probe_seconds`` in the
    wall time of real ``route+switch`` generations, in ``--rounds`` interleaved repeats (median).
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from kvprobe.cache import cache_argument, layer_kv
 from kvprobe.models import ModelSpec, load_model
 from kvprobe.probes import CorrectnessProbe, DifficultyProbe, SwitchProbe
-from kvprobe.steering import KVProbeGenerator, SteeringSpec
+from kvprobe.steering import DecodeEngine, DecodeState, GenerationConfig, KVProbeGenerator, Row, SteeringSpec, Switcher
 
 from common import emit
 
@@ -49,7 +50,7 @@ def switch_probe(lm, kv: str, **kwargs) -> SwitchProbe:
     return SwitchProbe(kv=kv, input_dim=(2 if kv == "both" else 1) * lm.shape.kv_heads * lm.shape.head_dim, **kwargs)
 
 
-def generator(lm, window: int, layers: int, kv: str) -> KVProbeGenerator:
+def generator(lm, window: int, layers: int, kv: str, threshold: float = 0.5) -> KVProbeGenerator:
     """A generator with untrained probes of the right shapes (timing does not depend on the weights)."""
     s = lm.shape
     spec = {"model": {"name": lm.spec.name, "fingerprint": lm.fingerprint}, "prompt": {}, "generation": {"max_new_tokens": {"fast": 8, "slow": 64}},
@@ -59,7 +60,7 @@ def generator(lm, window: int, layers: int, kv: str) -> KVProbeGenerator:
     correctness = CorrectnessProbe(input_dim=layers * 2 * s.kv_heads * s.head_dim).eval()
     switch = switch_probe(lm, kv, probe_every=1, min_tokens=1).eval()
     switch.thresholds = {"switch_low": -1.0, "switch_high": 2.0}  # scores every token, never switches
-    return KVProbeGenerator(lm, difficulty, correctness, {"difficulty": spec, "correctness": spec, "switch": spec}, SteeringSpec(), switch)
+    return KVProbeGenerator(lm, difficulty, correctness, {"difficulty": spec, "correctness": spec, "switch": spec}, SteeringSpec(threshold=threshold), switch)
 
 
 def live_cost(lm, windows: list[int], steps: int) -> list[dict]:
@@ -84,14 +85,16 @@ def live_cost(lm, windows: list[int], steps: int) -> list[dict]:
                 part.update(pairs[i][0], pairs[i][1], i)
             for kv, window in [(kv, w) for kv in ("k", "both") for w in windows]:
                 gen = generator(lm, window, layers, kv)
-                state = {"cache": part, "mask": torch.ones(1, pairs[0][0].shape[2], dtype=torch.long), "switching": True}
+                switcher = next(h for h in gen.hooks("route+switch", 1) if isinstance(h, Switcher))
+                engine = DecodeEngine(lm, gen.prompt_ids, [switcher], GenerationConfig(), gen.max_new_tokens)
+                state = DecodeState([Row(0, [], "slow", 0.0)], "slow", part, torch.ones(1, pairs[0][0].shape[2], dtype=torch.long))
                 for _ in range(3):  # warm-up: first calls allocate
-                    gen._track(state, None)
-                    gen._switch_scores(state, [0])
+                    switcher.on_forward(engine, state, [token[0].tolist()], [True])
+                    switcher.scores(state, [0])
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    gen._track(state, None)  # the upkeep every decode step pays
-                    gen._switch_scores(state, [0])  # the probe call
+                    switcher.on_forward(engine, state, [token[0].tolist()], [True])  # the upkeep every decode step pays
+                    switcher.scores(state, [0])  # the probe call
                 call = (time.perf_counter() - t0) / steps
                 rows.append({"kv": kv, "window": window, "layers": layers, "probe_ms": round(call * 1e3, 4),
                              "decode_step_ms": round(step * 1e3, 3), "probe_over_step": round(call / step, 5)})
@@ -107,8 +110,7 @@ def end_to_end(lm, n: int, max_new: int, rounds: int) -> dict:
     kinds = [shipped_kv(), "both" if shipped_kv() != "both" else "k"]
     gens = {}
     for kv in kinds:
-        gens[kv] = generator(lm, 8, lm.shape.layers, kv)
-        gens[kv].difficulty.thresholds = {"best_at_0.5x_slow": {"threshold": -1.0}}  # every question decodes slow: probed
+        gens[kv] = generator(lm, 8, lm.shape.layers, kv, threshold=-1.0)  # every question decodes slow: probed
         gens[kv].generate(questions[0], policy="route+switch", max_new_tokens=4)  # warm-up: first calls allocate
     runs = {kv: [] for kv in kinds}
     for _ in range(rounds):
@@ -116,7 +118,7 @@ def end_to_end(lm, n: int, max_new: int, rounds: int) -> dict:
             probe = wall = tokens = 0.0
             for q in questions:
                 t0 = time.perf_counter()
-                _, r = gens[kv].generate(q, policy="route+switch", max_new_tokens=max_new)
+                r = gens[kv].generate(q, policy="route+switch", max_new_tokens=max_new)
                 wall += time.perf_counter() - t0
                 probe, tokens = probe + r.probe_seconds, tokens + r.decoded_tokens
             runs[kv].append({"decoded_tokens": int(tokens), "probe_s": round(probe, 4), "wall_s": round(wall, 3),

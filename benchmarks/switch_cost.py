@@ -30,7 +30,7 @@ import torch
 from kvprobe import features as F
 from kvprobe import switching
 from kvprobe.cache import layer_kv
-from kvprobe.steering import KVProbeGenerator, SteeringSpec, _Row
+from kvprobe.steering import DecodeEngine, GenerationConfig, KVProbeGenerator, Row, SteeringSpec
 from kvprobe.tasks import TaskSpec, load_items
 
 from common import emit
@@ -47,8 +47,10 @@ def post_hoc(gen: KVProbeGenerator, question: str, caps: dict) -> dict:
     lm, probe, tok, spec = gen.lm, gen.switch, gen.lm.tokenizer, gen.steering
     t0 = time.perf_counter()
     # 0. route first, as live route+switch does: prefill the fast prompt and score it (the forced route says slow)
-    routing = [_Row(0, gen.prompt_ids(question, gen.route_on), gen.route_on)]
-    gen._window_scores(gen._prefill(routing, switching=False))
+    router = gen.router()
+    engine = DecodeEngine(lm, gen.prompt_ids, [router], GenerationConfig(), caps)
+    routing = [Row(0, gen.prompt_ids(question, gen.route_on), gen.route_on, t0)]
+    router.scores(engine, engine.prefill(routing, gen.route_on))
     prompt = gen.prompt_ids(question, "slow")
     out, full = greedy(lm, prompt, caps["slow"])  # 1. the whole slow answer
     # 2. find the switch point afterwards: the switch probe over every window of the answer, the live policy replayed
@@ -76,8 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     base = KVProbeGenerator.from_pretrained(args.generator)
-    base.difficulty.thresholds = dict(base.difficulty.thresholds) | {"always_slow": {"threshold": -1.0}}
-    forced = SteeringSpec(threshold="always_slow", switch_low=2.0, switch_high=-1.0, min_tokens=args.at, probe_every=1)
+    forced = SteeringSpec(threshold=-1.0, switch_low=2.0, switch_high=-1.0, min_tokens=args.at, probe_every=1)
     gen = KVProbeGenerator(base.lm, base.difficulty, base.correctness, base.configs, forced, base.switch)
     caps = dict(gen.max_new_tokens)
     caps["slow"] = max(caps["slow"], args.at + 9)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         for q in questions:
             t0 = time.perf_counter()
-            _, r = gen.generate(q, policy="route+switch", max_new_tokens=caps)
+            r = gen.generate(q, policy="route+switch", max_new_tokens=caps)
             live_s = time.perf_counter() - t0
             live_tokens = r.prompt_tokens + r.decoded_tokens + r.cue_tokens - 1  # the last decoded token is never fed
             ph = post_hoc(gen, q, caps)

@@ -56,7 +56,7 @@ def train(data: str, source: str, out: Path) -> tuple[dict, object]:
 
 def evaluate(probe, loader) -> dict:
     logits, labels = probe.predict_logits(loader)
-    return score_metrics(probe.probability(logits), labels, is_probability=True)
+    return score_metrics(probe.score(logits), labels, is_probability=True)
 
 
 def bytes_per_item(path: Path) -> dict[str, float]:

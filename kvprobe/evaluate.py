@@ -44,10 +44,10 @@ def run_policy(gen: KVProbeGenerator, items: list[Item], policy: str, batch_size
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         modes = oracle_modes[start : start + batch_size] if oracle_modes else None
-        for item, (text, r) in zip(chunk, gen.generate(chunk, policy=policy, oracle_modes=modes)):
-            rows.append({"qid": item.qid, "correct": grade(item, text)[1], "decoded": r.decoded_tokens, "cue": r.cue_tokens,
+        for item, r in zip(chunk, gen.generate(chunk, policy=policy, oracle_modes=modes)):
+            rows.append({"qid": item.qid, "correct": grade(item, r.text)[1], "decoded": r.decoded_tokens, "cue": r.cue_tokens,
                          "prompt": r.prompt_tokens, "mode": r.mode, "switched": r.switched_at is not None,
-                         "switched_at": r.switched_at, "probe_seconds": r.probe_seconds, "confidence": r.confidence, "text": text})
+                         "switched_at": r.switched_at, "probe_seconds": r.probe_seconds, "confidence": r.confidence, "text": r.text})
         bar.update(len(chunk))
     bar.close()
     wall = time.perf_counter() - t0

@@ -65,7 +65,7 @@ def test_export_round_trip_and_model_mismatch(tiny_models, tmp_path, parity_grad
         load_probe(folder)
     with pytest.raises(ProbeMismatch, match="not on"):
         load_probe(folder, str(tiny_models["qwen2"]))
-    torch.testing.assert_close(probe.probability(probe(x)), again.probability(again(x)))
+    torch.testing.assert_close(probe.score(probe(x)), again.score(again(x)))
     assert len(probe.iso_x) > 0 and probe.hparams.head == "mlp"
     qwen_fp = fingerprint(ModelSpec(name=str(tiny_models["qwen2"])))[1]
     with pytest.raises(ProbeMismatch, match="trained on model .*llama.*not on '.*qwen2'"):

@@ -91,7 +91,7 @@ def test_installed_from_pretrained_finds_the_shipped_generator_and_names_a_shado
     code = ("import warnings\nfrom kvprobe import KVProbeGenerator\nwarnings.simplefilter('always')\n"
             "with warnings.catch_warnings(record=True) as caught:\n    gen = KVProbeGenerator.from_pretrained('smollm2')\n"
             "print(gen.path)\nprint(' | '.join(str(w.message) for w in caught if 'shipped generator' in str(w.message)))\n"
-            "text, record = gen.generate('What is 2 + 3?', policy='route', max_new_tokens=6)\nprint(record.mode, record.tokens)")
+            "record = gen.generate('What is 2 + 3?', policy='route', max_new_tokens=6)\nprint(record.mode, record.tokens)")
     out = run([str(installed["python"]), "-c", code], cwd, installed["env"]).stdout.splitlines()
     assert out[0] == str(installed["site"] / "kvprobe" / "pretrained" / "smollm2")
     assert str(cwd / "smollm2") in out[1] and "./smollm2" in out[1]

@@ -11,7 +11,8 @@ from kvprobe import switching
 from kvprobe.export import ProbeMismatch
 from kvprobe.fit import main
 from kvprobe.models import ModelSpec, load_model
-from kvprobe.steering import KVProbeGenerator, SteeringSpec, cue_block
+from kvprobe.steering import (DecodeEngine, DoneEvent, GenerationConfig, Hook, KVProbeGenerator, RouteEvent, SteeringSpec,
+                              SwitchEvent, TextEvent, cue_block)
 from kvprobe.store import CaptureStore
 
 QUESTIONS = ["What is 3 + 4?", "What is 7 * 2 - 5?", "What is 9?"]
@@ -49,8 +50,17 @@ def gen(trained):
 
 def forced(gen, **steering):
     """The same generator with a route threshold that sends everything to slow, and the given steering."""
-    gen.difficulty.thresholds = dict(gen.difficulty.thresholds) | {"force": {"threshold": -1.0}}
-    return KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.configs, SteeringSpec(threshold="force", **steering), gen.switch)
+    return KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.configs, SteeringSpec(threshold=-1.0, **steering), gen.switch)
+
+
+class Widths(Hook):
+    """Records the width of every block the engine feeds."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_forward(self, engine, state, blocks, fed):
+        self.seen.append(max(map(len, blocks)))
 
 
 def greedy(lm, ids, n):
@@ -69,11 +79,11 @@ def test_live_features_equal_captured(gen, trained):
     captured = {k: torch.cat([s[k] for s in shards])[:6].float() for k in ("prompt_kv", "response_kv")}
     want_route = d.score(d(d.inputs({"prompt_kv": captured["prompt_kv"]})))
     live = gen.generate(items, policy="route")
-    torch.testing.assert_close(torch.tensor([r.route_score for _, r in live]), want_route, atol=1e-4, rtol=1e-4)
-    want_conf = c.probability(c(c.inputs({"response_kv": captured["response_kv"]})))
-    same = [i for i, (_, r) in enumerate(results) if r.decoded_tokens == rows[i]["gen_tokens"] and r.text == rows[i]["response"]]
+    torch.testing.assert_close(torch.tensor([r.route_score for r in live]), want_route, atol=1e-4, rtol=1e-4)
+    want_conf = c.predict({"response_kv": captured["response_kv"]})
+    same = [i for i, r in enumerate(results) if r.decoded_tokens == rows[i]["gen_tokens"] and r.text == rows[i]["response"]]
     assert len(same) >= 5  # greedy on the same prompt; padding noise may flip a rare near-tie token
-    torch.testing.assert_close(torch.tensor([results[i][1].confidence for i in same]), want_conf[same], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor([results[i].confidence for i in same]), want_conf[same], atol=1e-4, rtol=1e-4)
 
 
 def test_live_switch_scores_equal_the_probe_on_captured_trajectories(gen, trained):
@@ -88,9 +98,9 @@ def test_live_switch_scores_equal_the_probe_on_captured_trajectories(gen, traine
     offsets, token_kv = shards[0]["token_offsets"], shards[0]["token_kv"]
     p = gen.switch
     compared = 0
-    for i, (row, (text, r)) in enumerate(zip(rows, live)):
+    for i, (row, r) in enumerate(zip(rows, live)):
         assert r.switched_at is None and [t for t, _ in r.switch_trace] == list(range(1, r.decoded_tokens))
-        if text != row["response"]:
+        if r.text != row["response"]:
             continue  # padding noise flipped a near-tie token; the windows differ from there on
         windows = switching.trajectory_windows(token_kv[int(offsets[i]) : int(offsets[i + 1])].float(), g.switch_window)
         want = p.score(p(p.pooled_inputs(windows)))
@@ -113,8 +123,8 @@ def test_rerouted_prompt_reuses_prefix_and_equals_fresh_slow(gen):
     """Routed to slow after the fast prefill: the shared prefix comes from the cache, the tokens equal a fresh slow run."""
     routed = forced(gen).generate(QUESTIONS, policy="route")
     fresh = gen.generate(QUESTIONS, policy="slow")
-    for q, (text, r), (text2, f) in zip(QUESTIONS, routed, fresh):
-        assert r.mode == "slow" and r.token_ids == f.token_ids and text == text2
+    for q, r, f in zip(QUESTIONS, routed, fresh):
+        assert r.mode == "slow" and r.token_ids == f.token_ids and r.text == f.text
         fast_ids, slow_ids = gen.prompt_ids(q, "fast"), gen.prompt_ids(q, "slow")
         shared = next(i for i, (a, b) in enumerate(zip(fast_ids, slow_ids)) if a != b)
         assert shared >= 8  # at least the template head and the question are shared
@@ -122,21 +132,19 @@ def test_rerouted_prompt_reuses_prefix_and_equals_fresh_slow(gen):
 
 
 def test_mixed_batch_routes_each_row_like_its_fixed_mode(gen):
-    scores = [r.route_score for _, r in gen.generate(QUESTIONS, policy="route")]
-    middle = sorted(scores)[1]
-    gen.difficulty.thresholds = dict(gen.difficulty.thresholds) | {"middle": {"threshold": middle}}
-    g = KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.configs, SteeringSpec(threshold="middle"))
+    scores = [r.route_score for r in gen.generate(QUESTIONS, policy="route")]
+    g = KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.configs, SteeringSpec(threshold=sorted(scores)[1]))
     routed = g.generate(QUESTIONS, policy="route")
-    assert {r.mode for _, r in routed} == {"fast", "slow"}  # one batch, both groups
-    for q, (_, r) in zip(QUESTIONS, routed):
-        assert r.token_ids == gen.generate(q, policy=r.mode)[1].token_ids
+    assert {r.mode for r in routed} == {"fast", "slow"}  # one batch, both groups
+    for q, r in zip(QUESTIONS, routed):
+        assert r.token_ids == gen.generate(q, policy=r.mode).token_ids
 
 
 def test_forced_switch_continues_from_cache_like_a_fresh_prefill(gen):
     g = forced(gen, switch_low=2.0, switch_high=-1.0, min_tokens=2)  # arms at the 2nd slow token, fires at the 3rd
-    text, r = g.generate(QUESTIONS[1], policy="route+switch")
+    r = g.generate(QUESTIONS[1], policy="route+switch")
     tok = gen.lm.tokenizer
-    slow = g.generate(QUESTIONS[1], policy="slow")[1].token_ids  # what it decodes without a switch
+    slow = g.generate(QUESTIONS[1], policy="slow").token_ids  # what it decodes without a switch
     assert (r.mode, r.final_mode, r.switched_at) == ("slow", "fast", 3) and r.switch_score < 2.0
     fed = 3 + r.cue_tokens  # the ids through the cue: two decoded, then the third decoded token and the cue
     assert r.token_ids[:2] == slow[:2] and r.cue_tokens >= 1
@@ -184,9 +192,9 @@ def test_cue_block_on_the_real_tokenizer():
 
 def test_batching_with_left_padding_equals_one_by_one(gen):
     together = gen.generate(QUESTIONS, policy="slow")
-    for q, (text, r) in zip(QUESTIONS, together):
-        alone_text, alone = gen.generate(q, policy="slow")
-        assert r.token_ids == alone.token_ids and text == alone_text
+    for q, r in zip(QUESTIONS, together):
+        alone = gen.generate(q, policy="slow")
+        assert r.token_ids == alone.token_ids and r.text == alone.text
         assert r.tokens == {"fast": 0, "slow": len(r.token_ids)} and r.prompt_tokens == len(gen.prompt_ids(q, "slow"))
         assert r.token_ids == greedy(gen.lm, gen.prompt_ids(q, "slow"), len(r.token_ids))  # the loop decodes as HF does
 
@@ -195,28 +203,28 @@ def test_switching_rows_in_a_batch_decode_as_one_by_one(gen):
     """A switch feeds its cue one token per step, so no row is ever padded inside its sequence by another's switch:
     each row of a batch decodes what it decodes alone."""
     g = forced(gen, switch_low=2.0, switch_high=-1.0, min_tokens=2)
-    widths, forward = [], g._forward
-    g._forward = lambda state, block, fed=None: widths.append(max(map(len, block))) or forward(state, block, fed)
-    together = g.generate(QUESTIONS, policy="route+switch")
-    del g._forward
-    assert widths[0] > 1 and widths[1] > 1 and set(widths[2:]) == {1}  # fast prompt, slow suffix, then one position a step
-    for q, (text, r) in zip(QUESTIONS, together):
-        alone_text, alone = g.generate(q, policy="route+switch")
-        assert r.switched_at == alone.switched_at == 3 and r.token_ids == alone.token_ids and text == alone_text
+    widths = Widths()
+    config = GenerationConfig()
+    engine = DecodeEngine(g.lm, g.prompt_ids, g.hooks("route+switch", len(QUESTIONS)) + [widths], config, config.caps(g.max_new_tokens))
+    together = [e.result for e in engine.run(QUESTIONS) if isinstance(e, DoneEvent)]
+    assert widths.seen[0] > 1 and widths.seen[1] > 1 and set(widths.seen[2:]) == {1}  # fast prompt, slow suffix, then one position a step
+    for q, r in zip(QUESTIONS, together):
+        alone = g.generate(q, policy="route+switch")
+        assert r.switched_at == alone.switched_at == 3 and r.token_ids == alone.token_ids and r.text == alone.text
         assert r.cue_tokens == alone.cue_tokens >= 1 and r.decoded_tokens == alone.decoded_tokens
 
 
 def test_streaming_events(gen):
     g = forced(gen, switch_low=2.0, switch_high=-1.0, min_tokens=1)  # arms at the first probe, fires at the second
-    events = list(g.generate(QUESTIONS[:2], policy="route+switch", stream=True))
-    kinds = [e["type"] for e in events]
-    assert kinds[:2] == ["route", "route"] and kinds.count("done") == 2 and kinds.count("switch") == 2
+    events = list(g.stream(QUESTIONS[:2], policy="route+switch"))
+    kinds = [type(e) for e in events]
+    assert kinds[:2] == [RouteEvent, RouteEvent] and kinds.count(DoneEvent) == 2 and kinds.count(SwitchEvent) == 2
     for row in (0, 1):
-        streamed = "".join(e["text"] for e in events if e["type"] == "text" and e["row"] == row)
-        done = next(e["result"] for e in events if e["type"] == "done" and e["row"] == row)
+        streamed = "".join(e.text for e in events if isinstance(e, TextEvent) and e.row == row)
+        done = next(e.result for e in events if isinstance(e, DoneEvent) and e.row == row)
         assert streamed == done.text
-        switch = next(i for i, e in enumerate(events) if e["type"] == "switch" and e["row"] == row)
-        assert events[switch]["at"] == 2 and switch < kinds.index("done")
+        switch = next(i for i, e in enumerate(events) if isinstance(e, SwitchEvent) and e.row == row)
+        assert events[switch].at == 2 and switch < kinds.index(DoneEvent)
 
 
 def test_round_trip_mismatch_and_bad_input(gen, trained, tiny_models, tmp_path):
@@ -228,14 +236,14 @@ def test_round_trip_mismatch_and_bad_input(gen, trained, tiny_models, tmp_path):
     assert gen.steering.switch_low == gen.switch.thresholds["switch_low"]  # unset switch settings come from the export
     assert again.switch.thresholds == gen.switch.thresholds and again.switch_window == gen.switch_window
     a, b = gen.generate(QUESTIONS[0], policy="route"), again.generate(QUESTIONS[0], policy="route")
-    assert a[1].token_ids == b[1].token_ids and a[1].route_score == pytest.approx(b[1].route_score)
+    assert a.token_ids == b.token_ids and a.route_score == pytest.approx(b.route_score)
     other = load_model(ModelSpec(name=str(tiny_models["qwen2"])))
     with pytest.raises(ProbeMismatch, match="not on"):
         KVProbeGenerator.from_pretrained(folder, model=other)
     with pytest.raises(ProbeMismatch, match="not on"):  # a plain transformers model is fingerprinted by its folder
         KVProbeGenerator.from_pretrained(folder, model=other.model, tokenizer=other.tokenizer)
     plain = KVProbeGenerator.from_pretrained(folder, model=gen.lm.model, tokenizer=gen.lm.tokenizer)
-    assert plain.generate(QUESTIONS[0], policy="route")[1].token_ids == a[1].token_ids
+    assert plain.generate(QUESTIONS[0], policy="route").token_ids == a.token_ids
     with pytest.raises(ValueError, match="policy 'oracle' needs oracle_modes"):
         gen.generate(QUESTIONS, policy="oracle")
     with pytest.raises(ValueError, match="not one of"):
@@ -253,7 +261,7 @@ def test_round_trip_mismatch_and_bad_input(gen, trained, tiny_models, tmp_path):
         KVProbeGenerator.from_pretrained(folder, model=gen.lm)
     modes = ["slow", "fast", "slow"]
     oracle = gen.generate(QUESTIONS, policy="oracle", oracle_modes=modes)
-    assert [r.mode for _, r in oracle] == modes
+    assert [r.mode for r in oracle] == modes
 
 
 def test_switch_cost_benchmark_reduced(gen, tmp_path):
@@ -285,7 +293,7 @@ def test_generator_on_gpu_matches_cpu(gen, trained):
     on_gpu = KVProbeGenerator.from_probes(lm, root / "difficulty", root / "correctness", switch=root / "switch")
     assert next(on_gpu.difficulty.parameters()).device.type == "cuda"
     for policy in ("fast", "slow", "route", "route+switch"):
-        for (_, cpu), (_, cuda) in zip(gen.generate(QUESTIONS, policy=policy), on_gpu.generate(QUESTIONS, policy=policy)):
+        for cpu, cuda in zip(gen.generate(QUESTIONS, policy=policy), on_gpu.generate(QUESTIONS, policy=policy)):
             assert cuda.token_ids == cpu.token_ids and cuda.mode == cpu.mode and cuda.switched_at == cpu.switched_at, policy
             assert cuda.route_score == pytest.approx(cpu.route_score, abs=1e-3) if cpu.route_score is not None else cuda.route_score is None
             assert cuda.confidence == pytest.approx(cpu.confidence, abs=1e-3)
@@ -311,7 +319,7 @@ def test_generate_gives_results_or_named_errors(gen):
         except ValueError:
             return
         results = out if isinstance(out, list) else [out]
-        assert all(r.decoded_tokens >= 1 for _, r in results)
+        assert all(r.decoded_tokens >= 1 for r in results)
 
     check()
 
@@ -326,3 +334,63 @@ def test_a_prompt_longer_than_the_context_is_refused(gen):
         gen.generate([QUESTIONS[0]], policy="oracle", oracle_modes=["medium"])
     with pytest.raises(ValueError, match="chat message 0 must be a dict with string 'role' and 'content'"):
         gen.generate([{"role": "user"}], policy="fast")
+
+
+class LengthRouter(Hook):
+    """A policy written against the hook interface alone: every prompt starts fast; after the prefill, prompts longer
+    than ``n`` tokens are moved to slow (the engine re-prompts them). It records which hooks ran, in order."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, []
+
+    def start_modes(self, prompts):
+        self.calls.append("start_modes")
+        return ["fast"] * len(prompts)
+
+    def on_prefill(self, engine, state):
+        self.calls.append("on_prefill")
+        for r in state.rows:
+            r.mode = "slow" if len(r.ids) > self.n else "fast"
+
+    def on_forward(self, engine, state, blocks, fed):
+        self.calls.append("on_forward")
+
+    def on_token(self, engine, state, blocks):
+        self.calls.append("on_token")
+
+    def on_finish(self, engine, state):
+        self.calls.append("on_finish")
+
+
+def test_a_new_policy_needs_only_hooks(gen):
+    lengths = [len(gen.prompt_ids(q, "fast")) for q in QUESTIONS]
+    hook = LengthRouter(sorted(lengths)[1])
+    config = GenerationConfig()
+    events = list(DecodeEngine(gen.lm, gen.prompt_ids, [hook], config, config.caps(gen.max_new_tokens)).run(QUESTIONS))
+    results = {e.row: e.result for e in events if isinstance(e, DoneEvent)}
+    assert [results[i].mode for i in range(3)] == ["slow" if n > sorted(lengths)[1] else "fast" for n in lengths]
+    for i, q in enumerate(QUESTIONS):  # a moved row decodes as a fresh prompt of its mode
+        assert results[i].token_ids == gen.generate(q, policy=results[i].mode).token_ids
+    calls = hook.calls
+    assert calls[:3] == ["start_modes", "on_forward", "on_prefill"] and calls.count("on_finish") == 2  # two groups
+    assert calls.index("on_token") > calls.index("on_prefill") and calls[-1] == "on_finish"
+
+
+def test_sampling_parameters(gen):
+    greedy_ids = gen.generate(QUESTIONS, policy="slow")
+    top1 = gen.generate(QUESTIONS, policy="slow", do_sample=True, top_k=1, seed=3)
+    assert [r.token_ids for r in top1] == [r.token_ids for r in greedy_ids]  # top_k 1 is greedy
+    a = gen.generate(QUESTIONS, policy="slow", config=GenerationConfig(do_sample=True, temperature=2.0, seed=7))
+    b = gen.generate(QUESTIONS, policy="slow", do_sample=True, temperature=2.0, seed=7)
+    c = gen.generate(QUESTIONS, policy="slow", do_sample=True, temperature=2.0, seed=8)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b] != [r.token_ids for r in c]
+    narrow = gen.generate(QUESTIONS, policy="slow", do_sample=True, temperature=2.0, top_p=1e-6, seed=7)
+    assert [r.token_ids for r in narrow] == [r.token_ids for r in greedy_ids]  # top_p keeps at least the top token
+    text = greedy_ids[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    cut = gen.generate(QUESTIONS[0], policy="slow", stop_strings=[stop])
+    assert stop in cut.text and text.startswith(cut.text) and len(cut.token_ids) < len(greedy_ids[0].token_ids)
+    for bad, name in [({"temperature": 0}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"stop_strings": "x"}, "stop_strings"),
+                      ({"do_sample": 1}, "do_sample"), ({"beams": 2}, "unknown generation parameters")]:
+        with pytest.raises(ValueError, match=name):
+            gen.generate(QUESTIONS[0], policy="fast", **bad)

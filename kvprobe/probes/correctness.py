@@ -112,7 +112,7 @@ class CorrectnessProbe(HeadProbe):
         """Raw logits of 'correct' for already-pooled inputs."""
         return self.head_outputs(x).squeeze(-1)
 
-    def probability(self, logits: torch.Tensor) -> torch.Tensor:
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated P(correct) from raw logits."""
         if self.hparams.calibration == "isotonic" and len(self.iso_x):
             return calibration.apply_isotonic(logits, self.iso_x, self.iso_y)
@@ -175,7 +175,7 @@ class CorrectnessProbe(HeadProbe):
         return {"probe_minus_length_probe": diff, "beats_length": diff["lo"] > 0}
 
     def test_step(self, batch: dict, _) -> None:
-        out = {"probe": self.probability(self(self.inputs(batch))), "correct": batch["correct"], "length_probe":
+        out = {"probe": self.score(self(self.inputs(batch))), "correct": batch["correct"], "length_probe":
                torch.sigmoid(length_features(batch) @ self.length_coef[:2] + self.length_coef[2]), "gen_tokens": batch["gen_tokens"]}
         out |= {name: value for name, value in batch["scores"].items()}
         self._outputs.append(out)

@@ -14,7 +14,17 @@ class HeadProbe(L.LightningModule):
     n_outputs = 1
 
     def inputs(self, batch: dict) -> torch.Tensor:
+        """A batch of capture tensors (or the same computed live) as the head's input rows."""
         raise NotImplementedError
+
+    def score(self, out: torch.Tensor) -> torch.Tensor:
+        """The calibrated score of raw head outputs (what the probe predicts; see the subclass)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> torch.Tensor:
+        """The calibrated score of every item in ``batch``: ``score(forward(inputs(batch)))``, one verb for all probes."""
+        return self.score(self(self.inputs(batch)))
 
     def _build(self, dim: int) -> None:
         self.hparams.input_dim = dim

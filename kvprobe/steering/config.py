@@ -1,0 +1,94 @@
+"""What a caller sets: how the generator steers (``SteeringSpec``, saved with it) and how it decodes
+(``GenerationConfig``, per call, as in transformers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from kvprobe.prompts import MODES, check_token_caps
+
+
+@dataclass
+class SteeringSpec:
+    """How a generator steers; saved in ``generator.json`` beside its probes.
+
+    Args:
+        threshold: the difficulty score above which a question goes to slow mode: the name of one of the probe's
+            calibrated thresholds (see its export), or a number.
+        switch_low: ``route+switch``: an armed slow answer whose switch score drops below this stops reasoning;
+            ``None`` = the switch probe's calibrated value.
+        switch_high: the switch arms once the score has risen above this (hysteresis); ``None`` = the probe's.
+        probe_every: score the live window every this many decoded tokens; ``None`` = what the switch probe was
+            calibrated for.
+        min_tokens: no switch before this many decoded tokens; ``None`` = the switch probe's.
+        answer_cue: appended to switch slow -> fast (prompt-based modes; for hybrid thinking models use the
+            template's end-of-thinking text, e.g. ``</think>``).
+    """
+
+    threshold: str | float = "best_at_0.5x_slow"
+    switch_low: float | None = None
+    switch_high: float | None = None
+    probe_every: int | None = None
+    min_tokens: int | None = None
+    answer_cue: str = "\n\nAnswer:"
+
+
+@dataclass
+class GenerationConfig:
+    """How each answer is decoded; the fields and their meaning follow transformers' ``GenerationConfig``.
+
+    Args:
+        max_new_tokens: cap on decoded tokens, one number for both modes or ``{mode: cap}``; ``None`` = the caps the
+            probes were captured with.
+        do_sample: sample instead of greedy decoding.
+        temperature: divides the logits before sampling.
+        top_k: sample among the ``top_k`` most likely tokens only (0 = all).
+        top_p: sample among the most likely tokens whose probabilities add up to ``top_p`` (1.0 = all).
+        seed: seeds the sampling generator of each call, so a call is reproducible; ``None`` = torch's global RNG.
+        stop_strings: an answer ends once its text contains one of these (kept in the text, as in transformers).
+    """
+
+    max_new_tokens: int | dict[str, int] | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {what}, not {getattr(self, name)!r}")
+
+        need(type(self.do_sample) is bool, "do_sample", "true or false")
+        need(isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool) and self.temperature > 0,
+             "temperature", "a number above 0")
+        need(type(self.top_k) is int and self.top_k >= 0, "top_k", "a whole number >= 0")
+        need(isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool) and 0 < self.top_p <= 1,
+             "top_p", "a number in (0, 1]")
+        need(self.seed is None or type(self.seed) is int, "seed", "a whole number or None")
+        need(self.stop_strings is None or (isinstance(self.stop_strings, (list, tuple)) and all(
+            isinstance(s, str) and s for s in self.stop_strings)), "stop_strings", "a list of non-empty strings")
+        if self.max_new_tokens is not None and not isinstance(self.max_new_tokens, dict):
+            check_token_caps({m: self.max_new_tokens for m in MODES})
+        elif self.max_new_tokens is not None:
+            check_token_caps(self.max_new_tokens)
+
+    def caps(self, defaults: dict[str, int]) -> dict[str, int]:
+        """Tokens each mode may decode: this config's caps over ``defaults``."""
+        if self.max_new_tokens is None:
+            return dict(defaults)
+        given = self.max_new_tokens if isinstance(self.max_new_tokens, dict) else {m: self.max_new_tokens for m in MODES}
+        return dict(defaults) | dict(given)
+
+    @classmethod
+    def make(cls, config: "GenerationConfig | None", overrides: dict) -> "GenerationConfig":
+        """``config`` (or the defaults) with keyword ``overrides``, as ``generate(**kwargs)`` takes them."""
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(overrides) - known):
+            raise ValueError(f"unknown generation parameters {unknown}; GenerationConfig takes {sorted(known)}")
+        if config is not None and not isinstance(config, cls):
+            raise ValueError(f"config must be a kvprobe GenerationConfig, not {type(config).__name__}")
+        base = {f.name: getattr(config, f.name) for f in fields(cls)} if config is not None else {}
+        return cls(**(base | overrides))

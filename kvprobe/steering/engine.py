@@ -1,0 +1,200 @@
+"""A batched decode loop over a ``DynamicCache`` that knows no probe: it prefills, steps, re-prompts and selects
+rows, and calls its hooks (``kvprobe.steering.policies``) at each of those points, so that probes run between steps
+on the very cache the loop builds.
+
+Coordinates: rows are left-padded, so every prompt ends in the last column of the prefill. A step feeds one block per
+row (one token; a longer block right-aligned, shorter rows padded inside their sequence and masked); a finished row
+feeds masked padding. Positions count only unmasked columns, so a padded row decodes what it decodes alone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from kvprobe.cache import cache_argument, layer_kv
+from kvprobe.models import LoadedModel, last_logits_only
+from kvprobe.prompts import MODES
+from kvprobe.steering.config import GenerationConfig
+from kvprobe.steering.events import DoneEvent, Event, TextEvent
+from kvprobe.steering.state import DecodeState, Hook, Row
+
+
+class DecodeEngine:
+    """One call's decoding: ``run`` answers every prompt and yields events as they happen."""
+
+    def __init__(self, lm: LoadedModel, prompt_ids: Callable[[object, str], list[int]], hooks: list[Hook],
+                 config: GenerationConfig, caps: dict[str, int]):
+        self.lm, self.prompt_ids, self.hooks, self.config, self.caps = lm, prompt_ids, hooks, config, caps
+        tok = lm.tokenizer
+        eos = lm.model.generation_config.eos_token_id
+        self.eos = set([eos] if isinstance(eos, int) else (eos or [tok.eos_token_id]))
+        self.sampler = None
+        if config.do_sample and config.seed is not None:
+            self.sampler = torch.Generator(device=lm.input_device).manual_seed(config.seed)
+
+    def run(self, prompts: list) -> Iterator[Event]:
+        t0 = time.perf_counter()
+        modes = next((m for h in self.hooks if (m := h.start_modes(prompts)) is not None), None)
+        if modes is None:
+            raise ValueError("no hook says which mode to prompt in")
+        with torch.inference_mode():
+            for mode in MODES:
+                rows = [Row(i, self.prompt_ids(p, mode), mode, t0) for i, (p, m) in enumerate(zip(prompts, modes)) if m == mode]
+                if not rows:
+                    continue
+                state = self.prefill(rows, mode)
+                yield from self._call("on_prefill", state)
+                for group in self.regroup(state, prompts):
+                    yield from self.decode(group)
+
+    # --- the loop's steps ---------------------------------------------------------------------------------------------
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.lm.model.config)
+
+    def forward(self, state: DecodeState, blocks: list[list[int]], fed: list[bool] | None = None) -> torch.Tensor:
+        """Feed one right-aligned block per row (shorter rows padded inside the sequence, masked); returns the last
+        column's logits. ``fed[i]`` False: row i is finished and feeds only masked padding."""
+        fed = [True] * len(blocks) if fed is None else fed
+        pad = self.lm.tokenizer.pad_token_id
+        width = max(len(b) for b in blocks)
+        ids = torch.full((len(blocks), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(blocks), width), dtype=torch.long)
+        for i, b in enumerate(blocks):
+            if b and fed[i]:
+                ids[i, width - len(b):] = torch.tensor(b)
+                mask[i, width - len(b):] = 1
+        state.mask = mask if state.mask is None else torch.cat([state.mask, mask], 1)
+        positions = (state.mask.cumsum(1) - 1).clamp_min(0)[:, -width:]
+        device = self.lm.input_device
+        out = self.lm.model(input_ids=ids.to(device), attention_mask=state.mask.to(device), position_ids=positions.to(device),
+                            use_cache=True, **cache_argument(self.lm.model, state.cache), **last_logits_only(self.lm.model))
+        for hook in self.hooks:
+            hook.on_forward(self, state, blocks, fed)
+        return out.logits[:, -1].float()
+
+    def prefill(self, rows: list[Row], mode: str) -> DecodeState:
+        """Left-padded prefill of each row's prompt."""
+        state = DecodeState(rows, mode, self.new_cache())
+        state.logits = self.forward(state, [r.ids for r in rows])
+        state.answer_from = state.mask.shape[1] - 1  # every prompt ends in the last column (left padding)
+        for r in rows:
+            r.prompt_tokens += len(r.ids)
+        return state
+
+    def regroup(self, state: DecodeState, prompts: list) -> list[DecodeState]:
+        """Rows still in the prefilled mode, then rows a hook moved to another mode (re-prompted, see ``reprompt``)."""
+        stay = [j for j, r in enumerate(state.rows) if r.mode == state.prompt_mode]
+        groups = []
+        for mode in MODES:
+            moved = [j for j, r in enumerate(state.rows) if r.mode == mode != state.prompt_mode]
+            if moved:  # copied out of the cache before it is cut down to the rows that stay
+                groups.append(self.reprompt(state, moved, prompts, mode))
+        if len(stay) == len(state.rows):
+            return [state]
+        return ([state.select(stay)] if stay else []) + groups
+
+    def reprompt(self, state: DecodeState, where: list[int], prompts: list, mode: str) -> DecodeState:
+        """Rows ``where`` prompted in ``mode`` instead: the prompt prefix both modes share is copied out of the cache,
+        only the rest is prefilled."""
+        rows = [state.rows[j] for j in where]
+        width = state.mask.shape[1]
+        targets = [self.prompt_ids(prompts[r.index], mode) for r in rows]
+        shared = [_common_prefix(r.ids, t) for r, t in zip(rows, targets)]
+        lp = max(shared)
+        cache = self.new_cache()
+        for layer, (k, v) in enumerate(layer_kv(state.cache)):
+            nk = torch.zeros((len(rows),) + k.shape[1:2] + (lp,) + k.shape[3:], dtype=k.dtype, device=k.device)
+            nv = torch.zeros_like(nk)
+            for i, (j, r, c) in enumerate(zip(where, rows, shared)):
+                start = width - len(r.ids)  # this row's prompt began here (left padding)
+                nk[i, :, lp - c:] = k[j, :, start:start + c]
+                nv[i, :, lp - c:] = v[j, :, start:start + c]
+            cache.update(nk, nv, layer)
+        mask = torch.zeros((len(rows), lp), dtype=torch.long)
+        for i, c in enumerate(shared):
+            mask[i, lp - c:] = 1
+        new = DecodeState(rows, mode, cache, mask)
+        new.logits = self.forward(new, [t[c:] for t, c in zip(targets, shared)])
+        new.answer_from = new.mask.shape[1] - 1
+        for r, t, c in zip(rows, targets, shared):
+            r.ids, r.prompt_tokens = list(t), r.prompt_tokens + len(t) - c
+        return new
+
+    def pick(self, logits: torch.Tensor) -> list[int]:
+        """The next token of every row: greedy, or sampled as the config says."""
+        c = self.config
+        if not c.do_sample:
+            return logits.argmax(-1).tolist()
+        logits = logits / c.temperature
+        if c.top_k:
+            kth = logits.topk(min(c.top_k, logits.shape[-1]), -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if c.top_p < 1.0:
+            sorted_logits, order = logits.sort(-1, descending=True)
+            before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass of the tokens ranked above
+            drop = (before >= c.top_p).scatter(-1, order, before >= c.top_p)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=self.sampler).squeeze(1).tolist()
+
+    def decode(self, state: DecodeState) -> Iterator[Event]:
+        """Decode every row of ``state`` to its end (eos, its mode's cap or a stop string)."""
+        tok = self.lm.tokenizer
+        rows, stops = state.rows, self.config.stop_strings or []
+        for r in rows:
+            r.start_mode = r.mode
+        logits = state.logits
+        while True:
+            next_ids = self.pick(logits)
+            blocks, fed = [], []
+            for j, r in enumerate(rows):
+                if r.done:
+                    blocks.append([tok.pad_token_id]), fed.append(False)
+                    continue
+                if r.forced:  # one forced token per step: a longer block would pad every other row inside its
+                    blocks.append([r.forced.pop(0)]), fed.append(True)  # sequence and change their float sums
+                    continue
+                t = next_ids[j]
+                r.out.append(t)
+                r.tokens[r.mode] += 1
+                r.in_mode += 1
+                yield from self.refresh_text(r)
+                if t in self.eos or r.in_mode >= self.caps[r.mode] or any(s in r.text for s in stops):
+                    r.done = True
+                    blocks.append([tok.pad_token_id]), fed.append(False)
+                else:
+                    blocks.append([t]), fed.append(True)
+            yield from self._call("on_token", state, blocks)
+            if all(r.done for r in rows):
+                break
+            for r, b, f in zip(rows, blocks, fed):
+                if f:
+                    r.ids.extend(b)
+            logits = self.forward(state, blocks, fed)
+        yield from self._call("on_finish", state)
+        for r in rows:
+            yield DoneEvent(r.index, r.result())
+
+    def refresh_text(self, row: Row) -> Iterator[TextEvent]:
+        """The row's text from its tokens; the new part as an event."""
+        text = self.lm.tokenizer.decode(row.out, skip_special_tokens=True)
+        if text != row.text:
+            yield TextEvent(row.index, text[len(row.text):])
+            row.text = text
+
+    def _call(self, name: str, *args) -> Iterator[Event]:
+        for hook in self.hooks:
+            yield from getattr(hook, name)(self, *args) or ()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

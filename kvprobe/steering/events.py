@@ -1,0 +1,68 @@
+"""What generation gives back: one ``GenerationResult`` per prompt, and the typed events ``stream()`` yields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationResult:
+    """What happened for one prompt. ``tokens`` counts every decoded token per mode (the token decoded at a
+    switch counts in the mode that decoded it); cue tokens are forced, not decoded, and counted apart: the ids fed at
+    the switch beyond the decoded token (``cue_block``: the decoded token and the cue, tokenised as text)."""
+
+    text: str
+    mode: str  # the mode decoding started in (after routing)
+    final_mode: str  # the mode it ended in (after a switch)
+    route_score: float | None
+    switched_at: int | None  # decoded tokens before the switch
+    switch_score: float | None
+    tokens: dict[str, int]
+    cue_tokens: int
+    prompt_tokens: int  # prompt positions prefilled (both modes' shared prefix counted once)
+    confidence: float | None  # calibrated P(correct) from the correctness probe
+    seconds: float
+    probe_seconds: float
+    token_ids: list[int] = field(repr=False, default_factory=list)
+    switch_trace: list[tuple[int, float]] = field(repr=False, default_factory=list)  # (decoded tokens, switch score)
+
+    @property
+    def decoded_tokens(self) -> int:
+        return sum(self.tokens.values())
+
+
+@dataclass
+class Event:
+    row: int  # which prompt of the call
+
+
+@dataclass
+class RouteEvent(Event):
+    """The router picked ``mode`` for this prompt before decoding."""
+
+    mode: str
+    score: float
+    threshold: float
+
+
+@dataclass
+class TextEvent(Event):
+    """New text of this prompt's answer."""
+
+    text: str
+
+
+@dataclass
+class SwitchEvent(Event):
+    """The answer switched mode after ``at`` decoded tokens."""
+
+    at: int
+    score: float
+    to: str
+
+
+@dataclass
+class DoneEvent(Event):
+    """This prompt's answer is finished."""
+
+    result: GenerationResult

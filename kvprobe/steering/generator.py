@@ -1,0 +1,177 @@
+"""KVProbeGenerator: a frozen causal LM and its trained probes, steering generation live.
+
+    gen = KVProbeGenerator.from_pretrained("smollm2")     # a shipped alias (kvprobe/pretrained/) or a folder
+    result = gen.generate("What is 17 * 3?", policy="route")
+    for event in gen.stream(["What is 9 * 8 - 6?"], policy="route+switch"): ...
+
+A policy (``POLICIES``) is a list of hooks on the decode engine (``kvprobe.steering.policies``); the facade builds
+it, checks the prompts, and collects the engine's events into one ``GenerationResult`` per prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Iterator
+
+from kvprobe.features import FeatureSpec
+from kvprobe.models import LoadedModel
+from kvprobe.prompts import PromptSpec, chat_ids, prompt_ids, with_instruction
+from kvprobe.steering import folder
+from kvprobe.steering.config import GenerationConfig, SteeringSpec
+from kvprobe.steering.engine import DecodeEngine
+from kvprobe.steering.events import DoneEvent, Event, GenerationResult
+from kvprobe.steering.policies import Confidence, FixedMode, GivenModes, Router, Switcher
+from kvprobe.steering.state import Hook
+from kvprobe.tasks import Item
+
+POLICIES = ("fast", "slow", "route", "route+switch", "oracle")
+
+
+class KVProbeGenerator:
+    """A frozen causal LM plus its trained probes (difficulty; optionally correctness and switch), steering live."""
+
+    def __init__(self, lm: LoadedModel, difficulty=None, correctness=None, configs: dict | None = None,
+                 steering: SteeringSpec | None = None, switch=None):
+        if difficulty is None and correctness is None:
+            raise ValueError("a KVProbeGenerator needs at least one probe (difficulty and/or correctness)")
+        self.lm, self.difficulty, self.correctness, self.switch = lm, difficulty, correctness, switch
+        self.configs = configs or {}
+        self.path: Path | None = None  # the folder from_pretrained loaded
+        self.steering = self._steering(steering or SteeringSpec())
+        main = self.configs.get("difficulty") or self.configs["correctness"]
+        self.prompt = PromptSpec(**main["prompt"])
+        self.max_new_tokens = dict(main["generation"]["max_new_tokens"])
+        self.route_on = main.get("difficulty", {}).get("route_on", "fast")
+        self.window_layers = FeatureSpec(**main["features"]).layer_ids(lm.shape.layers)
+        if correctness is not None and (correctness.hparams.source != "kv" or correctness.hparams.coe_features
+                                        or correctness.hparams.get("length_inputs")):
+            raise ValueError("live correctness needs a probe on the answer's KV alone (source 'kv', coe_features and "
+                             f"length_inputs false), not source={correctness.hparams.source!r} "
+                             f"coe_features={correctness.hparams.coe_features} length_inputs={correctness.hparams.get('length_inputs')}")
+        threshold = self.steering.threshold
+        if difficulty is not None and not isinstance(threshold, (int, float)) and threshold not in difficulty.thresholds:
+            raise ValueError(f"threshold {threshold!r} is neither a number nor among the probe's calibrated thresholds "
+                             f"{sorted(difficulty.thresholds)}")
+        self.switch_window = self.configs["switch"]["switch"]["window"] if switch is not None else 0
+        for probe in (difficulty, correctness, switch):  # probes read the cache where the model's inputs live
+            if probe is not None:
+                probe.to(lm.input_device)
+        self._live_switch = switch.live(self.switch_window).to(lm.input_device) if switch is not None else None
+
+    def _steering(self, spec: SteeringSpec) -> SteeringSpec:
+        """``spec`` with its unset switch settings taken from the switch probe's export (calibrated on validation)."""
+        spec = copy.deepcopy(spec)
+        if self.switch is not None:
+            hp, calibrated = self.switch.hparams, self.switch.thresholds
+            spec.switch_low = calibrated["switch_low"] if spec.switch_low is None else spec.switch_low
+            spec.switch_high = calibrated["switch_high"] if spec.switch_high is None else spec.switch_high
+            spec.probe_every = hp.probe_every if spec.probe_every is None else spec.probe_every
+            spec.min_tokens = hp.min_tokens if spec.min_tokens is None else spec.min_tokens
+        return spec
+
+    # --- loading and saving (kvprobe.steering.folder) -----------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, model=None, tokenizer=None, device_map: str | None = None,
+                        dtype: str | None = None, steering: SteeringSpec | None = None) -> "KVProbeGenerator":
+        """Probes from a generator folder (``generator.json`` + ``difficulty/`` + ``correctness/``), a single exported
+        probe folder, or a shipped alias (``kvprobe.resources.aliases()``: ``smollm2``, ``qwen2.5-coder-0.5b``); the
+        base model they record, or ``model`` (a kvprobe ``LoadedModel``, or a transformers model with its
+        ``tokenizer``), checked to match. ``.path`` says which folder was loaded."""
+        where, lm, probes, configs, saved = folder.load(path, model, tokenizer, device_map, dtype)
+        gen = cls(lm, probes.get("difficulty"), probes.get("correctness"), configs, steering or saved, probes.get("switch"))
+        gen.path = where
+        return gen
+
+    @classmethod
+    def from_probes(cls, lm: LoadedModel, difficulty: str | Path | None = None, correctness: str | Path | None = None,
+                    steering: SteeringSpec | None = None, switch: str | Path | None = None) -> "KVProbeGenerator":
+        """Assemble a generator from exported probe folders (``kvprobe fit`` outputs)."""
+        probes, configs = folder.load_probes(lm, {"difficulty": difficulty, "correctness": correctness, "switch": switch})
+        return cls(lm, probes.get("difficulty"), probes.get("correctness"), configs, steering, probes.get("switch"))
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the generator folder whole: it appears complete or not at all (an older one stays until then)."""
+        probes = {k: p for k, p in (("difficulty", self.difficulty), ("correctness", self.correctness), ("switch", self.switch)) if p}
+        return folder.save(path, probes, self.configs, self.steering)
+
+    # --- prompts ------------------------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt, mode: str) -> list[int]:
+        """Token ids of ``prompt`` (a question string, an ``Item`` or a chat message list) in ``mode``."""
+        spec = copy.deepcopy(self.prompt)
+        spec.mode = mode
+        if isinstance(prompt, str):
+            prompt = Item("live", prompt, "")
+        if isinstance(prompt, Item):
+            return prompt_ids(prompt, spec, self.lm.tokenizer)
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            return chat_ids(with_instruction(prompt, spec, self.lm.tokenizer), spec, self.lm.tokenizer)
+        raise ValueError(f"a prompt is a string, a kvprobe Item or a list of chat messages, not {type(prompt).__name__}")
+
+    # --- generation ---------------------------------------------------------------------------------------------------
+    def generate(self, prompts, policy: str = "route", config: GenerationConfig | None = None, *,
+                 oracle_modes: list[str] | None = None, **kwargs) -> GenerationResult | list[GenerationResult]:
+        """Answer under ``policy``: one prompt (a string, an ``Item``, a chat) -> its ``GenerationResult``; a list of
+        prompts -> a list of them. Decoding follows ``config`` and keyword overrides of its fields
+        (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_strings``)."""
+        single = _is_single(prompts)
+        results: dict[int, GenerationResult] = {}
+        for event in self.stream([prompts] if single else prompts, policy, config, oracle_modes=oracle_modes, **kwargs):
+            if isinstance(event, DoneEvent):
+                results[event.row] = event.result
+        out = [results[i] for i in range(len(results))]
+        return out[0] if single else out
+
+    def stream(self, prompts, policy: str = "route", config: GenerationConfig | None = None, *,
+               oracle_modes: list[str] | None = None, **kwargs) -> Iterator[Event]:
+        """``generate``'s work as typed events (``kvprobe.steering.events``: route, text, switch, done), each naming
+        its prompt (``row``), as they happen. The arguments are checked before the first event."""
+        batch = [prompts] if _is_single(prompts) else prompts
+        if not isinstance(batch, (list, tuple)) or not batch:
+            raise ValueError(f"prompts: a string, a kvprobe Item, a chat (list of messages) or a non-empty list of these, not {prompts!r:.80}")
+        batch = list(batch)
+        config = GenerationConfig.make(config, kwargs)
+        hooks = self.hooks(policy, len(batch), oracle_modes)
+        caps = config.caps(self.max_new_tokens)
+        self._check_context(batch, policy, caps, oracle_modes)
+        return DecodeEngine(self.lm, self.prompt_ids, hooks, config, caps).run(batch)
+
+    def hooks(self, policy: str, n: int, oracle_modes: list[str] | None = None) -> list[Hook]:
+        """The hooks that make up ``policy`` for ``n`` prompts (plus ``Confidence`` when there is a correctness probe)."""
+        if policy not in POLICIES:
+            raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
+        if policy.startswith("route") and self.difficulty is None:
+            raise ValueError(f"policy {policy!r} needs a difficulty probe; this generator has only a correctness probe")
+        if policy == "route+switch" and self.switch is None:
+            raise ValueError("policy 'route+switch' needs a switch probe (kvprobe fit --config configs/switch.yaml, "
+                             "then kvprobe assemble ... --switch <folder>)")
+        if policy == "oracle" and (not isinstance(oracle_modes, (list, tuple)) or len(oracle_modes) != n
+                                   or any(m not in ("fast", "slow") for m in oracle_modes)):
+            raise ValueError(f"policy 'oracle' needs oracle_modes: one 'fast'/'slow' per prompt, not {oracle_modes!r}")
+        hooks: list[Hook] = {"fast": lambda: [FixedMode("fast")], "slow": lambda: [FixedMode("slow")],
+                             "oracle": lambda: [GivenModes(oracle_modes)], "route": lambda: [self.router()],
+                             "route+switch": lambda: [self.router(), Switcher(self._live_switch, self.switch_window, self.steering)]}[policy]()
+        return hooks + ([Confidence(self.correctness)] if self.correctness is not None else [])
+
+    def router(self) -> Router:
+        threshold = self.steering.threshold
+        if not isinstance(threshold, (int, float)):
+            threshold = self.difficulty.thresholds[threshold]["threshold"]
+        return Router(self.difficulty, float(threshold), self.route_on, self.window_layers)
+
+    def _check_context(self, batch: list, policy: str, caps: dict[str, int], oracle_modes) -> None:
+        """Refuse a prompt that, with its mode's token cap, would run past the model's positions (the model would
+        decode garbage there, with a confident score)."""
+        limit = self.lm.shape.max_positions
+        for i, prompt in enumerate(batch):
+            modes = [oracle_modes[i]] if policy == "oracle" else [policy] if policy in ("fast", "slow") else ["fast", "slow"]
+            for mode in modes:
+                n = len(self.prompt_ids(prompt, mode))
+                if limit and n + caps[mode] > limit:
+                    raise ValueError(f"prompt {i} is {n} tokens in {mode} mode; with max_new_tokens {caps[mode]} that is more "
+                                     f"than the model's {limit} positions: shorten it or lower max_new_tokens")
+
+
+def _is_single(prompts) -> bool:
+    """One prompt: a string, an Item, or a chat (a non-empty list of message dicts)."""
+    return isinstance(prompts, (str, Item)) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict))

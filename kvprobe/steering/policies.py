@@ -1,0 +1,162 @@
+"""The live probes as decode-loop hooks (``kvprobe.steering.state.Hook``). A policy is a list of them:
+
+- ``fast`` / ``slow``: ``FixedMode``; ``oracle``: ``GivenModes`` (the modes per prompt, for evaluation on labels);
+- ``route``: ``Router``: prefill the ``route_on`` prompt, score its last ``window`` positions from the cache
+  (``features.window_kv``, the function capture used), pick a mode; a question routed to the other mode keeps the
+  cached KV of the prompt prefix both modes share and prefills only the differing instruction (the engine's
+  ``reprompt``);
+- ``route+switch``: ``Router`` and ``Switcher``: while a slow answer decodes, the switch probe scores the latest
+  ``window`` positions every ``probe_every`` tokens ("keep thinking?"). Once the score has risen above
+  ``switch_high`` (armed) and then falls below ``switch_low``, the answer cue is appended and the model answers
+  (slow -> fast). At most one switch; decoding continues from the same cache and token ids, with no
+  decode-to-text and re-prefill (the decoded token and the cue are fed as the text would tokenise, ``cue_block``,
+  one token per step so that no other row of the batch is padded inside its sequence). The probe's input is the
+  window of per-position layer-averaged K and/or V (what capture stores as the ``token_kv`` trajectory); each
+  position is projected by the probe's first layer as it is fed (``LiveSwitch``), so the upkeep is one column per
+  layer and a call sums ``window`` small vectors.
+- every policy, when the generator has a correctness probe: ``Confidence``: the per-layer K and V pooled over the
+  answer's positions, read from the cache once when the answer ends, give a calibrated P(correct).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from kvprobe.cache import layer_kv, newest_kv
+from kvprobe.features import pool_positions, pooled_positions, window_kv
+from kvprobe.steering.config import SteeringSpec
+from kvprobe.steering.events import RouteEvent, SwitchEvent
+from kvprobe.steering.state import DecodeState, Hook, timed
+
+
+class FixedMode(Hook):
+    """Every prompt in one mode."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def start_modes(self, prompts: list) -> list[str]:
+        return [self.mode] * len(prompts)
+
+
+class GivenModes(Hook):
+    """The mode of each prompt, given (e.g. the labels' oracle)."""
+
+    def __init__(self, modes: list[str]):
+        self.modes = list(modes)
+
+    def start_modes(self, prompts: list) -> list[str]:
+        return self.modes
+
+
+class Router(Hook):
+    """Scores the difficulty of each prompt from its ``route_on`` prompt's cached window; above ``threshold``: slow."""
+
+    def __init__(self, probe, threshold: float, route_on: str, window_layers: list[int]):
+        self.probe, self.threshold, self.route_on, self.window_layers = probe, threshold, route_on, window_layers
+
+    def start_modes(self, prompts: list) -> list[str]:
+        return [self.route_on] * len(prompts)
+
+    def scores(self, engine, state: DecodeState) -> torch.Tensor:
+        """Difficulty scores from each row's last ``window`` real positions, as capture stored them (fp16)."""
+        probe = self.probe
+        pairs = layer_kv(state.cache, device=engine.lm.input_device)
+        window = window_kv(pairs, state.mask, probe.hparams.window, self.window_layers).half().float()
+        return probe.score(probe(probe.pooled_inputs(pool_positions(window, probe.hparams.position_pool)))).cpu()
+
+    def on_prefill(self, engine, state: DecodeState) -> Iterator[RouteEvent]:
+        with timed(state.rows):
+            scores = self.scores(engine, state).tolist()
+        for r, score in zip(state.rows, scores):
+            r.route_score = score
+            r.mode = "slow" if score > self.threshold else "fast"
+            yield RouteEvent(r.index, r.mode, score, self.threshold)
+
+
+class Switcher(Hook):
+    """Cuts a slow answer's reasoning once the switch probe says it is settled (see the module docstring)."""
+
+    KEY = "switch_window"  # the ring buffer of each row's latest projected positions, in ``DecodeState.row_tensors``
+
+    def __init__(self, live, window: int, steering: SteeringSpec):
+        self.live, self.window, self.steering = live, window, steering
+        self.armed: set[int] = set()  # rows (by prompt index) whose score has risen above switch_high
+
+    def on_forward(self, engine, state: DecodeState, blocks: list[list[int]], fed: list[bool]) -> None:
+        """Push the newly fed position into each row's ring buffer: its layer-averaged K and/or V (a ``token_kv``
+        trajectory entry, fp16 like the stored one) projected by the probe's first layer. Of a prompt only its last
+        position counts (it emits the first answer token). One column of every layer per step."""
+        with timed([r for r, f in zip(state.rows, fed) if f]):
+            position = newest_kv(state.cache, engine.lm.input_device, self.live.kv).float().mean(1).half().float()
+            projected = self.live.project(position)  # (batch, hidden)
+            recent = state.row_tensors.get(self.KEY)
+            if recent is None:
+                recent = projected.new_zeros((projected.shape[0], self.window, projected.shape[1]))
+            shifted = torch.cat([recent[:, 1:], projected[:, None]], 1)
+            if not all(fed):
+                shifted = torch.where(torch.tensor(fed, device=shifted.device).view(-1, 1, 1), shifted, recent)
+            state.row_tensors[self.KEY] = shifted
+
+    def scores(self, state: DecodeState, rows: list[int]) -> list[float]:
+        """The switch probe's scores of the given rows' live windows."""
+        recent = state.row_tensors[self.KEY]
+        return self.live.scores((recent if len(rows) == len(recent) else recent[rows]).sum(1))
+
+    def on_token(self, engine, state: DecodeState, blocks: list[list[int]]) -> Iterator:
+        """Score every slow row due for a probe; arm above ``switch_high``, switch the armed ones below
+        ``switch_low``: the answer cue follows, one token per step."""
+        s = self.steering
+        due = [j for j, r in enumerate(state.rows) if not r.done and r.switched_at is None and r.mode == "slow"
+               and r.in_mode >= s.min_tokens and r.in_mode % s.probe_every == 0]
+        if not due:
+            return
+        with timed([state.rows[j] for j in due]):
+            scores = self.scores(state, due)
+        for j, score in zip(due, scores):
+            r = state.rows[j]
+            r.switch_trace.append((r.in_mode, score))
+            if r.index not in self.armed:
+                if score > s.switch_high:
+                    self.armed.add(r.index)
+                continue
+            if score >= s.switch_low:
+                continue
+            r.switched_at, r.switch_score = r.tokens["fast"] + r.tokens["slow"], score
+            r.mode, r.in_mode = "fast", 0
+            block = cue_block(engine.lm.tokenizer, r.ids[-4:], blocks[j][0], s.answer_cue)
+            blocks[j], r.forced = block[:1], block[1:]
+            r.out[-1:] = block  # the decoded token, possibly merged with the cue's first characters
+            r.cue += len(block) - 1
+            yield SwitchEvent(r.index, r.switched_at, score, "fast")
+            yield from engine.refresh_text(r)
+
+
+class Confidence(Hook):
+    """P(correct) of each answer from its per-layer K and V averaged over the answer's positions (the last prompt
+    position, then every fed answer or cue token: what capture stores), read from the cache once, at the end."""
+
+    def __init__(self, probe):
+        self.probe = probe
+
+    def on_finish(self, engine, state: DecodeState) -> None:
+        with timed(state.rows):
+            start = state.answer_from
+            pooled = pooled_positions(layer_kv(state.cache, device=engine.lm.input_device), state.mask[:, start:], start)
+            for r, p in zip(state.rows, self.probe.predict({"response_kv": pooled}).tolist()):
+                r.confidence = p
+
+
+def cue_block(tokenizer, fed: list[int], token: int, cue: str) -> list[int]:
+    """What to feed at a switch: the just-decoded ``token`` (not yet in the cache) and the answer cue, tokenised as
+    the text would be. Appending the cue's own ids can leave a sequence no tokenizer produces (" " + "\\n" + "\\n"
+    where the text " \\n\\n" tokenises as " \\n" + "\\n"), and the model then continues as after no real text;
+    re-tokenising the last few ``fed`` tokens with the token and the cue gives the ids a fresh prefill of the
+    switched text would have. Used when it leaves the fed tokens as they are (the cache holds them); otherwise
+    the token and the cue's ids."""
+    ids = tokenizer.encode(tokenizer.decode(fed + [token], skip_special_tokens=False) + cue, add_special_tokens=False)
+    if ids[: len(fed)] == fed and len(ids) > len(fed):
+        return ids[len(fed):]
+    return [token] + tokenizer.encode(cue, add_special_tokens=False)
