@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from kvprobe.capture import GenerationSpec, capture
+from kvprobe.capture import CaptureSpec, GenerationSpec, capture
 from kvprobe.features import FeatureSpec
 from kvprobe.models import ModelSpec, last_logits_only, load_model
 from kvprobe.prompts import PromptSpec, prompt_ids
@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
             plain_generate(lm, ids, args.batch_size, args.max_new_tokens)
         else:
             with tempfile.TemporaryDirectory() as root:
-                capture(task=task, prompt=prompt, generation=gen, features=FeatureSpec(hidden_states=args.route == "hidden"),
-                        root=root, loaded=lm, verbose=False)
+                capture(CaptureSpec(task=task, prompt=prompt, generation=gen, features=FeatureSpec(hidden_states=args.route == "hidden")),
+                        root, loaded=lm, verbose=False)
         peak = {"peak_rss_bytes": peak_rss(), "library_rss_bytes": libraries}
         print(json.dumps(peak))
         return peak
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     def timed_capture(features: FeatureSpec) -> tuple[float, int]:
         with tempfile.TemporaryDirectory() as root:
             t0 = time.perf_counter()
-            result = capture(task=task, prompt=prompt, generation=gen, features=features, root=root, loaded=lm, verbose=False)
+            result = capture(CaptureSpec(task=task, prompt=prompt, generation=gen, features=features), root, loaded=lm, verbose=False)
             return time.perf_counter() - t0, result.summary["bytes_on_disk"]
 
     # interleaved repeats: drift on a shared machine hits every route alike; medians, and the spread of the ratio

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kvprobe.capture import GenerationSpec, capture
+from kvprobe.capture import CaptureSpec, GenerationSpec, capture
 from kvprobe.features import FeatureSpec
 from kvprobe.models import ModelSpec, load_model
 from kvprobe.prompts import PromptSpec
@@ -37,7 +37,7 @@ def timed(lm, task: TaskSpec, gen: GenerationSpec) -> tuple[float, float]:
     """(seconds, mean generated tokens per answer) of a capture into a fresh folder."""
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()
-        result = capture(task=task, prompt=PromptSpec(mode="slow"), generation=gen, features=FeatureSpec(), root=root, loaded=lm, verbose=False)
+        result = capture(CaptureSpec(task=task, prompt=PromptSpec(mode="slow"), generation=gen, features=FeatureSpec()), root, loaded=lm, verbose=False)
         return time.perf_counter() - t0, result.summary["mean_gen_tokens"]
 
 
@@ -51,9 +51,9 @@ def fit_line(xs: list[float], ys: list[float]) -> dict:
 
 
 def cli_capture(model: str, n: int, devices: int, root: str, batch: int, max_new: int) -> float:
-    cmd = [sys.executable, "-m", "kvprobe.capture", "--data.model.name", model, "--data.task.params", json.dumps({"n": n, "seed": 13}),
-           "--data.generation.max_new_tokens", json.dumps({"fast": max_new, "slow": max_new}), "--data.generation.batch_size", str(batch),
-           "--data.generation.shard_size", str(max(1, n // 4)), "--data.cache_dir", root, "--devices", str(devices)]
+    cmd = [sys.executable, "-m", "kvprobe.capture", "--capture.model.name", model, "--capture.task.params", json.dumps({"n": n, "seed": 13}),
+           "--capture.generation.max_new_tokens", json.dumps({"fast": max_new, "slow": max_new}), "--capture.generation.batch_size", str(batch),
+           "--capture.generation.shard_size", str(max(1, n // 4)), "--cache_dir", root, "--devices", str(devices)]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
     return time.perf_counter() - t0

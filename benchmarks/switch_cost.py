@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from kvprobe import features as F
+from kvprobe.features import token_trajectory
 from kvprobe import switching
 from kvprobe.cache import layer_kv
 from kvprobe.steering import DecodeEngine, GenerationConfig, KVProbeGenerator, Row, SteeringSpec
@@ -54,7 +54,7 @@ def post_hoc(gen: KVProbeGenerator, question: str, caps: dict) -> dict:
     prompt = gen.prompt_ids(question, "slow")
     out, full = greedy(lm, prompt, caps["slow"])  # 1. the whole slow answer
     # 2. find the switch point afterwards: the switch probe over every window of the answer, the live policy replayed
-    trajectory = F.token_trajectory(layer_kv(out), len(prompt), torch.tensor([len(full)]))[0].half().float()
+    trajectory = token_trajectory(layer_kv(out), len(prompt), torch.tensor([len(full)]))[0].half().float()
     scores = probe.score(probe(probe.pooled_inputs(switching.trajectory_windows(trajectory, gen.switch_window)))).tolist()
     # scores[t - 1]: the window after t decoded tokens; the live loop stops probing once the last token is decoded
     trace = [(t, scores[t - 1]) for t in range(1, len(full))]

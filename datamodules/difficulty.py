@@ -14,10 +14,8 @@ from collections import Counter
 import torch
 
 from datamodules.kv_capture import SPLITS, CaptureDataset, KVCaptureDataModule, SplitSpec
-from kvprobe.capture import CaptureResult, GenerationSpec, capture
-from kvprobe.features import FeatureSpec
-from kvprobe.models import ModelSpec
-from kvprobe.prompts import MODES, PromptSpec
+from kvprobe.capture import CaptureResult, CaptureSpec, capture
+from kvprobe.prompts import MODES
 from kvprobe.routing import LABELS, difficulty_labels
 from kvprobe.store import CaptureStore
 from kvprobe.tasks import TaskSpec
@@ -39,14 +37,12 @@ class DifficultyDataModule(KVCaptureDataModule):
     """Captures a task in fast and slow mode and serves prompt KV with routing labels, split by question.
 
     Args:
-        model: which frozen model to run (alias, HF folder, GGUF file or hub id) and how.
-        task: which items.
-        prompt: the prompt spec of both modes (its ``mode`` is set per capture; the instructions are shared).
-        generation: decoding settings; ``max_new_tokens`` needs an entry for each mode.
-        features: what KV-derived tensors to store (``prompt_window`` > 0: the probe's input).
+        capture: what to capture (model, task, prompt, generation, features); captured once per mode (the prompt's
+            ``mode`` is set per capture; the instructions are shared). ``max_new_tokens`` needs both modes and
+            ``features.prompt_window`` > 0 (the probe's input).
         split: question-level train/val/test split.
-        extra_train: more questions for the training split only, captured in both modes like ``task``; any whose
-            id or text is also in ``task`` is left out, so validation and test stay exactly ``task``'s. More
+        extra_train: more questions for the training split only, captured in both modes like ``capture.task``; any
+            whose id or text is also in that task is left out, so validation and test stay exactly the task's. More
             training data without reshuffling (and so without recapturing) the questions a probe is judged on.
         short_tokens: a fast answer counts as short (label 0, else 25) under this many generated tokens.
         route_on: whose prompt the probe reads: ``fast`` (the generator prefills the fast prompt first and moves on
@@ -56,49 +52,33 @@ class DifficultyDataModule(KVCaptureDataModule):
         num_workers: dataloader workers.
     """
 
-    def __init__(
-        self,
-        model: ModelSpec = ModelSpec(),
-        task: TaskSpec = TaskSpec(),
-        prompt: PromptSpec = PromptSpec(),
-        generation: GenerationSpec = GenerationSpec(),
-        features: FeatureSpec = FeatureSpec(),
-        split: SplitSpec = SplitSpec(),
-        extra_train: TaskSpec | None = None,
-        short_tokens: int = 128,
-        route_on: str = "fast",
-        cache_dir: str | None = None,
-        batch_size: int = 64,
-        num_workers: int = 0,
-    ):
-        super().__init__(model, task, prompt, generation, features, split, cache_dir, batch_size, num_workers)
+    def __init__(self, capture: CaptureSpec | None = None, split: SplitSpec | None = None, extra_train: TaskSpec | None = None,
+                 short_tokens: int = 128, route_on: str = "fast", cache_dir: str | None = None, batch_size: int = 64,
+                 num_workers: int = 0):
+        super().__init__(capture, split, cache_dir, batch_size, num_workers)
         self.extra_train = copy.deepcopy(extra_train)
         if route_on not in MODES:
             raise ValueError(f"route_on {route_on!r} is not one of {MODES}")
-        if not features.prompt_window:
-            raise ValueError("the difficulty probe reads the prompt window: set features.prompt_window > 0")
+        if not self.capture.features.prompt_window:
+            raise ValueError("the difficulty probe reads the prompt window: set capture.features.prompt_window > 0")
         self.short_tokens, self.route_on = short_tokens, route_on
         self.results: dict[str, CaptureResult] = {}
         self.extra_results: dict[str, CaptureResult] = {}
         self.extra_counts: dict[str, int] = {}
         self.label_counts: dict[str, int] = {}
 
-    def mode_prompt(self, mode: str) -> PromptSpec:
-        prompt = copy.deepcopy(self.prompt)
-        prompt.mode = mode
-        return prompt
+    def mode_prompt(self, mode: str):
+        """The prompt spec of ``mode`` (the capture's instructions)."""
+        return self.capture.in_mode(mode).prompt
 
     def _sources(self) -> list[tuple[TaskSpec, dict[str, CaptureResult]]]:
-        """``task`` and, when set, ``extra_train``, each with its captures per mode (filled by ``_capture``)."""
-        return [(self.task, self.results)] + ([(self.extra_train, self.extra_results)] if self.extra_train else [])
+        """The task and, when set, ``extra_train``, each with its captures per mode (filled by ``run_capture``)."""
+        return [(self.capture.task, self.results)] + ([(self.extra_train, self.extra_results)] if self.extra_train else [])
 
-    def _capture(self, rank: int = 0, world_size: int = 1, barrier=None) -> CaptureResult:
+    def run_capture(self, rank: int = 0, world_size: int = 1, barrier=None) -> CaptureResult:
         for task, results in self._sources():
             for mode in MODES:  # the cheap fast mode first: its summary shows up in minutes
-                results[mode] = capture(
-                    self.model_spec, task, self.mode_prompt(mode), self.generation, self.features,
-                    root=self.cache_dir, rank=rank, world_size=world_size, barrier=barrier,
-                )
+                results[mode] = capture(self.capture.in_mode(mode, task), self.cache_dir, rank, world_size, barrier)
         if rank == 0:
             self._join()
             print(f"[kvprobe] difficulty labels (short_tokens={self.short_tokens}): {self.label_histogram()}", flush=True)

@@ -11,12 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kvprobe.baselines import label_free_scores
-from kvprobe.capture import CaptureResult, GenerationSpec, capture
-from kvprobe.features import FeatureSpec
-from kvprobe.models import ModelSpec
-from kvprobe.prompts import PromptSpec
+from kvprobe.capture import CaptureResult, CaptureSpec, capture
 from kvprobe.store import CaptureStore
-from kvprobe.tasks import TaskSpec
 
 SPLITS = ("train", "val", "test")
 
@@ -99,50 +95,33 @@ class KVCaptureDataModule(L.LightningDataModule):
     """Runs a frozen model over a task once, stores KV features, serves them as train/val/test.
 
     Args:
-        model: which frozen model to run (alias, HF folder, GGUF file or hub id) and how.
-        task: which items.
-        prompt: chat-template prompt spec, including the mode (fast/slow).
-        generation: decoding settings, batch size and shard size.
-        features: what KV-derived tensors to store.
+        capture: what to capture (model, task, prompt, generation, features): usually a path to one of
+            ``configs/captures/``, so that every probe on the same capture names it once.
         split: question-level train/val/test split.
         cache_dir: where captures live; default ``$KVPROBE_CACHE/captures`` (``~/.cache/kvprobe/captures``).
         batch_size: probe-training batch size of the dataloaders.
         num_workers: dataloader workers.
     """
 
-    def __init__(
-        self,
-        model: ModelSpec = ModelSpec(),
-        task: TaskSpec = TaskSpec(),
-        prompt: PromptSpec = PromptSpec(),
-        generation: GenerationSpec = GenerationSpec(),
-        features: FeatureSpec = FeatureSpec(),
-        split: SplitSpec = SplitSpec(),
-        cache_dir: str | None = None,
-        batch_size: int = 64,
-        num_workers: int = 0,
-    ):
+    def __init__(self, capture: CaptureSpec | None = None, split: SplitSpec | None = None, cache_dir: str | None = None,
+                 batch_size: int = 64, num_workers: int = 0):
         super().__init__()
-        # copies: the defaults above are shared instances, and specs are mutated by config overrides
-        model, task, prompt, generation, features, split = copy.deepcopy((model, task, prompt, generation, features, split))
-        self.model_spec, self.task, self.prompt = model, task, prompt
-        self.generation, self.features, self.split = generation, features, split
+        # copies: config overrides mutate specs, and a caller's spec must stay as it was
+        self.capture, self.split = copy.deepcopy(capture or CaptureSpec()), copy.deepcopy(split or SplitSpec())
         self.cache_dir, self.batch_size, self.num_workers = cache_dir, batch_size, num_workers
         self.result: CaptureResult | None = None
         self.datasets: dict[str, CaptureDataset] = {}
 
-    def _capture(self, rank: int = 0, world_size: int = 1, barrier=None) -> CaptureResult:
-        return capture(
-            self.model_spec, self.task, self.prompt, self.generation, self.features,
-            root=self.cache_dir, rank=rank, world_size=world_size, barrier=barrier,
-        )
+    def run_capture(self, rank: int = 0, world_size: int = 1, barrier=None) -> CaptureResult:
+        """Capture what this data needs (cached: no model work when done before); the capture the probe reads."""
+        return capture(self.capture, self.cache_dir, rank, world_size, barrier)
 
     def _distributed(self) -> bool:
         return self.trainer is not None and self.trainer.world_size > 1
 
     def prepare_data(self) -> None:
         if self.result is None and not self._distributed():  # data-parallel captures in setup, on every rank
-            self.result = self._capture()
+            self.result = self.run_capture()
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -150,11 +129,11 @@ class KVCaptureDataModule(L.LightningDataModule):
         if self.result is None:
             if self._distributed():
                 strategy = self.trainer.strategy
-                self.result = self._capture(self.trainer.global_rank, self.trainer.world_size, strategy.barrier)
+                self.result = self.run_capture(self.trainer.global_rank, self.trainer.world_size, strategy.barrier)
             else:
-                self.result = self._capture()
-        shards, rows, parts = self._open()
-        self.datasets = self._datasets(shards, rows, parts, label_free_scores(shards, rows))
+                self.result = self.run_capture()
+        shards, rows, self.parts = self._open()  # parts: each split's row indices
+        self.datasets = self._datasets(shards, rows, self.parts, label_free_scores(shards, rows))
 
     def _open(self) -> tuple[list[dict], list[dict], dict[str, list[int]]]:
         """The capture's shards and rows, and each split's row indices (subclasses may add rows to a split)."""

@@ -9,19 +9,16 @@ The split is the difficulty data's question-level split, so a question sits in t
 
 from __future__ import annotations
 
+import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from datamodules.difficulty import DifficultyDataModule
-from datamodules.kv_capture import SPLITS, CaptureDataset, SplitSpec
+from datamodules.kv_capture import SPLITS, CaptureDataset
 from kvprobe import switching
-from kvprobe.capture import GenerationSpec
-from kvprobe.features import FeatureSpec
-from kvprobe.models import ModelSpec, fingerprint, load_tokenizer
-from kvprobe.prompts import PromptSpec
+from kvprobe.models import load_tokenizer, locate
 from kvprobe.store import CaptureStore
-from kvprobe.tasks import TaskSpec
 
 
 class SwitchDataset(Dataset):
@@ -37,56 +34,61 @@ class SwitchDataset(Dataset):
         return {k: v[i] for k, v in self.columns.items()}
 
 
-class SwitchDataModule(DifficultyDataModule):
-    """The difficulty data, served as decode-position windows of the slow answers for the switch probe.
+class SwitchDataModule(L.LightningDataModule):
+    """The slow answers of a difficulty data module, served as decode-position windows for the switch probe.
 
     Args:
-        model: which frozen model to run (alias, HF folder, GGUF file or hub id) and how.
-        task: which items.
-        prompt: the prompt spec of both modes.
-        generation: decoding settings; ``max_new_tokens`` needs an entry for each mode.
-        features: what capture stores; needs ``token_trajectory`` (the windows' source).
-        split: question-level train/val/test split (the difficulty probe's).
-        short_tokens: as in the difficulty data (labels are recorded in the export beside this probe's).
-        route_on: as in the difficulty data.
+        difficulty: the difficulty data whose captures (its task's slow answers) and question split this serves;
+            usually a path to its config, e.g. ``configs/data/difficulty_mix.yaml``. Its capture needs
+            ``features.token_trajectory`` (the windows' source).
         window: decode positions averaged into one input (the generator keeps a ring buffer of this many).
-        cache_dir: where captures live; default ``$KVPROBE_CACHE/captures``.
+        settled_at: where an answer's result stands written: the import path (``package.module.function``) of a
+            function like ``kvprobe.switching.settled_at`` (response, prediction, token ends) -> decoded tokens or
+            None; ``None`` = that one.
         batch_size: probe-training batch size.
         num_workers: dataloader workers.
     """
 
-    def __init__(
-        self,
-        model: ModelSpec = ModelSpec(),
-        task: TaskSpec = TaskSpec(),
-        prompt: PromptSpec = PromptSpec(),
-        generation: GenerationSpec = GenerationSpec(),
-        features: FeatureSpec = FeatureSpec(),
-        split: SplitSpec = SplitSpec(),
-        short_tokens: int = 128,
-        route_on: str = "fast",
-        window: int = 8,
-        cache_dir: str | None = None,
-        batch_size: int = 512,
-        num_workers: int = 0,
-    ):
-        super().__init__(model, task, prompt, generation, features, split, short_tokens=short_tokens, route_on=route_on,
-                         cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers)
-        if not features.token_trajectory:
-            raise ValueError("the switch probe reads decode windows from the trajectory: set features.token_trajectory: true")
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.window = window
+    def __init__(self, difficulty: DifficultyDataModule, window: int = 8, settled_at: str | None = None,
+                 batch_size: int = 512, num_workers: int = 0):
+        super().__init__()
+        if not difficulty.capture.features.token_trajectory:
+            raise ValueError("the switch probe reads decode windows from the trajectory: set capture.features.token_trajectory: true")
+        if type(window) is not int or window < 1:
+            raise ValueError(f"window must be a whole number >= 1, got {window!r}")
+        self.difficulty, self.window, self.batch_size, self.num_workers = difficulty, window, batch_size, num_workers
+        self.settled_at = switching.settled_at if settled_at is None else _function(settled_at, "settled_at")
+        self.datasets: dict[str, SwitchDataset] = {}
 
-    def _datasets(self, shards: list[dict], rows: list[dict], parts: dict[str, list[int]], scores: dict) -> dict:
-        """Each split's slow answers, one sample per decoded-token count; a question's split is the one ``parts``
-        gave it in the route_on capture (the difficulty probe's)."""
-        slow_shards, table = CaptureStore(self.results["slow"].path).open()
+    @property
+    def capture(self):
+        return self.difficulty.capture
+
+    @property
+    def path(self):
+        return self.difficulty.results["slow"].path
+
+    def prepare_data(self) -> None:
+        self.difficulty.trainer = self.trainer
+        self.difficulty.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.difficulty.trainer = self.trainer
+        self.difficulty.setup(stage)
+        self.datasets = self._windows()
+
+    def _windows(self) -> dict[str, SwitchDataset]:
+        """Each split's slow answers of the difficulty task, one sample per decoded-token count; a question's split
+        is the one the difficulty data gave it."""
+        slow_shards, table = CaptureStore(self.difficulty.results["slow"].path).open()
         slow_rows = table.to_pylist()
-        split_of = {rows[i]["qid"]: name for name, indices in parts.items() for i in indices}
+        rows = self.difficulty.datasets["train"].rows
+        split_of = {rows[i]["qid"]: name for name, indices in self.difficulty.parts.items() for i in indices}
         split = {name: [i for i, r in enumerate(slow_rows) if split_of.get(r["qid"]) == name] for name in SPLITS}
         answers = CaptureDataset(slow_shards, slow_rows, list(range(len(slow_rows))), {})
-        tokenizer = load_tokenizer(fingerprint(self.model_spec)[0])
+        tokenizer = load_tokenizer(locate(self.capture.model)[0])
         columns = {name: {k: [] for k in ("window", "keep", "t", "answer", "n", "settled", "correct")} for name in SPLITS}
         for name in SPLITS:
             for i in tqdm(split[name], desc=f"switch windows ({name})", unit="answer", leave=False):
@@ -94,7 +96,7 @@ class SwitchDataModule(DifficultyDataModule):
                 trajectory = answers.token_kv(i)
                 n = len(trajectory)
                 ends = [end for _, end in tokenizer(row["response"], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
-                settled = switching.settled_at(row["response"], row["prediction"], ends)
+                settled = self.settled_at(row["response"], row["prediction"], ends)
                 t = torch.arange(1, n + 1)
                 c = columns[name]
                 c["window"].append(switching.trajectory_windows(trajectory, self.window))
@@ -107,4 +109,28 @@ class SwitchDataModule(DifficultyDataModule):
         return {name: SwitchDataset({k: torch.cat(v) for k, v in columns[name].items()}) for name in SPLITS}
 
     def export_spec(self) -> dict:
-        return super().export_spec() | {"switch": {"window": self.window, "source": "token_kv trajectory, slow answers"}}
+        return self.difficulty.export_spec() | {"switch": {"window": self.window, "source": "token_kv trajectory, slow answers"}}
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.difficulty.split.seed) if shuffle else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def _function(path: str, name: str):
+    """The function an import path (``package.module.function``) names, or a ValueError naming ``name``."""
+    import importlib
+
+    module, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{name} {path!r} cannot be imported ({err}); give package.module.function") from None

@@ -1,7 +1,7 @@
 """Capture: generate -> grade -> KV features -> store. One process, data-parallel, or sharded over GPUs.
 
-    python -m kvprobe.capture --config configs/data/arithmetic.yaml      # the embedded model on arithmetic
-    python -m kvprobe.capture --data.task.name gsm8k --data.task.limit 32 --devices 2
+    kvprobe capture --config configs/capture.yaml                       # the embedded model on arithmetic
+    kvprobe capture --capture configs/captures/qwen_mix.yaml --modes fast slow --devices 2
 
 Nothing hooks the model: the KV cache is an ordinary output of ``generate``, and features are pooled from that
 very cache (a second forward pass would cost 5-6% of generation time; pooling costs ~0.05%).
@@ -21,15 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 import kvprobe
-from kvprobe import features as F
+from kvprobe.features import FeatureSpec, OutputStats, pooled_hidden, pooled_response, prompt_window, token_trajectory
 from kvprobe.assets import cache_dir
 from kvprobe.cache import layer_kv
-from kvprobe.features import FeatureSpec
-from kvprobe.models import LoadedModel, ModelSpec, last_logits_only, load_model, load_tokenizer, model_shape
-from kvprobe.models import fingerprint as model_fingerprint
+from kvprobe.models import LoadedModel, ModelSpec, eos_ids, last_logits_only, left_pad, load_model, load_tokenizer, locate, model_shape
 from kvprobe.prompts import PromptSpec, check_token_caps, prompt_ids
-from kvprobe.store import CaptureStore, fingerprint
-from kvprobe.tasks import DEFAULT_CAPS, GRADING_VERSION, Item, TaskError, TaskSpec, default_caps, grade, load_items
+from kvprobe.store import CaptureStore, spec_digest
+from kvprobe.tasks import GRADING_VERSION, Item, TaskError, TaskSpec, default_caps, grader_of, load_items
 
 
 @dataclass
@@ -67,6 +65,30 @@ class GenerationSpec:
             raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, not {self.temperature!r}, {self.top_p!r}")
 
 
+@dataclass
+class CaptureSpec:
+    """What a capture stores: which model answers which questions, prompted and decoded how, keeping which features.
+    Everything here enters the capture's fingerprint; where the capture lives does not.
+
+    Args:
+        model: the frozen model (embedded alias, local HF folder, .gguf file or hub id) and how to load it.
+        task: the questions (any of ``kvprobe.tasks.TASKS``).
+        prompt: how a question becomes a prompt, including the mode (fast/slow) and the instruction texts.
+        generation: decoding settings, token caps, batch size and shard size.
+        features: what KV-derived tensors are stored per answer.
+    """
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    task: TaskSpec = field(default_factory=TaskSpec)
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    features: FeatureSpec = field(default_factory=FeatureSpec)
+
+    def in_mode(self, mode: str, task: TaskSpec | None = None) -> "CaptureSpec":
+        """The same capture with prompts in ``mode`` (and, if given, another ``task``)."""
+        return dataclasses.replace(self, prompt=dataclasses.replace(self.prompt, mode=mode), task=task or self.task)
+
+
 CAP_WARNING = 0.10  # above this share of answers cut by the token cap, a capture's labels are mostly "did it finish"
 
 
@@ -80,7 +102,7 @@ def capture_spec(model: ModelSpec, source: str, digest: str, task: TaskSpec, pro
                  feats: FeatureSpec, items: list[Item]) -> dict:
     """Everything that changes what is stored. Its hash names the capture folder. Loads no weights.
 
-    ``source`` and ``digest`` are ``kvprobe.models.fingerprint(model)``: what to load, and its content hash.
+    ``source`` and ``digest`` are ``kvprobe.models.locate(model)``: what to load, and its content hash.
     ``items`` enter as a digest of their ids, questions, golds and choices: a task file edited in place, or the
     same relative path in another folder, names another capture.
     """
@@ -91,7 +113,7 @@ def capture_spec(model: ModelSpec, source: str, digest: str, task: TaskSpec, pro
         "shape": asdict(model_shape(AutoConfig.from_pretrained(source))),
         "grading": GRADING_VERSION,
         "model": {"fingerprint": digest, "dtype": model.dtype, "name": model.name},
-        "task": asdict(task),
+        "task": {k: v for k, v in asdict(task).items() if k != "grader" or v is not None},  # the default leaves no trace
         "items": items_digest(items),
         "prompt": prompt.to_dict(),
         "generation": asdict(gen),
@@ -113,24 +135,21 @@ def _validate(items: list[Item], ids: list[list[int]], limit: int | None, max_ne
             )
 
 
-def _generate_batch(lm: LoadedModel, batch: list[list[int]], gen: GenerationSpec, max_new: int, feats: FeatureSpec):
+def generate_batch(lm: LoadedModel, batch: list[list[int]], gen: GenerationSpec, max_new: int, feats: FeatureSpec):
+    """One left-padded ``generate`` call over prompt ids ``batch``: (output with the cache, new ids, answer lengths,
+    finished-before-the-cap flags, output statistics, prompt width)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     tok = lm.tokenizer
-    width = max(len(x) for x in batch)
-    input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ids in enumerate(batch):
-        input_ids[i, width - len(ids) :] = torch.tensor(ids)
-        mask[i, width - len(ids) :] = 1
-    eos = lm.model.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [tok.eos_token_id])
+    input_ids, mask = left_pad(batch, tok.pad_token_id)
+    width = input_ids.shape[1]
+    eos = eos_ids(lm)
     config = GenerationConfig(
         max_new_tokens=max_new, do_sample=gen.do_sample, pad_token_id=tok.pad_token_id, eos_token_id=eos,
         **({"temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else {}),
         return_dict_in_generate=True, output_hidden_states=feats.hidden_states,
     )
-    stats = F.OutputStats()
+    stats = OutputStats()
     device = lm.input_device
     out = lm.model.generate(
         input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config,
@@ -143,35 +162,21 @@ def _generate_batch(lm: LoadedModel, batch: list[list[int]], gen: GenerationSpec
     return out, new, lengths, finished, stats, width
 
 
-def answer_and_grade(lm: LoadedModel, items: list[Item], prompt: PromptSpec, gen: GenerationSpec) -> tuple[list[bool], list[int]]:
-    """Answer ``items`` under ``prompt`` (batches of ``gen.batch_size`` in the given order, capped at the mode's
-    ``max_new_tokens``) and grade them, storing nothing: (correct, decoded tokens) per item. For quick measurements
-    that need no KV features (scripts/)."""
-    ids = [prompt_ids(item, prompt, lm.tokenizer) for item in items]
-    cap = (gen.max_new_tokens or DEFAULT_CAPS)[prompt.mode]
-    correct, tokens = [], []
-    for start in range(0, len(ids), gen.batch_size):
-        with torch.inference_mode():
-            _, new, lengths, *_ = _generate_batch(lm, ids[start : start + gen.batch_size], gen, cap, FeatureSpec())
-        for b, item in enumerate(items[start : start + gen.batch_size]):
-            correct.append(grade(item, lm.tokenizer.decode(new[b, : int(lengths[b])], skip_special_tokens=True))[1])
-            tokens.append(int(lengths[b]))
-    return correct, tokens
-
-
-def _features(out, width: int, lengths: torch.Tensor, prompt_lengths: torch.Tensor, lm: LoadedModel, feats: FeatureSpec):
+def answer_features(out, width: int, lengths: torch.Tensor, prompt_lengths: torch.Tensor, lm: LoadedModel, feats: FeatureSpec):
+    """The stored tensors of a generated batch, from its cache (and hidden states): what ``feats`` asks for, and the
+    per-token trajectory (or None)."""
     pairs = layer_kv(out, device=lm.input_device)
-    tensors = {"response_kv": F.pooled_response(pairs, width, lengths)}
+    tensors = {"response_kv": pooled_response(pairs, width, lengths)}
     if feats.prompt_window:
-        window = F.prompt_window(pairs, width, prompt_lengths, feats.prompt_window, feats.layer_ids(len(pairs)))
+        window = prompt_window(pairs, width, prompt_lengths, feats.prompt_window, feats.layer_ids(len(pairs)))
         tensors["prompt_kv"] = window.half()
     if feats.hidden_states:
-        tensors["hidden"] = F.pooled_hidden(out.hidden_states, lengths)
-    trajectory = F.token_trajectory(pairs, width, lengths) if feats.token_trajectory else None
+        tensors["hidden"] = pooled_hidden(out.hidden_states, lengths)
+    trajectory = token_trajectory(pairs, width, lengths) if feats.token_trajectory else None
     return {k: v.cpu() for k, v in tensors.items()}, trajectory
 
 
-def _run_shard(lm, items, ids, gen, feats, prompt, progress) -> tuple[dict, list[dict]]:
+def _run_shard(lm, items, ids, gen, feats, prompt, grader, progress) -> tuple[dict, list[dict]]:
     """Generate, grade and featurise one shard's items; returns its tensors and table rows in item order."""
     max_new = gen.max_new_tokens[prompt.mode]
     order = sorted(range(len(items)), key=lambda i: -len(ids[i]))  # similar lengths batch with little padding
@@ -179,14 +184,14 @@ def _run_shard(lm, items, ids, gen, feats, prompt, progress) -> tuple[dict, list
     for start in range(0, len(order), gen.batch_size):
         chunk = order[start : start + gen.batch_size]
         prompt_lengths = torch.tensor([len(ids[i]) for i in chunk])
-        out, new, lengths, finished, stats, width = _generate_batch(lm, [ids[i] for i in chunk], gen, max_new, feats)
-        tensors, trajectory = _features(out, width, lengths, prompt_lengths, lm, feats)
+        out, new, lengths, finished, stats, width = generate_batch(lm, [ids[i] for i in chunk], gen, max_new, feats)
+        tensors, trajectory = answer_features(out, width, lengths, prompt_lengths, lm, feats)
         max_prob, entropy = stats.means(lengths)
         del out
         for b, i in enumerate(chunk):
             n = int(lengths[b])
             response = lm.tokenizer.decode(new[b, :n], skip_special_tokens=True)
-            prediction, correct = grade(items[i], response)
+            prediction, correct = grader(items[i], response, prompt.mode)
             row = {
                 "qid": items[i].qid, "question": items[i].question, "gold": items[i].gold,
                 "choices": json.dumps(items[i].choices) if items[i].choices else None,
@@ -217,11 +222,7 @@ def _run_shard(lm, items, ids, gen, feats, prompt, progress) -> tuple[dict, list
 
 
 def capture(
-    model: ModelSpec | None = None,
-    task: TaskSpec | None = None,
-    prompt: PromptSpec | None = None,
-    generation: GenerationSpec | None = None,
-    features: FeatureSpec | None = None,
+    spec: CaptureSpec | None = None,
     root: str | Path | None = None,
     rank: int = 0,
     world_size: int = 1,
@@ -233,35 +234,36 @@ def capture(
 
     With ``world_size > 1`` each rank captures the shards ``j % world_size == rank`` and rank 0 merges the table.
     """
-    model, task, prompt = model or ModelSpec(), task or TaskSpec(), prompt or PromptSpec()
-    generation, features = generation or GenerationSpec(), features or FeatureSpec()
+    spec = spec or CaptureSpec()
+    model, task, prompt, generation, features = spec.model, spec.task, spec.prompt, spec.generation, spec.features
     if generation.max_new_tokens is None:  # recorded resolved, so the fingerprint says what was used
         generation = dataclasses.replace(generation, max_new_tokens=default_caps(task))
     if prompt.mode not in generation.max_new_tokens:
         raise ValueError(f"generation.max_new_tokens has no entry for mode {prompt.mode!r}: {generation.max_new_tokens}")
     barrier = barrier or (lambda: None)
     items = load_items(task)  # bad task input fails here, before any model work
+    grader = grader_of(task)
     model = loaded.spec if loaded else model
-    source, model_digest = (loaded.source, loaded.fingerprint) if loaded else model_fingerprint(model)
-    spec = capture_spec(model, source, model_digest, task, prompt, generation, features, items)
-    digest = fingerprint(spec)
+    source, model_digest = (loaded.source, loaded.fingerprint) if loaded else locate(model)
+    record = capture_spec(model, source, model_digest, task, prompt, generation, features, items)
+    digest = spec_digest(record)
     store = CaptureStore(Path(root or cache_dir() / "captures") / f"{task.name}-{prompt.mode}-{digest[:16]}")
     if not store.complete and rank == 0:
-        _adopt_older(store, spec | {"fingerprint": digest}, items, verbose)
+        _adopt_older(store, record | {"fingerprint": digest}, items, grader, verbose)
     barrier()
     if store.complete and not store.verify():
         if rank == 0:
-            store.begin(spec | {"fingerprint": digest})  # rewrites a damaged spec.json, else nothing
+            store.begin(record | {"fingerprint": digest})  # rewrites a damaged spec.json, else nothing
         return _finish(store, verbose and rank == 0, reused=True)
     tokenizer = loaded.tokenizer if loaded else load_tokenizer(source)
     ids = [prompt_ids(item, prompt, tokenizer) for item in items]
-    _validate(items, ids, spec["shape"]["max_positions"], generation.max_new_tokens[prompt.mode])
+    _validate(items, ids, record["shape"]["max_positions"], generation.max_new_tokens[prompt.mode])
 
     shards = [range(s, min(s + generation.shard_size, len(items))) for s in range(0, len(items), generation.shard_size)]
     mine = [j for j in range(len(shards)) if j % world_size == rank]
     todo = [j for j in mine if not store.shard_ok(j)]
     lm = loaded or (load_model(model) if todo else None)  # only a merge left to do: no weights needed
-    store.begin(spec | {"fingerprint": digest})  # the folder appears once everything before work has passed
+    store.begin(record | {"fingerprint": digest})  # the folder appears once everything before work has passed
     progress = tqdm(
         total=sum(len(shards[j]) for j in todo), desc=f"capture {task.name}/{prompt.mode}" + (f" [rank {rank}]" if world_size > 1 else ""),
         unit="item", disable=not verbose or not todo, position=rank,
@@ -273,7 +275,7 @@ def capture(
         # after seed_everything) is the same whether this run captured or found the capture cached
         with torch.random.fork_rng(), torch.inference_mode():
             torch.manual_seed(generation.seed + j)
-            tensors, rows = _run_shard(lm, [items[i] for i in shards[j]], [ids[i] for i in shards[j]], generation, features, prompt, progress)
+            tensors, rows = _run_shard(lm, [items[i] for i in shards[j]], [ids[i] for i in shards[j]], generation, features, prompt, grader, progress)
         for r, i in zip(rows, shards[j]):
             r["index"] = i
         store.write_shard(j, tensors, rows, time.perf_counter() - t0)
@@ -301,14 +303,14 @@ def _older_specs(spec: dict):
                 yield version, old
 
 
-def _adopt_older(store: CaptureStore, spec: dict, items: list[Item], verbose: bool) -> None:
+def _adopt_older(store: CaptureStore, spec: dict, items: list[Item], grader, verbose: bool) -> None:
     """Adopt a complete capture of the same spec that an older kvprobe wrote (another ``GRADING_VERSION``, or no
     items digest): its answers and tensors are what this run would generate, so its rows are graded again and
     nothing is regenerated. A grading fix then costs seconds, not hours of generation. Only when it holds exactly
     this task's questions; an intact older folder is left as it was (a damaged one is treated as any damaged
     capture: its bad shards are removed and it is not adopted)."""
     for version, old_spec in _older_specs(spec):
-        older = CaptureStore(store.path.with_name(f"{store.path.name.rsplit('-', 1)[0]}-{fingerprint(old_spec)[:16]}"))
+        older = CaptureStore(store.path.with_name(f"{store.path.name.rsplit('-', 1)[0]}-{spec_digest(old_spec)[:16]}"))
         if not older.complete or older.verify():
             continue
         n = len(older.manifest()["shards"])
@@ -325,7 +327,7 @@ def _adopt_older(store: CaptureStore, spec: dict, items: list[Item], verbose: bo
     summary = older.manifest()["summary"]
     for j, (tensors, rows) in enumerate(zip(shards, tables)):
         for row in rows:
-            prediction, correct = grade(items[row["index"]], row["response"])
+            prediction, correct = grader(items[row["index"]], row["response"], spec["prompt"]["mode"])
             row.update(prediction=prediction, correct=correct, extracted=prediction != "")
         store.write_shard(j, tensors, rows, summary["capture_seconds"] / n)  # the generation it came from
     store.finalize(n, _summary(store, n, summary["capture_seconds"]) | {"regraded_from": older.path.name})
@@ -365,32 +367,41 @@ def _finish(store: CaptureStore, verbose: bool, reused: bool) -> CaptureResult:
         mode, caps = spec["prompt"]["mode"], spec["generation"]["max_new_tokens"]
         print(f"[kvprobe] WARNING: {summary['cap_share']:.0%} of the answers ({summary['unfinished']} of {summary['items']}) "
               f"hit the token cap generation.max_new_tokens.{mode}={caps[mode]} and are graded wrong: the labels mostly say "
-              f"'did not finish'. Raise the cap (e.g. --data.generation.max_new_tokens "
+              f"'did not finish'. Raise the cap (e.g. --data.capture.generation.max_new_tokens "
               f"'{json.dumps(caps | {mode: caps[mode] * 2})}') and capture again.", flush=True)
     return CaptureResult(store.path, summary)
 
 
-def _capture_rank(fabric, datamodule) -> None:
+def _capture_rank(fabric, specs: list[CaptureSpec], root: str | None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads() // fabric.world_size))  # share the cores, don't fight
-    datamodule._capture(fabric.global_rank, fabric.world_size, fabric.barrier)
+    for spec in specs:
+        capture(spec, root, fabric.global_rank, fabric.world_size, fabric.barrier)
 
 
-def main(argv: list[str] | None = None) -> CaptureResult:
+def main(argv: list[str] | None = None) -> list[CaptureResult]:
+    """Capture a task's answers and KV features (``kvprobe capture --help``)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from datamodules import KVCaptureDataModule
+    from kvprobe.prompts import MODES
 
     parser = ArgumentParser(prog="kvprobe capture", description="Capture answers and KV features of a task.")
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with a `data:` section (see configs/)")
-    parser.add_class_arguments(KVCaptureDataModule, "data")
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with a `capture:` section (configs/capture.yaml)")
+    parser.add_class_arguments(CaptureSpec, "capture")
+    parser.add_argument("--modes", type=list[str] | None, default=None,
+                        help="capture in these modes (e.g. [fast, slow] for difficulty data); null = capture.prompt.mode")
+    parser.add_argument("--cache_dir", type=str | None, default=None, help="null = $KVPROBE_CACHE/captures")
     parser.add_argument("--devices", type=int, default=1, help="data-parallel processes (gloo on CPU, one GPU each on CUDA)")
     cfg = parser.parse_args(argv)
-    datamodule = parser.instantiate(cfg).data
+    spec = parser.instantiate(cfg).capture
+    modes = cfg.modes or [spec.prompt.mode]
+    if bad := [m for m in modes if m not in MODES]:
+        raise ValueError(f"--modes {bad}: modes are {MODES}")
+    specs = [spec.in_mode(m) for m in modes]
     if cfg.devices > 1:
         from lightning.fabric import Fabric
 
-        Fabric(accelerator="auto", devices=cfg.devices, strategy="ddp_spawn").launch(_capture_rank, datamodule)
-    return datamodule._capture()  # complete now: reads the manifest and prints the summary
+        Fabric(accelerator="auto", devices=cfg.devices, strategy="ddp_spawn").launch(_capture_rank, specs, cfg.cache_dir)
+    return [capture(s, cfg.cache_dir) for s in specs]  # complete now: reads the manifest and prints the summary
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""Live steering on a task's test split: every policy generates, is graded, and is costed, side by side.
+"""Live steering on a labelled data split: every policy generates, is graded, and is costed, side by side.
 
-    python -m kvprobe.evaluate --generator qwen2.5-coder-0.5b --data configs/data/difficulty_mix.yaml
+    kvprobe evaluate --generator qwen2.5-coder-0.5b --data configs/data/difficulty_mix.yaml --out live.json
 
-For each policy (fast, slow, route, route+switch, oracle) the generator answers the test questions of the data
-config's split (the split the probes never trained on), greedy, batched. Reported per policy: accuracy, mean
-decoded tokens (every decoded token, both modes), tokens saved versus always-slow, switches, probe time as a share
-of the policies' wall time, wall time. Writes a table and an accuracy-vs-tokens plot to ``docs/steering.md``.
+For each policy (fast, slow, route, route+switch, oracle) the generator answers the questions of the data config's
+split (by default test, which the probes never trained on), greedy, batched. Reported per policy: accuracy, mean
+decoded tokens (every decoded token, both modes), slow share, switches, cue and prompt tokens, probe time as a
+share of the policy's wall time, wall time, and for the routing policies whether they meet the bar (accuracy of the
+better fixed mode - 1 point, at most half of always-slow's tokens, probe time at most 1%) on these live answers.
 """
 
 from __future__ import annotations
@@ -18,27 +19,28 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kvprobe.plots import pyplot
 from kvprobe.routing import Outcomes
 from kvprobe.steering import POLICIES, KVProbeGenerator
 from kvprobe.tasks import Item, grade
+
+PROBE_SHARE_BAR = 0.01  # the bar's limit on probe time as a share of wall time
 
 
 def load_data(config: str):
     """The data module of a data config (``class_path`` + ``init_args`` YAML), captured and set up."""
     from jsonargparse import ArgumentParser
-
-    from datamodules import KVCaptureDataModule
+    from lightning import LightningDataModule
 
     parser = ArgumentParser()
-    parser.add_subclass_arguments(KVCaptureDataModule, "data")
-    dm = parser.instantiate_classes(parser.parse_args(["--data", config])).data
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    dm = parser.instantiate(parser.parse_args(["--data", config])).data
     dm.prepare_data()
     dm.setup("test")
     return dm
 
 
 def run_policy(gen: KVProbeGenerator, items: list[Item], policy: str, batch_size: int, oracle_modes=None) -> dict:
+    """One policy over ``items`` in batches: its figures, and every question's record under ``rows``."""
     rows, t0 = [], time.perf_counter()
     bar = tqdm(total=len(items), desc=f"live {policy}", unit="q")
     for start in range(0, len(items), batch_size):
@@ -60,99 +62,60 @@ def run_policy(gen: KVProbeGenerator, items: list[Item], policy: str, batch_size
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="kvprobe evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generator", default="qwen2.5-coder-0.5b", help="generator folder or alias")
-    parser.add_argument("--data", default="configs/data/difficulty_mix.yaml", help="difficulty data config (both modes)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES, help="route+switch needs a switch probe")
-    parser.add_argument("--limit", type=int, default=None, help="first n questions of the split only")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--out", default="docs/steering.md")
-    args = parser.parse_args(argv)
+def judge(results: dict) -> None:
+    """Mark each routing policy with ``meets_bar``, against the live fast and slow answers to the same questions."""
+    if not {"fast", "slow"} <= set(results):
+        return
+    col = lambda policy, key: torch.tensor([float(r[key]) for r in results[policy]["rows"]])
+    live = Outcomes(col("fast", "correct"), col("slow", "correct"), col("fast", "decoded"), col("slow", "decoded"))
+    least_accuracy, most_tokens = live.bar()
+    for policy, r in results.items():
+        if policy.startswith("route"):
+            r["meets_bar"] = (r["accuracy"] >= least_accuracy and r["mean_tokens"] <= most_tokens
+                              and r["probe_share"] <= PROBE_SHARE_BAR)
 
-    dm = load_data(args.data)
+
+def evaluate(gen: KVProbeGenerator, dm, split: str = "test", policies=POLICIES, limit: int | None = None,
+             batch_size: int = 32) -> dict:
+    """Every policy on the questions of ``dm``'s split (a difficulty data module: the oracle's modes come from its
+    captured outcomes); per policy, its figures."""
     if not hasattr(dm, "outcomes"):
-        parser.error(f"--data {args.data} is a one-mode capture; give a difficulty data config (class_path "
-                     "datamodules.DifficultyDataModule, both modes), e.g. configs/data/difficulty_mix.yaml")
-    ds = dm.datasets[args.split]
-    indices = ds.indices[: args.limit]
+        raise ValueError("evaluation needs difficulty data (both modes captured), e.g. configs/data/difficulty_mix.yaml")
+    ds = dm.datasets[split]
+    indices = ds.indices[:limit]
     items = [Item(ds.rows[g]["qid"], ds.rows[g]["question"], ds.rows[g]["gold"]) for g in indices]
-    gen = KVProbeGenerator.from_pretrained(args.generator)
     idx = torch.tensor(indices)
     captured = Outcomes(*(dm.outcomes[k][idx] for k in ("fast_correct", "slow_correct", "fast_tokens", "slow_tokens")))
     oracle_modes = ["slow" if s else "fast" for s in captured.oracle().tolist()]
     results = {}
-    for policy in args.policies:
-        results[policy] = run_policy(gen, items, policy, args.batch_size, oracle_modes if policy == "oracle" else None)
-        r = results[policy]
+    for policy in policies:
+        results[policy] = r = run_policy(gen, items, policy, batch_size, oracle_modes if policy == "oracle" else None)
         print(f"[kvprobe] {policy}: accuracy {r['accuracy']:.3f}, {r['mean_tokens']:.1f} decoded tokens/question, "
               f"{r['switches']} switches, probe {r['probe_share']:.2%} of wall, {r['wall_seconds']:.0f} s", flush=True)
-    write_report(args, gen, results, len(items))
+    judge(results)
     return results
 
 
-def write_report(args, gen: KVProbeGenerator, results: dict, n: int) -> None:
-    plt = pyplot()
-
-    out = Path(args.out)
-    slow = results.get("slow", {}).get("mean_tokens")
-    best_fixed = max((results[p]["accuracy"] for p in ("fast", "slow") if p in results), default=None)
-    lines = ["| policy | accuracy | mean decoded tokens | tokens / always-slow | slow share | switches | cue tokens / q | "
-             "prompt tokens / q | probe time / wall | wall s | meets the bar |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for policy, r in results.items():
-        ratio = f"{r['mean_tokens'] / slow:.2f}" if slow else "–"
-        bar = "–"
-        if policy.startswith("route") and slow and best_fixed is not None:
-            ok = r["accuracy"] >= best_fixed - 0.01 and r["mean_tokens"] <= 0.5 * slow and r["probe_share"] <= 0.01
-            bar = "**yes**" if ok else "no"
-        lines.append(f"| {policy} | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | {ratio} | {r['slow_share']:.2f} | {r['switches']} | "
-                     f"{r['mean_cue_tokens']:.2f} | {r['mean_prompt_tokens']:.1f} | {r['probe_share']:.2%} | {r['wall_seconds']:.0f} | {bar} |")
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for policy, r in results.items():
-        ax.plot(r["mean_tokens"], r["accuracy"], "o", ms=8, label=policy)
-    if slow:
-        ax.axvline(0.5 * slow, color="grey", lw=0.7, ls="--", label="0.5x always-slow tokens")
-    ax.set(xlabel="mean decoded tokens per question", ylabel="accuracy", title=f"live steering, {n} {args.split} questions")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    figure = out.with_name("steering.png")
-    fig.savefig(figure, dpi=120)
-    s = gen.steering
-    text = "\n".join([
-        "# Steering: live routing and switching with KVProbeGenerator", "",
-        "Reproduce (the captures of `configs/data/difficulty_mix.yaml` give the split and the oracle's modes):", "",
-        "```bash", f"python -m kvprobe.evaluate --generator {args.generator} --data {args.data} --split {args.split}"
-        + (f" --limit {args.limit}" if args.limit else "") + f" --batch_size {args.batch_size}", "```", "",
-        f"Base model `{gen.lm.spec.name}` ({gen.lm.spec.dtype}); {n} {args.split} questions the probes never trained on; greedy; "
-        f"batches of {args.batch_size}. Route threshold `{s.threshold}` "
-        f"({gen.difficulty.thresholds[s.threshold]['threshold']:.4f}, calibrated on validation)" + (
-            f"; route+switch: the switch probe reads the latest {gen.switch_window} positions of a slow answer every "
-            f"{s.probe_every} token(s) from token {s.min_tokens}, arms above {s.switch_high} and switches slow->fast below "
-            f"{s.switch_low:.4f} (calibrated on validation), answer cue {json.dumps(s.answer_cue)}" if gen.switch else "")
-        + ". Tokens count every decoded token of both modes; cue "
-        "tokens are forced (fed, not decoded) and listed apart, as are prompt tokens. The bar: accuracy >= best "
-        "fixed mode - 1 point, <= 0.5x always-slow's tokens, probe time <= 1%.", "",
-    ] + lines + ["", f"![accuracy vs tokens]({figure.name})", ""] + switch_lines(gen))
-    notes = "<!-- notes: everything below this line is hand-written and kept when the tables are regenerated -->"
-    if out.is_file() and notes in out.read_text():
-        text += "\n" + notes + out.read_text().split(notes, 1)[1]
-    out.write_text(text)
-    (out.with_suffix(".json")).write_text(json.dumps(results, indent=1))  # per policy: figures, and every question's record
-    print(text)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvprobe evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--generator", default="qwen2.5-coder-0.5b", help="generator folder or shipped alias")
+    p.add_argument("--data", default="configs/data/difficulty_mix.yaml", help="difficulty data config (both modes)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES, help="route+switch needs a switch probe")
+    p.add_argument("--limit", type=int, default=None, help="first n questions of the split only")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--out", default=None, help="write every figure and per-question record as JSON here")
+    return p
 
 
-def switch_lines(gen: KVProbeGenerator) -> list[str]:
-    """The switch probe's own offline figures (its export's test split), beside the live ones."""
-    test = gen.configs.get("switch", {}).get("metrics", {}).get("test") if gen.switch else None
-    if not test:
-        return []
-    p, w = test["policy"], test["windows"]
-    return [f"Switch probe offline (`python -m kvprobe.fit --config configs/switch.yaml`, its test split: every decode "
-            f"position of {p['answers']:.0f} slow answers): AUROC {w['auroc']:.3f} for \"the result is written\"; the "
-            f"calibrated policy replayed there cuts {p['cut_share']:.0%} of the answers, saves {p['saved_tokens']:.1f} of "
-            f"{p['mean_tokens']:.1f} decoded tokens per answer, and cuts {p['lost_share']:.1%} of them (right ones) "
-            "before their result was written.", ""]
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    results = evaluate(KVProbeGenerator.from_pretrained(args.generator), load_data(args.data), args.split, args.policies,
+                       args.limit, args.batch_size)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"[kvprobe] results written to {args.out}")
+    return results
 
 
 if __name__ == "__main__":

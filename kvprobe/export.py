@@ -174,11 +174,10 @@ def _model_stamp(model) -> tuple[str, dict, str]:
     """(fingerprint, shape, name) of a LoadedModel, a ModelSpec or a model name, without loading weights."""
     from transformers import AutoConfig
 
-    from kvprobe.models import LoadedModel, ModelSpec, model_shape
-    from kvprobe.models import fingerprint as model_fingerprint
+    from kvprobe.models import LoadedModel, ModelSpec, locate, model_shape
 
     if isinstance(model, LoadedModel):
         return model.fingerprint, asdict(model.shape), model.spec.name
     spec = model if isinstance(model, ModelSpec) else ModelSpec(name=str(model))
-    source, digest = model_fingerprint(spec)
+    source, digest = locate(spec)
     return digest, asdict(model_shape(AutoConfig.from_pretrained(source))), spec.name

@@ -22,11 +22,10 @@ import traceback
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
-from datamodules import KVCaptureDataModule
 from kvprobe.assets import as_created
 from kvprobe.export import check_replaceable, save_probe
 
@@ -150,7 +149,7 @@ def make_cli(args: list[str] | None = None) -> FitCLI:
         sys.argv = argv[:1]
     try:
         return FitCLI(
-            LightningModule, KVCaptureDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False, args=args,
+            LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False, args=args,
             save_config_kwargs={"overwrite": True}, parser_kwargs={"description": __doc__},
         )
     finally:

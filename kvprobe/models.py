@@ -136,7 +136,7 @@ def hub_unreachable() -> str | None:
     return None
 
 
-def fingerprint(spec: ModelSpec) -> tuple[str, str]:
+def locate(spec: ModelSpec) -> tuple[str, str]:
     """(what to load, content fingerprint of base weights + adapter), without loading any weights."""
     source, digest = resolve(spec.name)
     if spec.adapter:
@@ -150,7 +150,7 @@ def fingerprint(spec: ModelSpec) -> tuple[str, str]:
 def load_model(spec: ModelSpec) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
-    source, digest = fingerprint(spec)
+    source, digest = locate(spec)
     kwargs = {"dtype": DTYPES[spec.dtype]}
     if spec.device_map is not None:
         kwargs["device_map"] = spec.device_map
@@ -167,11 +167,34 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token_id is None:  # batched generation needs a pad id; eos is the usual stand-in
+    return for_batches(AutoTokenizer.from_pretrained(source))
+
+
+def for_batches(tokenizer):
+    """``tokenizer`` set up for left-padded batches: a pad id (eos is the usual stand-in) and left padding."""
+    if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def eos_ids(lm: LoadedModel) -> list[int]:
+    """Every id that ends an answer: the generation config's (one or several), else the tokenizer's eos."""
+    eos = lm.model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [lm.tokenizer.eos_token_id])
+
+
+def left_pad(blocks: list[list[int]], pad_id: int, fed: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of ``blocks`` right-aligned in one tensor (left padding, masked); a row with ``fed[i]`` False is
+    padding only."""
+    width = max(len(b) for b in blocks)
+    ids = torch.full((len(blocks), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(blocks), width), dtype=torch.long)
+    for i, b in enumerate(blocks):
+        if b and (fed is None or fed[i]):
+            ids[i, width - len(b):] = torch.tensor(b)
+            mask[i, width - len(b):] = 1
+    return ids, mask
 
 
 def last_logits_only(model) -> dict:

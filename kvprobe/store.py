@@ -36,7 +36,8 @@ class CorruptCapture(RuntimeError):
     """A capture file is missing, truncated or altered."""
 
 
-def fingerprint(spec: dict) -> str:
+def spec_digest(spec: dict) -> str:
+    """The content hash of a capture spec: it names the capture's folder."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 

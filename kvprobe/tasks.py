@@ -49,12 +49,16 @@ class TaskSpec:
             hf (any Hugging Face ``datasets`` source): ``path`` (a save_to_disk folder, a parquet/json/csv file, a
             dataset id), ``split``, ``name``, and the jsonl task's ``*_field`` column names.
             mix: ``parts`` (a list of task specs), ``seed`` (the shuffle).
+        grader: a custom grader instead of the task's own: the import path (``package.module.function``) of a
+            function ``(item, response, mode) -> (prediction, correct)``; ``mode`` is the prompt's (fast/slow).
+            ``None`` = the task's grading (``kvprobe.tasks.grade``).
     """
 
     name: str = "arithmetic"
     limit: int | None = None
     offset: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    grader: str | None = None
 
     def __post_init__(self) -> None:
         if self.limit is not None and (type(self.limit) is not int or self.limit < 1):
@@ -63,6 +67,8 @@ class TaskSpec:
             raise TaskError(f"task.offset must be 0 or more (items to skip from the start), not {self.offset!r}")
         if not isinstance(self.params, dict):
             raise TaskError(f"task.params must be a mapping of the task's options, not {self.params!r}")
+        if self.grader is not None and not (isinstance(self.grader, str) and "." in self.grader):
+            raise TaskError(f"task.grader must be the import path of a function (package.module.function), not {self.grader!r}")
         path = self.params.get("path")
         if self.name in ("jsonl", "hf") and isinstance(path, str) and Path(path).expanduser().exists():
             self.params = self.params | {"path": str(Path(path).expanduser().resolve())}  # recorded where it was read
@@ -468,6 +474,23 @@ def grade_choice(response: str, gold: str, choices: tuple[str, ...]) -> tuple[st
     if len(quoted) == 1:
         return quoted[0], quoted[0] == gold
     return "", False
+
+
+def grader_of(spec: TaskSpec) -> Callable[[Item, str, str], tuple[str, bool]]:
+    """The task's grader as ``(item, response, mode) -> (prediction, correct)``: its ``grader`` function, imported,
+    or ``grade``."""
+    if spec.grader is None:
+        return lambda item, response, mode: grade(item, response)
+    import importlib
+
+    module, _, name = spec.grader.rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise TaskError(f"task.grader {spec.grader!r} cannot be imported ({err}); give package.module.function") from None
+    if not callable(function):
+        raise TaskError(f"task.grader {spec.grader!r} is not a function")
+    return function
 
 
 def grade(item: Item, response: str) -> tuple[str, bool]:

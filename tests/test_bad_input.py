@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvprobe.capture import GenerationSpec, capture
+from kvprobe.capture import CaptureSpec, GenerationSpec, capture
 from kvprobe.features import FeatureSpec
 from kvprobe.models import ModelSpec, resolve
 from kvprobe.prompts import PromptSpec
@@ -26,9 +26,10 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 
 def run(tiny, root, **kw):
-    args = dict(model=ModelSpec(name=str(tiny)), task=TASK, prompt=PromptSpec(), generation=GEN, features=FeatureSpec(prompt_window=4),
-                root=root, verbose=False)
-    return capture(**(args | kw))
+    """capture() of TASK on the tiny model; ``kw`` replaces spec fields (model, task, ...) or capture's own arguments."""
+    spec = dict(model=ModelSpec(name=str(tiny)), task=TASK, prompt=PromptSpec(), generation=GEN, features=FeatureSpec(prompt_window=4))
+    spec |= {k: v for k, v in kw.items() if k in spec}
+    return capture(CaptureSpec(**spec), **({"root": root, "verbose": False} | {k: v for k, v in kw.items() if k not in spec}))
 
 
 def forbid_model_work(monkeypatch):
@@ -134,7 +135,7 @@ def test_a_mistyped_model_name_is_named_at_once_offline(monkeypatch):
 
 
 def test_the_command_line_gives_one_line_and_the_traceback_on_debug(tmp_path):
-    cmd = [sys.executable, "-m", "kvprobe.cli", "capture", "--data.task.name", "arithmetic", "--data.task.limit", "-1"]
+    cmd = [sys.executable, "-m", "kvprobe.cli", "capture", "--capture.task.name", "arithmetic", "--capture.task.limit", "-1"]
     env = {k: v for k, v in os.environ.items() if k != "KVPROBE_DEBUG"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     errors = [line for line in done.stderr.splitlines() if line.startswith("kvprobe capture: error:")]
@@ -261,13 +262,13 @@ CAPTURE_SCRIPT = """
 import sys
 import torch
 torch.set_num_threads(1)  # two of these share two cores
-from kvprobe.capture import GenerationSpec, capture
+from kvprobe.capture import CaptureSpec, GenerationSpec, capture
 from kvprobe.features import FeatureSpec
 from kvprobe.models import ModelSpec
 from kvprobe.tasks import TaskSpec
-capture(model=ModelSpec(name=sys.argv[1]), task=TaskSpec("arithmetic", params={"n": 24, "seed": 4}),
-        generation=GenerationSpec(max_new_tokens={"fast": 6, "slow": 12}, batch_size=2, shard_size=4),
-        features=FeatureSpec(prompt_window=4), root=sys.argv[2], verbose=False)
+capture(CaptureSpec(model=ModelSpec(name=sys.argv[1]), task=TaskSpec("arithmetic", params={"n": 24, "seed": 4}),
+                    generation=GenerationSpec(max_new_tokens={"fast": 6, "slow": 12}, batch_size=2, shard_size=4),
+                    features=FeatureSpec(prompt_window=4)), root=sys.argv[2], verbose=False)
 """
 
 

@@ -4,10 +4,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvprobe import features as F
+from kvprobe.features import FeatureSpec, OutputStats, pooled_response, prompt_window, response_index, token_trajectory
 from kvprobe.cache import UnreadableCache, layer_kv, newest_kv
-from kvprobe.capture import GenerationSpec, _features, _generate_batch
-from kvprobe.features import FeatureSpec
+from kvprobe.capture import GenerationSpec, answer_features, generate_batch
 from kvprobe.models import ModelSpec, load_model
 from kvprobe.prompts import PromptSpec, prompt_ids
 from kvprobe.tasks import Item
@@ -84,8 +83,8 @@ def test_newest_kv_is_the_last_column_of_every_layer(lm):
 def test_pooled_response_equals_fresh_forward(lm):
     """Pooling the generation's own cache gives what a second forward pass over prompt+answer gives."""
     ids = _prompts(lm, 1)
-    out, new, lengths, _, _, width = _generate_batch(lm, ids, GenerationSpec(), 12, FeatureSpec())
-    pooled = F.pooled_response(layer_kv(out), width, lengths)
+    out, new, lengths, _, _, width = generate_batch(lm, ids, GenerationSpec(), 12, FeatureSpec())
+    pooled = pooled_response(layer_kv(out), width, lengths)
     n = int(lengths[0])
     full = torch.tensor([ids[0] + new[0, :n].tolist()])
     fresh = layer_kv(lm.model(input_ids=full, use_cache=True))
@@ -99,12 +98,12 @@ def test_left_padding_does_not_change_features(lm):
     spec = FeatureSpec(prompt_window=4, hidden_states=True)
     alone = []
     for one in ids:
-        out, new, lengths, _, _, width = _generate_batch(lm, [one], GenerationSpec(), 10, spec)
-        tensors, traj = _features(out, width, lengths, torch.tensor([len(one)]), lm, spec)
+        out, new, lengths, _, _, width = generate_batch(lm, [one], GenerationSpec(), 10, spec)
+        tensors, traj = answer_features(out, width, lengths, torch.tensor([len(one)]), lm, spec)
         alone.append((new[0, : lengths[0]], tensors, traj[0]))
-    out, new, lengths, _, _, width = _generate_batch(lm, ids, GenerationSpec(), 10, spec)
+    out, new, lengths, _, _, width = generate_batch(lm, ids, GenerationSpec(), 10, spec)
     assert len({len(x) for x in ids}) > 1  # the batch really is padded
-    tensors, traj = _features(out, width, lengths, torch.tensor([len(x) for x in ids]), lm, spec)
+    tensors, traj = answer_features(out, width, lengths, torch.tensor([len(x) for x in ids]), lm, spec)
     for b, (tokens, single, single_traj) in enumerate(alone):
         assert torch.equal(new[b, : lengths[b]], tokens)
         for name in single:
@@ -113,23 +112,23 @@ def test_left_padding_does_not_change_features(lm):
 
 
 def test_response_index_and_window_by_hand():
-    batch, pos = F.response_index(5, torch.tensor([2, 1, 3]))
+    batch, pos = response_index(5, torch.tensor([2, 1, 3]))
     assert batch.tolist() == [0, 0, 1, 2, 2, 2]
     assert pos.tolist() == [4, 5, 4, 4, 5, 6]
     k = torch.arange(2 * 1 * 8 * 1, dtype=torch.float32).view(2, 1, 8, 1)  # (batch, heads, seq, dim)
     pairs = [(k, -k)]
-    pooled = F.pooled_response(pairs, 5, torch.tensor([2, 3]))
+    pooled = pooled_response(pairs, 5, torch.tensor([2, 3]))
     assert pooled[0, 0, 0, 0, 0].item() == (4 + 5) / 2  # positions 4, 5 of item 0
     assert pooled[1, 0, 1, 0, 0].item() == -(12 + 13 + 14) / 3  # V of positions 4..6 of item 1 (offset 8)
-    window = F.prompt_window(pairs, 5, torch.tensor([5, 2]), 3, [0])
+    window = prompt_window(pairs, 5, torch.tensor([5, 2]), 3, [0])
     assert window[0, 0, 0, 0, :, 0].tolist() == [2, 3, 4]
     assert window[1, 0, 0, 0, :, 0].tolist() == [0, 11, 12]  # prompt of 2 tokens: the third slot is zero-filled
-    traj = F.token_trajectory([(k, -k), (3 * k, k)], 5, torch.tensor([1, 2]))
+    traj = token_trajectory([(k, -k), (3 * k, k)], 5, torch.tensor([1, 2]))
     assert traj[0][0, 0, 0, 0].item() == (4 + 12) / 2 and traj[1].shape == (2, 2, 1, 1)
 
 
 def test_output_stats_masks_finished_items():
-    stats = F.OutputStats()
+    stats = OutputStats()
     stats(None, torch.tensor([[0.0, 0.0], [10.0, -10.0]]))
     stats(None, torch.tensor([[10.0, -10.0], [0.0, 0.0]]))
     max_prob, entropy = stats.means(torch.tensor([2, 1]))

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from datamodules import KVCaptureDataModule, SplitSpec
-from kvprobe.capture import GenerationSpec, capture, main
+from kvprobe.capture import CaptureSpec, GenerationSpec, capture, main
 from kvprobe.features import FeatureSpec
 from kvprobe.models import ModelSpec, load_model
 from kvprobe.prompts import PromptSpec
@@ -21,8 +21,10 @@ GEN = GenerationSpec(max_new_tokens={"fast": 6, "slow": 10}, batch_size=3, shard
 
 
 def run(tiny, root, **kw):
-    args = dict(model=ModelSpec(name=str(tiny)), task=TASK, prompt=PromptSpec(), generation=GEN, features=FeatureSpec(prompt_window=4), root=root, verbose=False)
-    return capture(**(args | kw))
+    """capture() of TASK on the tiny model; ``kw`` replaces spec fields (model, task, ...) or capture's own arguments."""
+    spec = dict(model=ModelSpec(name=str(tiny)), task=TASK, prompt=PromptSpec(), generation=GEN, features=FeatureSpec(prompt_window=4))
+    spec |= {k: v for k, v in kw.items() if k in spec}
+    return capture(CaptureSpec(**spec), **({"root": root, "verbose": False} | {k: v for k, v in kw.items() if k not in spec}))
 
 
 def shard_tensors(path):
@@ -61,18 +63,16 @@ def test_store_layout_and_table(tiny, tmp_path):
     assert result.summary["items"] == 10 and result.summary["bytes_on_disk"] > 0
 
 
-def test_answer_and_grade_answers_like_capture(tiny, tmp_path, monkeypatch):
-    import kvprobe.capture as capture_module
+def test_answer_and_grade_answers_like_capture(tiny, tmp_path):
+    """The reports' quick answer-and-grade gives capture's answers and grades (the grader reads the text)."""
+    from graders import by_text
     from kvprobe.tasks import load_items
+    from reports.common import answer_and_grade
 
-    # a grade that depends on the generated text (and the item, so both grades occur even if a tiny model's texts agree)
-    def grade(item, response):
-        return "", (sum(map(ord, response)) + int(item.qid.rsplit("/", 1)[-1])) % 2 == 0
-
-    monkeypatch.setattr(capture_module, "grade", grade)
     one = GenerationSpec(max_new_tokens=GEN.max_new_tokens, batch_size=1, shard_size=4)  # batch 1: no padding either way
-    rows = pq.read_table(run(tiny, tmp_path, generation=one).path / "table.parquet").to_pylist()
-    correct, tokens = capture_module.answer_and_grade(load_model(ModelSpec(name=str(tiny))), load_items(TASK), PromptSpec(), one)
+    task = TaskSpec(TASK.name, params=TASK.params, grader="graders.by_text")
+    rows = pq.read_table(run(tiny, tmp_path, generation=one, task=task).path / "table.parquet").to_pylist()
+    correct, tokens = answer_and_grade(load_model(ModelSpec(name=str(tiny))), load_items(TASK), PromptSpec(), one, by_text)
     assert correct == [r["correct"] for r in rows] and tokens == [r["gen_tokens"] for r in rows]
     assert len(set(correct)) == 2  # both grades occur
 
@@ -169,11 +169,11 @@ def test_corrupt_shard_is_detected_and_recomputed(tiny, tmp_path):
 
 
 def test_two_process_capture_equals_one_process(tiny, tmp_path):
-    base = ["--data.model.name", str(tiny), "--data.task.name", "arithmetic", "--data.task.params", '{"n": 10, "seed": 1}',
-            "--data.generation.max_new_tokens", '{"fast": 6, "slow": 10}', "--data.generation.batch_size", "3",
-            "--data.generation.shard_size", "4", "--data.features.prompt_window", "4"]
-    one = main(base + ["--data.cache_dir", str(tmp_path / "one")])
-    two = main(base + ["--data.cache_dir", str(tmp_path / "two"), "--devices", "2"])
+    base = ["--capture.model.name", str(tiny), "--capture.task.name", "arithmetic", "--capture.task.params", '{"n": 10, "seed": 1}',
+            "--capture.generation.max_new_tokens", '{"fast": 6, "slow": 10}', "--capture.generation.batch_size", "3",
+            "--capture.generation.shard_size", "4", "--capture.features.prompt_window", "4"]
+    [one] = main(base + ["--cache_dir", str(tmp_path / "one")])
+    [two] = main(base + ["--cache_dir", str(tmp_path / "two"), "--devices", "2"])
     assert one.path.name == two.path.name  # world size is not part of the fingerprint
     for a, b in zip(shard_tensors(one.path), shard_tensors(two.path), strict=True):
         assert a.keys() == b.keys()
@@ -200,7 +200,7 @@ def test_peft_adapter_changes_captured_tensors(tiny, tmp_path):
 
 
 def test_datamodule_splits_by_question_and_serves_batches(tiny, tmp_path):
-    dm = KVCaptureDataModule(model=ModelSpec(name=str(tiny)), task=TASK, generation=GEN, features=FeatureSpec(prompt_window=4),
+    dm = KVCaptureDataModule(CaptureSpec(model=ModelSpec(name=str(tiny)), task=TASK, generation=GEN, features=FeatureSpec(prompt_window=4)),
                              split=SplitSpec(0.6, 0.2, 0.2, seed=5), cache_dir=str(tmp_path), batch_size=4)
     dm.prepare_data()
     dm.setup("fit")
@@ -239,13 +239,14 @@ def test_bad_input_is_named_and_loses_nothing(tiny, tmp_path):
     assert CaptureStore(done.path).complete and not CaptureStore(done.path).verify()
 
 
-def test_datamodule_captures_data_parallel_under_a_ddp_trainer(tiny_models, tmp_path, parity_grader, capfd):
+def test_datamodule_captures_data_parallel_under_a_ddp_trainer(tiny_models, tmp_path, capfd):
     """Under a 2-process Trainer each rank captures its shards in setup; the result equals a 1-process capture."""
     from lightning import Trainer
 
     from kvprobe.probes import CorrectnessProbe
 
-    kw = dict(model=ModelSpec(name=str(tiny_models["llama"])), task=TASK, generation=GEN, features=FeatureSpec(prompt_window=4), batch_size=4)
+    parity = TaskSpec(TASK.name, params=TASK.params, grader="graders.parity")  # both classes, so the probe can train
+    kw = dict(capture=CaptureSpec(model=ModelSpec(name=str(tiny_models["llama"])), task=parity, generation=GEN, features=FeatureSpec(prompt_window=4)), batch_size=4)
     dm = KVCaptureDataModule(cache_dir=str(tmp_path / "ddp"), **kw)
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -253,7 +254,7 @@ def test_datamodule_captures_data_parallel_under_a_ddp_trainer(tiny_models, tmp_
     [ddp_path] = [p for p in (tmp_path / "ddp").iterdir() if p.is_dir()]
     err = capfd.readouterr().err
     assert "[rank 0]" in err and "[rank 1]" in err  # both processes captured their own shards
-    single = run(tiny_models["llama"], tmp_path / "one")
+    single = run(tiny_models["llama"], tmp_path / "one", task=parity)
     assert ddp_path.name == single.path.name and CaptureStore(ddp_path).complete
     for a, b in zip(shard_tensors(ddp_path), shard_tensors(single.path), strict=True):
         for name in a:
@@ -288,11 +289,11 @@ def test_a_model_edited_in_place_gets_another_fingerprint(tiny_models, tmp_path)
     """One MLP matrix zeroed in the middle of model.safetensors (same size, same head and tail): not the same model."""
     from safetensors.torch import save_file
 
-    from kvprobe.models import fingerprint
+    from kvprobe.models import locate
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_models["llama"], folder)
-    before = fingerprint(ModelSpec(name=str(folder)))[1]
+    before = locate(ModelSpec(name=str(folder)))[1]
     a = run(folder, tmp_path / "captures")
     weights = load_file(folder / "model.safetensors")
     size = (folder / "model.safetensors").stat().st_size
@@ -300,7 +301,7 @@ def test_a_model_edited_in_place_gets_another_fingerprint(tiny_models, tmp_path)
     weights[name] = torch.zeros_like(weights[name])
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     assert (folder / "model.safetensors").stat().st_size == size
-    assert fingerprint(ModelSpec(name=str(folder)))[1] != before
+    assert locate(ModelSpec(name=str(folder)))[1] != before
     b = run(folder, tmp_path / "captures")
     assert b.path != a.path and not b.summary["reused"]
 

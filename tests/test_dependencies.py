@@ -1,6 +1,6 @@
 """Every third-party module the source imports is a declared dependency of the part of the tree that imports it.
 
-kvprobe/ and datamodules/ may import only `[project].dependencies`; benchmarks/ and scripts/ also the `bench`
+kvprobe/ and datamodules/ may import only `[project].dependencies`; benchmarks/ and reports/ also the `bench`
 extra; tests/ also `test` and `bench` (the suite runs the benchmarks reduced). Imports inside functions count:
 that is where a missing one hides until a user reaches it (matplotlib did, in the test figure).
 """
@@ -15,7 +15,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = {"kvprobe": (), "datamodules": (), "benchmarks": ("bench",), "scripts": ("bench",), "tests": ("test", "bench")}
+PARTS = {"kvprobe": (), "datamodules": (), "benchmarks": ("bench",), "reports": ("bench",), "tests": ("test", "bench")}
 
 
 def _norm(name: str) -> str:

@@ -8,29 +8,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvprobe.capture import GenerationSpec, capture
+from kvprobe.capture import CaptureSpec, GenerationSpec, capture
 from kvprobe.features import FeatureSpec
 from kvprobe.models import ModelSpec
 from kvprobe.tasks import TaskSpec
 
-KW = dict(task=TaskSpec("arithmetic", params={"n": 6}), generation=GenerationSpec(max_new_tokens={"fast": 4, "slow": 8}, batch_size=3),
-          features=FeatureSpec(prompt_window=4), verbose=False)
+def spec(model: ModelSpec) -> CaptureSpec:
+    return CaptureSpec(model, TaskSpec("arithmetic", params={"n": 6}), generation=GenerationSpec(max_new_tokens={"fast": 4, "slow": 8}, batch_size=3),
+                       features=FeatureSpec(prompt_window=4))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, auto places the layers there (the GPU test below)")
 def test_device_map_auto_on_cpu_matches_plain(tiny_models, tmp_path):
-    plain = capture(model=ModelSpec(name=str(tiny_models["qwen2"])), root=tmp_path / "plain", **KW)
-    auto = capture(model=ModelSpec(name=str(tiny_models["qwen2"]), device_map="auto"), root=tmp_path / "auto", **KW)
+    plain = capture(spec(ModelSpec(name=str(tiny_models["qwen2"]))), tmp_path / "plain", verbose=False)
+    auto = capture(spec(ModelSpec(name=str(tiny_models["qwen2"]), device_map="auto")), tmp_path / "auto", verbose=False)
     a, b = load_file(plain.path / "shard-00000.safetensors"), load_file(auto.path / "shard-00000.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_device_map_auto_on_gpu_matches_cpu(tiny, tmp_path):
-    kw = dict(task=TaskSpec("arithmetic", params={"n": 6}), generation=GenerationSpec(max_new_tokens={"fast": 4, "slow": 8}, batch_size=3),
-              features=FeatureSpec(prompt_window=4), root=tmp_path, verbose=False)
-    cpu = capture(model=ModelSpec(name=str(tiny)), **kw)
-    gpu = capture(model=ModelSpec(name=str(tiny), device_map="auto"), root=tmp_path / "gpu", **{k: v for k, v in kw.items() if k != "root"})
+    cpu = capture(spec(ModelSpec(name=str(tiny))), tmp_path, verbose=False)
+    gpu = capture(spec(ModelSpec(name=str(tiny), device_map="auto")), tmp_path / "gpu", verbose=False)
     a, b = load_file(cpu.path / "shard-00000.safetensors"), load_file(gpu.path / "shard-00000.safetensors")
     for name in a:
         torch.testing.assert_close(a[name].float(), b[name].float(), rtol=2e-3, atol=2e-3)

@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 
-from conftest import grade_by_number_and_mode
 from kvprobe import routing
 from kvprobe.export import ProbeMismatch, load_probe, read_config
 from kvprobe.features import pool_positions, probe_input
 from kvprobe.fit import main
-from kvprobe.models import ModelSpec, fingerprint
+from kvprobe.models import ModelSpec, locate
 from kvprobe.probes import DifficultyProbe
 
 
@@ -119,20 +118,13 @@ def test_evaluate_fixed_modes_oracle_random():
 
 
 # --- data, fit, export on tiny models ------------------------------------------------------------------------------
-@pytest.fixture
-def mode_grader(monkeypatch):
-    """Tiny random models never answer right: grade by question id and mode so every label occurs.
-    id % 4: 0 both right (label 0), 1 only slow right (75), 2 both wrong (100), 3 only fast right (0 or 25)."""
-    grade_by_number_and_mode(monkeypatch, lambda n, mode: {0: True, 1: mode == "slow", 2: False, 3: mode == "fast"}[n % 4])
-
-
 def fit_args(tiny, tmp_path, *extra):
     return [
         "--config", "configs/difficulty.yaml",
-        "--data.model.name", str(tiny), "--data.model.dtype", "float32",
-        "--data.task.name", "arithmetic", "--data.task.params", '{"n": 48, "seed": 3}',
-        "--data.generation.max_new_tokens", '{"fast": 3, "slow": 6}', "--data.generation.batch_size", "8",
-        "--data.generation.shard_size", "16", "--data.features.hidden_states", "false",
+        "--data.capture.model.name", str(tiny), "--data.capture.model.dtype", "float32",
+        "--data.capture.task.name", "arithmetic", "--data.capture.task.params", '{"n": 48, "seed": 3}', "--data.capture.task.grader", "graders.by_number_mod4",
+        "--data.capture.generation.max_new_tokens", '{"fast": 3, "slow": 6}', "--data.capture.generation.batch_size", "8",
+        "--data.capture.generation.shard_size", "16", "--data.capture.features.hidden_states", "false",
         "--data.cache_dir", str(tmp_path / "captures"), "--data.batch_size", "16",
         "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "runs"),
         "--export_dir", str(tmp_path / "export"), *extra,
@@ -140,7 +132,7 @@ def fit_args(tiny, tmp_path, *extra):
 
 
 @pytest.mark.parametrize("objective", ["bce", "regression", "ce"])
-def test_fit_fast_dev_run_each_objective(tiny_models, tmp_path, mode_grader, objective):
+def test_fit_fast_dev_run_each_objective(tiny_models, tmp_path, objective):
     results = main(fit_args(tiny_models["qwen2"], tmp_path, "--trainer.fast_dev_run", "true", "--model.init_args.objective", objective))
     test = results["test"]
     assert {"always_fast", "always_slow", "oracle", "router_share_0.25", "random_share_0.25", "router_paper_0.5"} <= test.keys()
@@ -152,14 +144,14 @@ def test_fit_fast_dev_run_each_objective(tiny_models, tmp_path, mode_grader, obj
     assert set(config["calibration"]["thresholds"]) >= {"share_0.25", "best_at_0.5x_slow", "paper_0.5"}
 
 
-def test_split_by_question_and_label_histogram(tiny_models, tmp_path, mode_grader, capsys):
+def test_split_by_question_and_label_histogram(tiny_models, tmp_path, capsys):
     from datamodules import DifficultyDataModule
-    from kvprobe.capture import GenerationSpec
+    from kvprobe.capture import CaptureSpec, GenerationSpec
     from kvprobe.tasks import TaskSpec
 
     dm = DifficultyDataModule(
-        ModelSpec(name=str(tiny_models["llama"])), TaskSpec(params={"n": 40, "seed": 4}),
-        generation=GenerationSpec(max_new_tokens={"fast": 3, "slow": 5}, batch_size=8, shard_size=16),
+        CaptureSpec(ModelSpec(name=str(tiny_models["llama"])), TaskSpec(params={"n": 40, "seed": 4}, grader="graders.by_number_mod4"),
+                    generation=GenerationSpec(max_new_tokens={"fast": 3, "slow": 5}, batch_size=8, shard_size=16)),
         cache_dir=str(tmp_path / "captures"),
     )
     dm.prepare_data()
@@ -175,18 +167,18 @@ def test_split_by_question_and_label_histogram(tiny_models, tmp_path, mode_grade
     assert {p.name.split("-")[1] for p in (tmp_path / "captures").iterdir()} == {"fast", "slow"}
 
 
-def test_extra_training_questions_join_train_only(tiny_models, tmp_path, mode_grader):
+def test_extra_training_questions_join_train_only(tiny_models, tmp_path):
     from datamodules import DifficultyDataModule
-    from kvprobe.capture import GenerationSpec
+    from kvprobe.capture import CaptureSpec, GenerationSpec
     from kvprobe.tasks import TaskSpec, load_items
 
-    main_task, extra_task = TaskSpec(params={"n": 40, "seed": 4}), TaskSpec(params={"n": 30, "seed": 5})
+    main_task, extra_task = TaskSpec(params={"n": 40, "seed": 4}, grader="graders.by_number_mod4"), TaskSpec(params={"n": 30, "seed": 5}, grader="graders.by_number_mod4")
 
     def module(extra):
         dm = DifficultyDataModule(
-            ModelSpec(name=str(tiny_models["llama"])), main_task, extra_train=extra,
-            generation=GenerationSpec(max_new_tokens={"fast": 3, "slow": 5}, batch_size=8, shard_size=16),
-            cache_dir=str(tmp_path / "captures"),
+            CaptureSpec(ModelSpec(name=str(tiny_models["llama"])), main_task,
+                        generation=GenerationSpec(max_new_tokens={"fast": 3, "slow": 5}, batch_size=8, shard_size=16)),
+            extra_train=extra, cache_dir=str(tmp_path / "captures"),
         )
         dm.prepare_data()
         dm.setup("fit")
@@ -210,36 +202,31 @@ def test_extra_training_questions_join_train_only(tiny_models, tmp_path, mode_gr
     assert plain.export_spec()["difficulty"]["extra_train"] is None
 
 
-def test_export_round_trip_keeps_thresholds_and_refuses_other_models(tiny_models, tmp_path, mode_grader):
+def test_export_round_trip_keeps_thresholds_and_refuses_other_models(tiny_models, tmp_path):
     main(fit_args(tiny_models["llama"], tmp_path, "--trainer.max_epochs", "2", "--model.init_args.layers", "2",
                   "--model.init_args.l2_norm", "true", "--model.init_args.position_pool", "sum"))
     folder = tmp_path / "export"
-    probe = load_probe(folder, fingerprint=fingerprint(ModelSpec(name=str(tiny_models["llama"])))[1])
+    probe = load_probe(folder, fingerprint=locate(ModelSpec(name=str(tiny_models["llama"])))[1])
     saved = json.loads((folder / "results.json").read_text())["calibration"]["thresholds"]
     assert probe.thresholds == saved and probe.budgets.slow_share == [0.25, 0.4, 0.5]
     x = torch.randn(4, 3, 2, 2, 8, 16)
     again = load_probe(folder, str(tiny_models["llama"]))
     torch.testing.assert_close(probe.score(probe(probe.inputs({"prompt_kv": x}))), again.score(again(again.inputs({"prompt_kv": x}))))
     with pytest.raises(ProbeMismatch, match="not on"):
-        load_probe(folder, fingerprint=fingerprint(ModelSpec(name=str(tiny_models["qwen3"])))[1])
+        load_probe(folder, fingerprint=locate(ModelSpec(name=str(tiny_models["qwen3"])))[1])
 
 
-def test_qwen_correctness_config_reuses_the_difficulty_capture():
-    import yaml
+def test_every_shipped_config_resolves_its_capture_reference():
+    """Each capture spec is written once (configs/captures/) and referenced by relative path; every top-level config
+    parses, and the probes meant to share a capture get the same one."""
+    from kvprobe.fit import make_cli
 
-    difficulty = yaml.safe_load(open("configs/data/difficulty_mix.yaml"))["init_args"]
-    correctness = yaml.safe_load(open("configs/data/qwen_mix_slow.yaml"))
-    for key in ("model", "task", "generation", "features", "split"):
-        assert correctness[key] == difficulty[key], key
-    assert correctness["prompt"] == {"mode": "slow"} and set(difficulty["prompt"]) == {"mode"}
-    # and the embedded model's difficulty data reuses the correctness capture of configs/data/arithmetic.yaml
-    smollm2 = yaml.safe_load(open("configs/data/difficulty_smollm2.yaml"))["init_args"]
-    arithmetic = yaml.safe_load(open("configs/data/arithmetic.yaml"))
-    for key in ("model", "task", "generation", "features", "split"):
-        assert smollm2[key] == arithmetic[key], key
-    # the switch data reads the difficulty captures: every shared argument agrees
-    for switch, base in (("switch_mix", difficulty), ("switch_smollm2", smollm2)):
-        data = yaml.safe_load(open(f"configs/data/{switch}.yaml"))
-        assert data["class_path"] == "datamodules.SwitchDataModule"
-        for key in ("model", "task", "prompt", "generation", "features", "split", "short_tokens", "route_on"):
-            assert data["init_args"][key] == base[key], (switch, key)
+    data = {}
+    for name in ("coe", "difficulty", "switch", "difficulty_smollm2", "switch_smollm2"):
+        data[name] = make_cli(["--config", f"configs/{name}.yaml", "--trainer.logger", "false"]).datamodule
+    qwen_slow = make_cli(["--config", "configs/coe.yaml", "--data", "configs/data/qwen_mix_slow.yaml", "--trainer.logger", "false"]).datamodule
+    assert data["difficulty"].capture.in_mode("slow") == qwen_slow.capture and qwen_slow.capture.model.name == "qwen2.5-coder-0.5b"
+    assert data["difficulty_smollm2"].capture.in_mode("slow") == data["coe"].capture
+    assert data["switch"].difficulty.capture == data["difficulty"].capture and data["switch"].window == 8
+    assert data["switch_smollm2"].difficulty.capture == data["difficulty_smollm2"].capture
+    assert data["difficulty"].split == qwen_slow.split and data["difficulty"].extra_train.name == "mix"

@@ -7,15 +7,15 @@ import torch
 
 from kvprobe.export import ProbeMismatch, load_probe, read_config
 from kvprobe.fit import main
-from kvprobe.models import fingerprint
+from kvprobe.models import locate
 from kvprobe.models import ModelSpec
 
 
 def fit_args(tiny, tmp_path, *extra):
     return [
         "--config", "configs/coe.yaml",
-        "--data.model.name", str(tiny), "--data.task.params", '{"n": 40, "seed": 2}',
-        "--data.generation.max_new_tokens", '{"fast": 4, "slow": 6}', "--data.generation.batch_size", "8",
+        "--data.capture.model.name", str(tiny), "--data.capture.task.params", '{"n": 40, "seed": 2}', "--data.capture.task.grader", "graders.parity",
+        "--data.capture.generation.max_new_tokens", '{"fast": 4, "slow": 6}', "--data.capture.generation.batch_size", "8",
         "--data.cache_dir", str(tmp_path / "captures"), "--data.batch_size", "16",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ckpt"),
@@ -24,7 +24,7 @@ def fit_args(tiny, tmp_path, *extra):
     ]
 
 
-def test_fit_fast_dev_run_end_to_end(tiny, tmp_path, parity_grader):
+def test_fit_fast_dev_run_end_to_end(tiny, tmp_path):
     results = main(fit_args(tiny, tmp_path, "--trainer.fast_dev_run", "true", "--trainer.logger", "false"))
     test = results["test"]
     assert {"probe", "kv_coe_r_layer", "kv_coe_c_token", "hs_coe_r", "max_prob", "neg_entropy", "neg_length", "finished", "length_probe"} <= test.keys()
@@ -33,14 +33,14 @@ def test_fit_fast_dev_run_end_to_end(tiny, tmp_path, parity_grader):
     assert test["within_length_buckets"]["n"] <= results["items"]["test"]  # buckets holding one class are left out
     config = read_config(tmp_path / "export")
     base = config["base_model"]
-    assert base["shape"]["layers"] == 3 and base["shape"]["kv_heads"] == 2 and base["fingerprint"] == fingerprint(ModelSpec(name=str(tiny)))[1]
+    assert base["shape"]["layers"] == 3 and base["shape"]["kv_heads"] == 2 and base["fingerprint"] == locate(ModelSpec(name=str(tiny)))[1]
     assert {"kvprobe", "transformers", "torch"} <= config["versions"].keys() and config["features"]["prompt_window"] == 8
     assert config["prompt"]["mode"] == "slow"
     assert config["capture"]["items"] == 40 and config["capture"]["cap_share"] == config["capture"]["unfinished"] / 40
 
 
 @pytest.mark.parametrize("source", ["hidden", "prompt_kv", "length"])
-def test_other_sources_and_coe_features(tiny_models, tmp_path, parity_grader, source):
+def test_other_sources_and_coe_features(tiny_models, tmp_path, source):
     results = main(fit_args(tiny_models["qwen2"], tmp_path, "--trainer.fast_dev_run", "true", "--trainer.logger", "false",
                             "--model.init_args.source", source, "--model.init_args.coe_features", "true",
                             "--model.init_args.layers", "[0, -1]"))
@@ -52,11 +52,11 @@ def test_other_sources_and_coe_features(tiny_models, tmp_path, parity_grader, so
     assert probe["auroc_lo"] <= probe["auroc"] <= probe["auroc_hi"]  # the bootstrap interval holds its estimate
 
 
-def test_export_round_trip_and_model_mismatch(tiny_models, tmp_path, parity_grader):
+def test_export_round_trip_and_model_mismatch(tiny_models, tmp_path):
     main(fit_args(tiny_models["llama"], tmp_path, "--trainer.max_epochs", "2", "--trainer.logger", "false",
                   "--model.init_args.head", "mlp", "--model.init_args.calibration", "isotonic"))
     folder = tmp_path / "export"
-    llama_fp = fingerprint(ModelSpec(name=str(tiny_models["llama"])))[1]
+    llama_fp = locate(ModelSpec(name=str(tiny_models["llama"])))[1]
     probe = load_probe(folder, fingerprint=llama_fp)
     x = torch.randn(5, probe.hparams.input_dim)
     again = load_probe(folder, str(tiny_models["llama"]))  # a model name: fingerprinted without loading weights
@@ -67,7 +67,7 @@ def test_export_round_trip_and_model_mismatch(tiny_models, tmp_path, parity_grad
         load_probe(folder, str(tiny_models["qwen2"]))
     torch.testing.assert_close(probe.score(probe(x)), again.score(again(x)))
     assert len(probe.iso_x) > 0 and probe.hparams.head == "mlp"
-    qwen_fp = fingerprint(ModelSpec(name=str(tiny_models["qwen2"])))[1]
+    qwen_fp = locate(ModelSpec(name=str(tiny_models["qwen2"])))[1]
     with pytest.raises(ProbeMismatch, match="trained on model .*llama.*not on '.*qwen2'"):
         load_probe(folder, fingerprint=qwen_fp, model_name=str(tiny_models["qwen2"]))
     (folder / "probe.json").write_text("{not json")
@@ -75,7 +75,7 @@ def test_export_round_trip_and_model_mismatch(tiny_models, tmp_path, parity_grad
         load_probe(folder)
 
 
-def test_wandb_offline_run_holds_test_metrics(tiny_models, tmp_path, parity_grader):
+def test_wandb_offline_run_holds_test_metrics(tiny_models, tmp_path):
     main(fit_args(tiny_models["qwen3"], tmp_path, "--trainer.max_epochs", "2"))
     [run] = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     files = run / "files"
@@ -90,7 +90,7 @@ def test_wandb_offline_run_holds_test_metrics(tiny_models, tmp_path, parity_grad
     assert b"max_new_tokens" in log  # the resolved config (data section included) is in the run
 
 
-def test_a_failing_figure_leaves_a_complete_export_and_a_finished_run(tiny_models, tmp_path, parity_grader, monkeypatch, capsys):
+def test_a_failing_figure_leaves_a_complete_export_and_a_finished_run(tiny_models, tmp_path, monkeypatch, capsys):
     from kvprobe.probes.correctness import CorrectnessProbe
 
     main(fit_args(tiny_models["qwen3"], tmp_path, "--trainer.max_epochs", "1", "--trainer.logger", "false"))
@@ -112,7 +112,7 @@ def test_a_failing_figure_leaves_a_complete_export_and_a_finished_run(tiny_model
     assert not list(tmp_path.glob(".export.*"))  # no staging folder left
 
 
-def test_an_interrupted_export_leaves_the_previous_one_whole(tiny_models, tmp_path, parity_grader, monkeypatch):
+def test_an_interrupted_export_leaves_the_previous_one_whole(tiny_models, tmp_path, monkeypatch):
     import kvprobe.export
 
     main(fit_args(tiny_models["llama"], tmp_path, "--trainer.max_epochs", "1", "--trainer.logger", "false"))
@@ -128,7 +128,7 @@ def test_an_interrupted_export_leaves_the_previous_one_whole(tiny_models, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_default_export_goes_to_a_new_run_folder_and_never_over_a_user_folder(tiny_models, tmp_path, parity_grader):
+def test_default_export_goes_to_a_new_run_folder_and_never_over_a_user_folder(tiny_models, tmp_path):
     args = fit_args(tiny_models["qwen2"], tmp_path, "--trainer.fast_dev_run", "true", "--trainer.logger", "false")
     at = args.index("--export_dir")
     main(args[:at] + args[at + 2:])
@@ -142,7 +142,7 @@ def test_default_export_goes_to_a_new_run_folder_and_never_over_a_user_folder(ti
     assert (mine / "notes.txt").read_text() == "keep me"
 
 
-def test_weight_decay_selection_length_inputs_and_the_length_warning(tiny_models, tmp_path, parity_grader, capsys):
+def test_weight_decay_selection_length_inputs_and_the_length_warning(tiny_models, tmp_path, capsys):
     """Labels by question parity: nothing in the KV (nor the length) knows them, so the probe cannot beat the
     length-only baseline on validation, and the run says so at the end, in results.json and in the card."""
     results = main(fit_args(tiny_models["qwen2"], tmp_path, "--trainer.max_epochs", "3", "--trainer.logger", "false",

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import real_assets_available
-from kvprobe.capture import GenerationSpec, capture
+from kvprobe.capture import CaptureSpec, GenerationSpec, capture
 from kvprobe.features import FeatureSpec
 from kvprobe.models import ModelSpec, load_model
 from kvprobe.prompts import PromptSpec
@@ -38,9 +38,9 @@ def test_embedded_model_shape(smol):
 
 
 def test_gsm8k_capture_end_to_end_and_grades_agree_by_hand(smol, tmp_path):
-    result = capture(task=TaskSpec("gsm8k", limit=4), prompt=PromptSpec(mode="slow"),
-                     generation=GenerationSpec(max_new_tokens={"fast": 16, "slow": 160}, batch_size=4),
-                     features=FeatureSpec(hidden_states=True), root=tmp_path, loaded=smol, verbose=False)
+    result = capture(CaptureSpec(task=TaskSpec("gsm8k", limit=4), prompt=PromptSpec(mode="slow"),
+                                 generation=GenerationSpec(max_new_tokens={"fast": 16, "slow": 160}, batch_size=4),
+                                 features=FeatureSpec(hidden_states=True)), tmp_path, loaded=smol, verbose=False)
     rows = pq.read_table(result.path / "table.parquet").to_pylist()
     assert len(rows) == 4 and all(r["response"].strip() for r in rows)
     for r in rows:
@@ -54,8 +54,8 @@ def test_gsm8k_capture_end_to_end_and_grades_agree_by_hand(smol, tmp_path):
 
 
 def test_arc_capture_grades_agree_by_hand(smol, tmp_path):
-    result = capture(task=TaskSpec("arc_easy", limit=6), prompt=PromptSpec(mode="fast"),
-                     generation=GenerationSpec(batch_size=6), root=tmp_path, loaded=smol, verbose=False)
+    result = capture(CaptureSpec(task=TaskSpec("arc_easy", limit=6), prompt=PromptSpec(mode="fast"), generation=GenerationSpec(batch_size=6)),
+                     tmp_path, loaded=smol, verbose=False)
     rows = pq.read_table(result.path / "table.parquet").to_pylist()
     for r in rows:
         lines = [ln for ln in r["response"].splitlines() if re.match(r"\s*[A-E][.)]", ln)]
@@ -71,8 +71,8 @@ def test_fit_on_real_model_small_slice_one_epoch(tmp_path):
     from kvprobe.fit import main
 
     results = main([
-        "--config", "configs/coe.yaml", "--data.task.params", '{"n": 40, "seed": 7, "terms": 2, "digits": 1}',
-        "--data.generation.max_new_tokens", '{"fast": 16, "slow": 64}', "--data.split.train", "0.4",
+        "--config", "configs/coe.yaml", "--data.capture.task.params", '{"n": 40, "seed": 7, "terms": 2, "digits": 1}',
+        "--data.capture.generation.max_new_tokens", '{"fast": 16, "slow": 64}', "--data.split.train", "0.4",
         "--data.split.val", "0.2", "--data.split.test", "0.4", "--data.cache_dir", str(tmp_path / "captures"),
         "--trainer.max_epochs", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ckpt"), "--export_dir", str(tmp_path / "export"),

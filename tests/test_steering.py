@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from conftest import grade_by_number_and_mode, real_assets_available
-from kvprobe import features as F
+from conftest import real_assets_available
+from kvprobe.features import window_kv
 from kvprobe import switching
 from kvprobe.export import ProbeMismatch
 from kvprobe.fit import main
@@ -18,12 +18,14 @@ from kvprobe.store import CaptureStore
 QUESTIONS = ["What is 3 + 4?", "What is 7 * 2 - 5?", "What is 9?"]
 
 
-def common_args(tiny, root):
-    return ["--data.model.name", str(tiny), "--data.model.dtype", "float32", "--data.task.name", "arithmetic",
-            "--data.task.params", '{"n": 40, "seed": 5}', "--data.generation.max_new_tokens", '{"fast": 5, "slow": 24}',
-            "--data.generation.batch_size", "8", "--data.generation.shard_size", "16", "--data.features.hidden_states", "false",
+def common_args(tiny, root, data="--data."):
+    """Fit arguments on the tiny model; ``data``: where the capture's settings sit (a switch config reads its difficulty data's)."""
+    args = ["--data.capture.model.name", str(tiny), "--data.capture.model.dtype", "float32", "--data.capture.task.name", "arithmetic",
+            "--data.capture.task.params", '{"n": 40, "seed": 5}', "--data.capture.task.grader", "graders.by_number_mod3", "--data.capture.generation.max_new_tokens", '{"fast": 5, "slow": 24}',
+            "--data.capture.generation.batch_size", "8", "--data.capture.generation.shard_size", "16", "--data.capture.features.hidden_states", "false",
             "--data.cache_dir", str(root / "captures"), "--trainer.logger", "false", "--trainer.max_epochs", "2",
             "--trainer.default_root_dir", str(root / "runs"), "--trainer.enable_progress_bar", "false"]
+    return [a.replace("--data.", data, 1) if a.startswith("--data.") else a for a in args]
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +34,11 @@ def trained(tiny_models, tmp_path_factory):
     mode; a tiny model's random text never writes a result, so half of each slow answer counts as settled)."""
     root = tmp_path_factory.mktemp("steer")
     tiny = tiny_models["llama"]
-    with pytest.MonkeyPatch.context() as mp:
-        grade_by_number_and_mode(mp, lambda n, mode: {0: True, 1: mode == "slow", 2: False}[n % 3])
-        main(["--config", "configs/difficulty.yaml", *common_args(tiny, root), "--export_dir", str(root / "difficulty")])
-        main(["--config", "configs/coe.yaml", *common_args(tiny, root), "--data.prompt.mode", "fast", "--export_dir", str(root / "correctness")])
-        mp.setattr(switching, "settled_at", lambda response, prediction, ends: len(ends) // 2 or None)
-        main(["--config", "configs/switch.yaml", *common_args(tiny, root), "--model.min_tokens", "4", "--export_dir", str(root / "switch")])
+    main(["--config", "configs/difficulty.yaml", *common_args(tiny, root), "--data.extra_train", "null", "--export_dir", str(root / "difficulty")])
+    main(["--config", "configs/coe.yaml", *common_args(tiny, root), "--data.capture.prompt.mode", "fast", "--export_dir", str(root / "correctness")])
+    main(["--config", "configs/switch.yaml", *common_args(tiny, root, "--data.difficulty."), "--data.difficulty.extra_train", "null",
+          "--data.settled_at", "graders.halfway",
+          "--model.min_tokens", "4", "--export_dir", str(root / "switch")])
     return {"root": root, "model": tiny}
 
 
@@ -113,10 +114,10 @@ def test_live_switch_scores_equal_the_probe_on_captured_trajectories(gen, traine
 def test_window_kv_reads_around_inner_padding():
     k = torch.arange(2 * 1 * 6 * 1, dtype=torch.float32).view(2, 1, 6, 1)
     mask = torch.tensor([[0, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1]])
-    w = F.window_kv([(k, -k)], mask, 3, [0])  # (batch, layers, 2, heads, width, dim)
+    w = window_kv([(k, -k)], mask, 3, [0])  # (batch, layers, 2, heads, width, dim)
     assert w[0, 0, 0, 0, :, 0].tolist() == [2.0, 4.0, 5.0]  # column 3 is padding inside the sequence
     assert w[1, 0, 1, 0, :, 0].tolist() == [-9.0, -10.0, -11.0]
-    assert F.window_kv([(k, k)], mask, 6, [0])[0, 0, 0, 0, :, 0].tolist() == [0.0, 0.0, 1.0, 2.0, 4.0, 5.0]
+    assert window_kv([(k, k)], mask, 6, [0])[0, 0, 0, 0, :, 0].tolist() == [0.0, 0.0, 1.0, 2.0, 4.0, 5.0]
 
 
 def test_rerouted_prompt_reuses_prefix_and_equals_fresh_slow(gen):
@@ -279,7 +280,7 @@ def test_window_kv_never_reads_padding_values():
     k = torch.ones(2, 1, 5, 1)
     k[0, :, :3] = float("nan")  # left padding may hold anything
     mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
-    w = F.window_kv([(k, k)], mask, 4, [0])
+    w = window_kv([(k, k)], mask, 4, [0])
     assert torch.isfinite(w).all() and w[0, 0, 0, 0, :, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
 
 

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from conftest import grade_by_number_and_mode
 from kvprobe import switching
 from kvprobe.fit import main
 from kvprobe.probes import SwitchProbe
@@ -96,14 +95,13 @@ def test_live_switch_equals_the_probe_on_the_window_mean(kv, head_pool, head):
     assert want.std() > 0
 
 
-def test_switch_fit_end_to_end(tiny_models, tmp_path, monkeypatch):
+def test_switch_fit_end_to_end(tiny_models, tmp_path):
     """Capture both modes on a tiny model, fit the switch probe, calibrate, test and export its thresholds."""
-    grade_by_number_and_mode(monkeypatch, lambda n, mode: n % 2 == 0)
-    monkeypatch.setattr(switching, "settled_at", lambda response, prediction, ends: len(ends) // 2 or None)
-    args = ["--config", "configs/switch.yaml", "--data.model.name", str(tiny_models["llama"]), "--data.model.dtype", "float32",
-            "--data.task.name", "arithmetic", "--data.task.params", '{"n": 30, "seed": 3}',
-            "--data.generation.max_new_tokens", '{"fast": 4, "slow": 20}', "--data.generation.batch_size", "8",
-            "--data.features.hidden_states", "false", "--data.cache_dir", str(tmp_path / "captures"), "--data.window", "4",
+    args = ["--config", "configs/switch.yaml", "--data.difficulty.capture.model.name", str(tiny_models["llama"]), "--data.difficulty.capture.model.dtype", "float32",
+            "--data.difficulty.capture.task.name", "arithmetic", "--data.difficulty.capture.task.params", '{"n": 30, "seed": 3}', "--data.difficulty.capture.task.grader", "graders.parity",
+            "--data.difficulty.extra_train", "null", "--data.settled_at", "graders.halfway",
+            "--data.difficulty.capture.generation.max_new_tokens", '{"fast": 4, "slow": 20}', "--data.difficulty.capture.generation.batch_size", "8",
+            "--data.difficulty.capture.features.hidden_states", "false", "--data.difficulty.cache_dir", str(tmp_path / "captures"), "--data.window", "4",
             "--model.min_tokens", "4", "--trainer.logger", "false", "--trainer.max_epochs", "2",
             "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
             "--export_dir", str(tmp_path / "switch")]
@@ -116,7 +114,7 @@ def test_switch_fit_end_to_end(tiny_models, tmp_path, monkeypatch):
     policy = results["test"]["policy"]
     assert policy["answers"] == 6 and 0.0 <= policy["lost_share"] <= policy["cut_share"] <= 1.0
     with pytest.raises(ValueError, match="token_trajectory"):
-        main(args + ["--data.features.token_trajectory", "false"])
+        main(args + ["--data.difficulty.capture.features.token_trajectory", "false"])
 
 
 def test_settled_at_with_a_real_tokenizer(tiny_models):

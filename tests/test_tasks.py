@@ -158,7 +158,7 @@ def test_prompt_modes_and_template_switch():
 
 
 def test_token_caps_default_to_what_the_task_needs(tiny_models, tmp_path):
-    from kvprobe.capture import GenerationSpec, capture
+    from kvprobe.capture import CaptureSpec, GenerationSpec, capture
     from kvprobe.features import FeatureSpec
     from kvprobe.models import ModelSpec
     from kvprobe.store import CaptureStore
@@ -167,6 +167,6 @@ def test_token_caps_default_to_what_the_task_needs(tiny_models, tmp_path):
     assert default_caps(TaskSpec("gsm8k"))["slow"] == 512 and default_caps(TaskSpec("arithmetic")) == DEFAULT_CAPS
     mix = TaskSpec("mix", params={"parts": [{"name": "arithmetic"}, {"name": "gsm8k", "limit": 3}]})
     assert default_caps(mix) == {"fast": 32, "slow": 512}
-    result = capture(model=ModelSpec(name=str(tiny_models["qwen2"])), task=TaskSpec("arithmetic", params={"n": 3}),
-                     generation=GenerationSpec(batch_size=3), features=FeatureSpec(prompt_window=2), root=tmp_path, verbose=False)
+    result = capture(CaptureSpec(ModelSpec(name=str(tiny_models["qwen2"])), TaskSpec("arithmetic", params={"n": 3}),
+                                 generation=GenerationSpec(batch_size=3), features=FeatureSpec(prompt_window=2)), tmp_path, verbose=False)
     assert CaptureStore(result.path).spec()["generation"]["max_new_tokens"] == DEFAULT_CAPS  # recorded resolved

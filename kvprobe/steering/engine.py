@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from kvprobe.cache import cache_argument, layer_kv
-from kvprobe.models import LoadedModel, last_logits_only
+from kvprobe.models import LoadedModel, eos_ids, last_logits_only, left_pad
 from kvprobe.prompts import MODES
 from kvprobe.steering.config import GenerationConfig
 from kvprobe.steering.events import DoneEvent, Event, TextEvent
@@ -28,9 +28,7 @@ class DecodeEngine:
     def __init__(self, lm: LoadedModel, prompt_ids: Callable[[object, str], list[int]], hooks: list[Hook],
                  config: GenerationConfig, caps: dict[str, int]):
         self.lm, self.prompt_ids, self.hooks, self.config, self.caps = lm, prompt_ids, hooks, config, caps
-        tok = lm.tokenizer
-        eos = lm.model.generation_config.eos_token_id
-        self.eos = set([eos] if isinstance(eos, int) else (eos or [tok.eos_token_id]))
+        self.eos = set(eos_ids(lm))
         self.sampler = None
         if config.do_sample and config.seed is not None:
             self.sampler = torch.Generator(device=lm.input_device).manual_seed(config.seed)
@@ -60,14 +58,8 @@ class DecodeEngine:
         """Feed one right-aligned block per row (shorter rows padded inside the sequence, masked); returns the last
         column's logits. ``fed[i]`` False: row i is finished and feeds only masked padding."""
         fed = [True] * len(blocks) if fed is None else fed
-        pad = self.lm.tokenizer.pad_token_id
-        width = max(len(b) for b in blocks)
-        ids = torch.full((len(blocks), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(blocks), width), dtype=torch.long)
-        for i, b in enumerate(blocks):
-            if b and fed[i]:
-                ids[i, width - len(b):] = torch.tensor(b)
-                mask[i, width - len(b):] = 1
+        ids, mask = left_pad(blocks, self.lm.tokenizer.pad_token_id, fed)
+        width = ids.shape[1]
         state.mask = mask if state.mask is None else torch.cat([state.mask, mask], 1)
         positions = (state.mask.cumsum(1) - 1).clamp_min(0)[:, -width:]
         device = self.lm.input_device

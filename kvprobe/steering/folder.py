@@ -9,7 +9,7 @@ from pathlib import Path
 
 import kvprobe
 from kvprobe.export import PROBE_KINDS, ProbeMismatch, load_probe, read_config, replace_folder, write_probe
-from kvprobe.models import LoadedModel, ModelSpec, load_model, model_shape, resolve
+from kvprobe.models import LoadedModel, ModelSpec, for_batches, load_model, model_shape, resolve
 from kvprobe.resources import resolve_generator
 from kvprobe.steering.config import SteeringSpec
 
@@ -101,9 +101,7 @@ def wrap(model, tokenizer) -> LoadedModel:
         _, digest = resolve(source)
     except (FileNotFoundError, ValueError):
         digest = "unknown"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    for_batches(tokenizer)
     spec = ModelSpec(name=source or type(model).__name__, dtype=str(model.dtype).removeprefix("torch."))
     return LoadedModel(model.eval(), tokenizer, spec, source, digest, model_shape(model.config))
 

@@ -1,0 +1,1 @@
+"""One-off measurements quoted in docs/ (``python -m reports.experiments.<name>``)."""
