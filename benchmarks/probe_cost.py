@@ -31,6 +31,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from kvprobe.cache import cache_argument, layer_kv
+from kvprobe.export import ProbeCard
 from kvprobe.models import ModelSpec, load_model
 from kvprobe.probes import CorrectnessProbe, DifficultyProbe, SwitchProbe
 from kvprobe.steering import DecodeEngine, DecodeState, GenerationConfig, KVProbeGenerator, Row, SteeringSpec, Switcher
@@ -54,13 +55,15 @@ def generator(lm, window: int, layers: int, kv: str, threshold: float = 0.5) -> 
     """A generator with untrained probes of the right shapes (timing does not depend on the weights)."""
     s = lm.shape
     spec = {"model": {"name": lm.spec.name, "fingerprint": lm.fingerprint}, "prompt": {}, "generation": {"max_new_tokens": {"fast": 8, "slow": 64}},
-            "features": {"prompt_window": 8}, "difficulty": {"route_on": "fast"}, "switch": {"window": window}}
+            "features": {"prompt_window": 8}, "task": {}, "difficulty": {"route_on": "fast"}, "switch": {"window": window}}
     difficulty = DifficultyProbe(input_dim=s.layers * 2 * s.kv_heads * s.head_dim).eval()
     difficulty.thresholds = {"best_at_0.5x_slow": {"threshold": 0.5}}
     correctness = CorrectnessProbe(input_dim=layers * 2 * s.kv_heads * s.head_dim).eval()
     switch = switch_probe(lm, kv, probe_every=1, min_tokens=1).eval()
     switch.thresholds = {"switch_low": -1.0, "switch_high": 2.0}  # scores every token, never switches
-    return KVProbeGenerator(lm, difficulty, correctness, {"difficulty": spec, "correctness": spec, "switch": spec}, SteeringSpec(threshold=threshold), switch)
+    for probe in (difficulty, correctness, switch):
+        probe.card = ProbeCard.from_capture(probe, spec)
+    return KVProbeGenerator(lm, difficulty, correctness, switch, SteeringSpec(threshold=threshold))
 
 
 def live_cost(lm, windows: list[int], steps: int) -> list[dict]:

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     base = KVProbeGenerator.from_pretrained(args.generator)
     forced = SteeringSpec(threshold=-1.0, switch_low=2.0, switch_high=-1.0, min_tokens=args.at, probe_every=1)
-    gen = KVProbeGenerator(base.lm, base.difficulty, base.correctness, base.configs, forced, base.switch)
+    gen = KVProbeGenerator(base.lm, base.difficulty, base.correctness, base.switch, forced)
     caps = dict(gen.max_new_tokens)
     caps["slow"] = max(caps["slow"], args.at + 9)
     questions = [item.question for item in load_items(TaskSpec("arithmetic", params={"n": args.n, "seed": 11}))]

@@ -14,7 +14,7 @@ from typing import Callable
 COMMANDS = {  # name: (module whose main() runs it, what it does)
     "fit": ("kvprobe.fit", "train, calibrate, test and export a probe (--config configs/coe.yaml; --print_config)"),
     "capture": ("kvprobe.capture", "generate, grade and store the KV features of a task (--config configs/capture.yaml)"),
-    "assemble": ("kvprobe.steering.folder", "assemble a generator folder from exported probes"),
+    "assemble": ("kvprobe.steering.assemble", "assemble a generator folder from exported probes"),
     "evaluate": ("kvprobe.evaluate", "run the steering policies live on a data split and write the report"),
     "configs": ("kvprobe.cli", "copy the shipped YAML configs into a new folder: kvprobe configs DEST"),
 }

@@ -11,7 +11,6 @@ better fixed mode - 1 point, at most half of always-slow's tokens, probe time at
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -96,15 +95,21 @@ def evaluate(gen: KVProbeGenerator, dm, split: str = "test", policies=POLICIES, 
     return results
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvprobe evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--generator", default="qwen2.5-coder-0.5b", help="generator folder or shipped alias")
-    p.add_argument("--data", default="configs/data/difficulty_mix.yaml", help="difficulty data config (both modes)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES, help="route+switch needs a switch probe")
-    p.add_argument("--limit", type=int, default=None, help="first n questions of the split only")
+def parser(prog: str = "kvprobe evaluate", description: str = __doc__):
+    """The evaluation's options (``reports.steering`` reuses them)."""
+    from typing import Literal
+
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    p.add_argument("--generator", type=str, default="qwen2.5-coder-0.5b", help="generator folder or shipped alias")
+    p.add_argument("--data", type=str, default="configs/data/difficulty_mix.yaml", help="difficulty data config (both modes)")
+    p.add_argument("--split", type=Literal["train", "val", "test"], default="test")
+    p.add_argument("--policies", type=list[Literal[POLICIES]], default=list(POLICIES), help="route+switch needs a switch probe")
+    p.add_argument("--limit", type=int | None, default=None, help="first n questions of the split only")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--out", default=None, help="write every figure and per-question record as JSON here")
+    p.add_argument("--out", type=str | None, default=None, help="write every figure and per-question record as JSON here")
     return p
 
 

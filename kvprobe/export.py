@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -25,16 +25,117 @@ from safetensors.torch import load_file, save_file
 
 import kvprobe
 from kvprobe.assets import as_created
+from kvprobe.capture import GenerationSpec
+from kvprobe.features import FeatureSpec
+from kvprobe.prompts import PromptSpec
+from kvprobe.tasks import TaskSpec
 
 PROBE_FILES = ("probe.safetensors", "probe.json", "results.json", "test.png")
 PROBE_KINDS = ("difficulty", "correctness", "switch")  # a generator folder's probe subfolders
-REQUIRED_KEYS = ("probe_class", "probe_args", "base_model", "features", "prompt", "generation")
-ALLOWED_CLASSES = {"kvprobe.probes.correctness.CorrectnessProbe", "kvprobe.probes.difficulty.DifficultyProbe",
-                   "kvprobe.probes.switch.SwitchProbe"}
+REQUIRED_KEYS = ("probe_class", "probe_args", "base_model", "features", "prompt", "generation", "task")
+ALLOWED_CLASSES = {"kvprobe.probes.correctness.CorrectnessProbe": "correctness",
+                   "kvprobe.probes.difficulty.DifficultyProbe": "difficulty", "kvprobe.probes.switch.SwitchProbe": "switch"}
 
 
 class ProbeMismatch(ValueError):
     """A probe was exported for another model (or another feature layout) than the one it is loaded onto."""
+
+
+@dataclass
+class BaseModel:
+    """The model a probe belongs to: its name (as given to capture), content fingerprint, dtype and layer/head shape."""
+
+    name: str
+    fingerprint: str
+    dtype: str = "float32"
+    shape: dict | None = None
+
+
+@dataclass
+class ProbeCard:
+    """Everything an exported probe says about itself, written to ``probe.json`` and read back typed.
+
+    Args:
+        probe_class: the probe's class (one of ``ALLOWED_CLASSES``).
+        probe_args: its constructor arguments.
+        base_model: the model it reads.
+        features: the capture's feature spec (what the probe's inputs were computed from).
+        prompt: the capture's prompt spec: the generator prompts live questions the same way.
+        generation: the capture's generation spec (its token caps are the generator's defaults).
+        task: the task it was trained on.
+        calibration: the probe's calibrated state (temperature, thresholds).
+        difficulty: difficulty data facts (``route_on``, ``short_tokens``, label counts, captures).
+        switch: switch data facts (``window``).
+        capture: the capture's summary (items, accuracy, unfinished answers, cap share).
+        metrics: what the export records about its quality (validation checks, warnings).
+        versions: the package versions that made it.
+    """
+
+    probe_class: str
+    probe_args: dict
+    base_model: BaseModel
+    features: FeatureSpec
+    prompt: PromptSpec
+    generation: GenerationSpec
+    task: TaskSpec
+    calibration: dict = field(default_factory=dict)
+    difficulty: dict | None = None
+    switch: dict | None = None
+    capture: dict | None = None
+    metrics: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """Which generator slot it fills: difficulty, correctness or switch."""
+        return ALLOWED_CLASSES[self.probe_class]
+
+    @property
+    def route_on(self) -> str:
+        """Whose prompt a difficulty probe reads (fast unless its data said otherwise)."""
+        return (self.difficulty or {}).get("route_on", "fast")
+
+    @property
+    def window(self) -> int | None:
+        """The decode positions a switch probe's input averages."""
+        return (self.switch or {}).get("window")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["task"] = {k: v for k, v in out["task"].items() if k != "grader" or v is not None}
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, config, where: str = "probe.json") -> "ProbeCard":
+        """A card from its JSON form; a missing or malformed part is named with ``where``."""
+        missing = [k for k in REQUIRED_KEYS if not isinstance(config, dict) or k not in config]
+        if not missing and not {"name", "fingerprint"} <= set(config["base_model"] if isinstance(config["base_model"], dict) else ()):
+            missing = ["base_model.name/fingerprint"]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}: not a complete kvprobe probe; re-export it")
+        if config["probe_class"] not in ALLOWED_CLASSES:
+            raise ValueError(f"{where}: unknown probe class {config['probe_class']!r}")
+        known = {f.name for f in fields(cls)}
+        try:
+            typed = {"base_model": BaseModel(**{k: v for k, v in config["base_model"].items() if k in {f.name for f in fields(BaseModel)}}),
+                     "features": FeatureSpec(**config["features"]), "prompt": PromptSpec(**config["prompt"]),
+                     "generation": GenerationSpec(**config["generation"]), "task": TaskSpec(**config["task"])}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}; re-export the probe") from None
+        return cls(**({k: v for k, v in config.items() if k in known} | typed))
+
+    @classmethod
+    def from_capture(cls, probe: torch.nn.Module, capture_spec: dict, metrics: dict | None = None) -> "ProbeCard":
+        """The card of ``probe`` trained on a capture (``export_spec()`` of its data module)."""
+        args = {k: asdict(v) if is_dataclass(v) else v for k, v in probe.hparams.items() if not k.startswith("_")}  # LightningCLI adds _class_path
+        config = {
+            "probe_class": f"{type(probe).__module__}.{type(probe).__qualname__}", "probe_args": args,
+            "calibration": probe.export_state(), "base_model": capture_spec["model"] | {"shape": capture_spec.get("shape")},
+            **{k: capture_spec[k] for k in ("features", "prompt", "task", "generation")},
+            **{k: capture_spec[k] for k in ("difficulty", "switch", "capture") if k in capture_spec},
+            "metrics": metrics or {}, "versions": _versions(),
+        }
+        return cls.from_dict(json.loads(json.dumps(config, default=str)), "the export")
 
 
 def _versions() -> dict:
@@ -46,30 +147,18 @@ def _versions() -> dict:
 
 def save_probe(probe: torch.nn.Module, folder: str | Path, capture_spec: dict, metrics: dict | None = None,
                results: dict | None = None) -> Path:
-    """Export ``probe`` with its base model's stamp (from ``capture_spec``); ``results`` go beside it as results.json."""
-    cls = f"{type(probe).__module__}.{type(probe).__qualname__}"
-    config = {
-        "probe_class": cls,
-        "probe_args": {k: asdict(v) if is_dataclass(v) else v for k, v in probe.hparams.items() if not k.startswith("_")},  # LightningCLI adds _class_path
-        "calibration": probe.export_state(),
-        "base_model": capture_spec["model"] | {"shape": capture_spec.get("shape")},
-        "features": capture_spec["features"],
-        "prompt": capture_spec["prompt"],
-        "task": capture_spec["task"],
-        "generation": capture_spec["generation"],
-        **{k: capture_spec[k] for k in ("difficulty", "switch", "capture") if k in capture_spec},
-        "metrics": metrics or {},
-        "versions": _versions(),
-    }
-    return write_probe(probe, folder, config, results)
+    """Export ``probe`` with its card (its base model's stamp from ``capture_spec``); ``results`` go beside it as
+    results.json. The probe keeps the card (``probe.card``)."""
+    probe.card = ProbeCard.from_capture(probe, capture_spec, metrics)
+    return write_probe(probe, folder, results)
 
 
-def write_probe(probe: torch.nn.Module, folder: str | Path, config: dict, results: dict | None = None) -> Path:
-    """Weights as safetensors, ``config`` as probe.json (its calibration refreshed from the probe), all at once."""
-    config = config | {"calibration": probe.export_state()}
+def write_probe(probe: torch.nn.Module, folder: str | Path, results: dict | None = None) -> Path:
+    """Weights as safetensors and ``probe.card`` as probe.json (its calibration refreshed from the probe), all at once."""
+    probe.card.calibration = probe.export_state()
     with replace_folder(folder, "probe.json", set(PROBE_FILES)) as staging:
         save_file({k: v.detach().contiguous().cpu() for k, v in probe.state_dict().items()}, staging / "probe.safetensors")
-        (staging / "probe.json").write_text(json.dumps(config, indent=1, default=str))
+        (staging / "probe.json").write_text(json.dumps(probe.card.to_dict(), indent=1, default=str))
         if results is not None:
             (staging / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return Path(folder)
@@ -112,7 +201,8 @@ def check_replaceable(folder: str | Path, marker: str = "probe.json", known: set
                                   "export to a new or empty folder")
 
 
-def read_config(folder: str | Path) -> dict:
+def read_card(folder: str | Path) -> ProbeCard:
+    """The card of an exported probe folder."""
     path = Path(folder) / "probe.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no probe.json: not an exported kvprobe probe")
@@ -120,53 +210,40 @@ def read_config(folder: str | Path) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); re-export the probe") from None
-    missing = [k for k in REQUIRED_KEYS if not isinstance(config, dict) or k not in config]
-    if not missing and not {"name", "fingerprint"} <= set(config["base_model"] if isinstance(config["base_model"], dict) else ()):
-        missing = ["base_model.name/fingerprint"]
-    if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}: not a complete kvprobe probe; re-export it")
-    return config
+    return ProbeCard.from_dict(config, str(path))
 
 
-def check_model(config: dict, fingerprint: str, shape: dict | None, where: str, name: str = "the model given") -> None:
+def check_model(card: ProbeCard, fingerprint: str, shape: dict | None, where: str, name: str) -> None:
     """Raise ProbeMismatch unless the probe's recorded base model is the one given."""
-    base = config["base_model"]
-    if base["fingerprint"] != fingerprint or (shape and base.get("shape") and base["shape"] != shape):
+    base = card.base_model
+    if base.fingerprint != fingerprint or (shape and base.shape and base.shape != shape):
         raise ProbeMismatch(
-            f"the probe in {where} was trained on model {base['name']!r} (fingerprint {base['fingerprint'][:24]}, "
-            f"shape {base.get('shape')}), not on {name!r} (fingerprint {fingerprint[:24]}, shape {shape}); "
+            f"the probe in {where} was trained on model {base.name!r} (fingerprint {base.fingerprint[:24]}, "
+            f"shape {base.shape}), not on {name!r} (fingerprint {fingerprint[:24]}, shape {shape}); "
             "retrain the probe on this model or load the model it was trained on"
         )
 
 
-def load_probe(folder: str | Path, model=None, *, fingerprint: str | None = None, shape: dict | None = None,
-               model_name: str = "the model given", check: bool = True) -> torch.nn.Module:
-    """Rebuild an exported probe for ``model`` (a kvprobe ``LoadedModel``, a ``ModelSpec`` or a model name: an alias,
-    a folder; no weights are loaded to check it) and refuse one made for another model. ``fingerprint`` (and
-    ``shape``) give the model's stamp directly. Loading without any is refused unless ``check=False`` says so."""
-    config = read_config(folder)
-    if model is not None:
-        fingerprint, shape, model_name = _model_stamp(model)
-    if fingerprint is not None:
-        check_model(config, fingerprint, shape, str(folder), model_name)
-    elif check:
-        raise ValueError(f"load_probe({str(folder)!r}) needs the model the probe is for, to refuse another model's probe: "
-                         f"model=... (the probe was trained on {config['base_model']['name']!r}), fingerprint=..., or "
-                         "check=False to load it unchecked")
-    if config["probe_class"] not in ALLOWED_CLASSES:
-        raise ValueError(f"{folder}: unknown probe class {config['probe_class']!r}")
-    module, name = config["probe_class"].rsplit(".", 1)
+def load_probe(folder: str | Path, model=None) -> torch.nn.Module:
+    """Rebuild an exported probe, with its ``card``, for ``model``: a kvprobe ``LoadedModel``, a ``ModelSpec`` or a
+    model name (an alias, a folder; no weights are loaded to check it); ``None`` = the base model its card names,
+    which must still resolve to the same weights. A probe made for another model is refused."""
+    card = read_card(folder)
+    module, name = card.probe_class.rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)
     try:  # safetensors parses a header and raw arrays: nothing in the file is ever executed
         state = load_file(Path(folder) / "probe.safetensors")
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: say which file and what to do
         raise ValueError(f"{Path(folder) / 'probe.safetensors'} is not a readable safetensors file ({err}); re-export the probe") from None
-    probe = cls(**config["probe_args"])
+    fingerprint, shape, model_name = _model_stamp(card.base_model.name if model is None else model)
+    check_model(card, fingerprint, shape, str(folder), model_name)
+    probe = cls(**card.probe_args)
     for key in ("iso_x", "iso_y"):  # variable-length calibration buffers take the saved size
         if key in state:
             setattr(probe, key, torch.empty_like(state[key]))
     probe.load_state_dict(state)
-    probe.load_export_state(config.get("calibration", {}))
+    probe.load_export_state(card.calibration)
+    probe.card = card
     return probe.eval()
 
 

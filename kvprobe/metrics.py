@@ -89,3 +89,9 @@ def bucketed_auroc(scores: dict[str, torch.Tensor], labels: torch.Tensor, by: to
         rows.append(row)
     rows.append({"range": "all", "n": weight} | {k: (v / weight if weight else float("nan")) for k, v in weighted.items()})
     return rows
+
+
+def auroc_or_nan(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """AUROC of ``scores`` for binary ``labels``; NaN when only one class is present (tiny or degenerate splits)."""
+    labels = labels.long()
+    return float(binary_auroc(scores.float(), labels)) if labels.min() != labels.max() else float("nan")

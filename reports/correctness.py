@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     for src in tasks:
         for dst in tasks:
             if src != dst and same_model(src, dst):
-                probe = load_probe(exported[(src, "kv")], fingerprint=CaptureStore(modules[dst].path).spec()["model"]["fingerprint"])
+                probe = load_probe(exported[(src, "kv")], modules[dst].capture.model)
                 m = evaluate(probe, modules[dst].test_dataloader())
                 transfer.append(f"| {src} | {dst} | {m['auroc']:.3f} [{m['auroc_lo']:.2f}, {m['auroc_hi']:.2f}] | "
                                 f"{m['fpr95']:.3f} | {m['aupr']:.3f} | {m['ece']:.3f} |")

@@ -18,8 +18,7 @@ from reports.common import write_report
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = parser()
-    p.prog, p.description = "python -m reports.steering", __doc__
+    p = parser("python -m reports.steering", __doc__)
     p.set_defaults(out="docs/steering.md")
     args = p.parse_args(argv)
     gen = KVProbeGenerator.from_pretrained(args.generator)
@@ -80,7 +79,7 @@ def draw(results: dict, n: int, split: str):
 
 def switch_lines(gen: KVProbeGenerator) -> list[str]:
     """The switch probe's own offline figures (its export's test split), beside the live ones."""
-    test = gen.configs.get("switch", {}).get("metrics", {}).get("test") if gen.switch else None
+    test = gen.switch.card.metrics.get("test") if gen.switch else None
     if not test:
         return []
     p, w = test["policy"], test["windows"]

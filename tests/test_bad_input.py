@@ -220,7 +220,7 @@ def test_cache_files_follow_the_umask(tiny, tmp_path):
 
 
 def test_damaged_generator_and_probe_files_name_themselves(tmp_path):
-    from kvprobe.export import read_config
+    from kvprobe.export import read_card
     from kvprobe.steering import KVProbeGenerator
 
     folder = tmp_path / "gen"
@@ -232,12 +232,15 @@ def test_damaged_generator_and_probe_files_name_themselves(tmp_path):
             KVProbeGenerator.from_pretrained(folder)
     probe = tmp_path / "probe"
     probe.mkdir()
+    complete = {k: {} for k in ("probe_args", "features", "prompt", "generation", "task")} | {
+        "probe_class": "kvprobe.probes.correctness.CorrectnessProbe", "base_model": {"name": "m", "fingerprint": "f"}}
     for text, match in (('{"probe_class": "x"}', "lacks probe_args, base_model"), ("[]", "lacks probe_class"),
-                        (json.dumps({k: {} for k in ("probe_class", "probe_args", "base_model", "features", "prompt", "generation")}),
-                         "lacks base_model.name/fingerprint")):
+                        (json.dumps(complete | {"base_model": {}}), "lacks base_model.name/fingerprint"),
+                        (json.dumps(complete | {"prompt": {"mode": "medium"}}), "probe.json: prompt mode 'medium' is not one of"),
+                        (json.dumps(complete | {"features": {"colour": 1}}), "probe.json: .*unexpected keyword argument 'colour'")):
         (probe / "probe.json").write_text(text)
         with pytest.raises(ValueError, match=match):
-            read_config(probe)
+            read_card(probe)
 
 
 def test_one_question_under_two_ids_never_straddles_splits():
@@ -318,7 +321,7 @@ def test_a_pickle_named_safetensors_is_refused_without_running_and_a_foreign_cla
     folder = tmp_path / "probe"
     folder.mkdir()
     config = {"probe_class": "kvprobe.probes.correctness.CorrectnessProbe", "probe_args": {}, "features": {}, "prompt": {},
-              "generation": {}, "base_model": {"name": "m", "fingerprint": "f"}}
+              "generation": {}, "task": {}, "base_model": {"name": "m", "fingerprint": "f"}}
     (folder / "probe.json").write_text(json.dumps(config))
     marker = tmp_path / "ran"
 
@@ -328,11 +331,11 @@ def test_a_pickle_named_safetensors_is_refused_without_running_and_a_foreign_cla
 
     (folder / "probe.safetensors").write_bytes(pickle.dumps(Payload()))
     with pytest.raises(ValueError, match="probe.safetensors is not a readable safetensors file"):
-        load_probe(folder, check=False)
+        load_probe(folder)
     assert not marker.exists()
     (folder / "probe.json").write_text(json.dumps(config | {"probe_class": "os.system"}))
     with pytest.raises(ValueError, match="unknown probe class 'os.system'"):
-        load_probe(folder, check=False)
+        load_probe(folder)
 
 
 def test_the_source_never_unpickles_nor_runs_remote_code():

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from kvprobe import routing
-from kvprobe.export import ProbeMismatch, load_probe, read_config
+from kvprobe.export import ProbeMismatch, load_probe, read_card
 from kvprobe.features import pool_positions, probe_input
 from kvprobe.fit import main
-from kvprobe.models import ModelSpec, locate
+from kvprobe.models import ModelSpec
 from kvprobe.probes import DifficultyProbe
 
 
@@ -138,7 +138,7 @@ def test_fit_fast_dev_run_each_objective(tiny_models, tmp_path, objective):
     assert {"always_fast", "always_slow", "oracle", "router_share_0.25", "random_share_0.25", "router_paper_0.5"} <= test.keys()
     assert test["oracle"]["accuracy"] >= max(test["always_fast"]["accuracy"], test["always_slow"]["accuracy"])
     assert abs(test["router_share_0.5"]["slow_share"] - 0.5) < 0.35  # calibrated on val, applied to test
-    config = read_config(tmp_path / "export")
+    config = read_card(tmp_path / "export").to_dict()
     assert config["probe_args"]["objective"] == objective and config["difficulty"]["short_tokens"] == 128
     assert config["prompt"]["fast"] and config["prompt"]["slow"] and config["prompt"]["mode"] == "fast"  # both modes' prompts
     assert set(config["calibration"]["thresholds"]) >= {"share_0.25", "best_at_0.5x_slow", "paper_0.5"}
@@ -206,14 +206,14 @@ def test_export_round_trip_keeps_thresholds_and_refuses_other_models(tiny_models
     main(fit_args(tiny_models["llama"], tmp_path, "--trainer.max_epochs", "2", "--model.init_args.layers", "2",
                   "--model.init_args.l2_norm", "true", "--model.init_args.position_pool", "sum"))
     folder = tmp_path / "export"
-    probe = load_probe(folder, fingerprint=locate(ModelSpec(name=str(tiny_models["llama"])))[1])
+    probe = load_probe(folder, ModelSpec(name=str(tiny_models["llama"])))
     saved = json.loads((folder / "results.json").read_text())["calibration"]["thresholds"]
     assert probe.thresholds == saved and probe.budgets.slow_share == [0.25, 0.4, 0.5]
     x = torch.randn(4, 3, 2, 2, 8, 16)
     again = load_probe(folder, str(tiny_models["llama"]))
     torch.testing.assert_close(probe.score(probe(probe.inputs({"prompt_kv": x}))), again.score(again(again.inputs({"prompt_kv": x}))))
     with pytest.raises(ProbeMismatch, match="not on"):
-        load_probe(folder, fingerprint=locate(ModelSpec(name=str(tiny_models["qwen3"])))[1])
+        load_probe(folder, ModelSpec(name=str(tiny_models["qwen3"])))
 
 
 def test_every_shipped_config_resolves_its_capture_reference():

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from kvprobe.export import ProbeMismatch, load_probe, read_config
+from kvprobe.export import ProbeMismatch, load_probe, read_card
 from kvprobe.fit import main
-from kvprobe.models import locate
-from kvprobe.models import ModelSpec
+from kvprobe.probes import CorrectnessProbe, DifficultyProbe
+from kvprobe.models import ModelSpec, locate
 
 
 def fit_args(tiny, tmp_path, *extra):
@@ -31,7 +31,7 @@ def test_fit_fast_dev_run_end_to_end(tiny, tmp_path):
     paired = test["probe_minus_length_probe"]
     assert paired["lo"] <= paired["diff"] <= paired["hi"] and paired["diff"] == pytest.approx(test["probe"]["auroc"] - test["length_probe"]["auroc"])
     assert test["within_length_buckets"]["n"] <= results["items"]["test"]  # buckets holding one class are left out
-    config = read_config(tmp_path / "export")
+    config = read_card(tmp_path / "export").to_dict()
     base = config["base_model"]
     assert base["shape"]["layers"] == 3 and base["shape"]["kv_heads"] == 2 and base["fingerprint"] == locate(ModelSpec(name=str(tiny)))[1]
     assert {"kvprobe", "transformers", "torch"} <= config["versions"].keys() and config["features"]["prompt_window"] == 8
@@ -44,7 +44,7 @@ def test_other_sources_and_coe_features(tiny_models, tmp_path, source):
     results = main(fit_args(tiny_models["qwen2"], tmp_path, "--trainer.fast_dev_run", "true", "--trainer.logger", "false",
                             "--model.init_args.source", source, "--model.init_args.coe_features", "true",
                             "--model.init_args.layers", "[0, -1]"))
-    config = read_config(tmp_path / "export")
+    config = read_card(tmp_path / "export").to_dict()
     assert config["probe_args"]["source"] == source and config["probe_args"]["coe_features"]
     width = {"hidden": 2 * 64, "prompt_kv": 2 * 2 * 2 * 16, "length": 2}[source]  # 2 layers x (hidden | K,V x heads x dim)
     assert config["probe_args"]["input_dim"] == width + 4  # + four KV-CoE scores
@@ -56,20 +56,21 @@ def test_export_round_trip_and_model_mismatch(tiny_models, tmp_path):
     main(fit_args(tiny_models["llama"], tmp_path, "--trainer.max_epochs", "2", "--trainer.logger", "false",
                   "--model.init_args.head", "mlp", "--model.init_args.calibration", "isotonic"))
     folder = tmp_path / "export"
-    llama_fp = locate(ModelSpec(name=str(tiny_models["llama"])))[1]
-    probe = load_probe(folder, fingerprint=llama_fp)
+    probe = load_probe(folder)  # the base model its card names, resolved again (no weights loaded)
     x = torch.randn(5, probe.hparams.input_dim)
-    again = load_probe(folder, str(tiny_models["llama"]))  # a model name: fingerprinted without loading weights
-    assert again.hparams.head == "mlp" and load_probe(folder, check=False).hparams.head == "mlp"
-    with pytest.raises(ValueError, match=r"needs the model the probe is for.*trained on '.*llama'.*check=False"):
-        load_probe(folder)
+    again = CorrectnessProbe.from_pretrained(folder, str(tiny_models["llama"]))  # a model name: fingerprinted without loading weights
+    assert again.hparams.head == "mlp" and again.card == probe.card and again.card.base_model.name == str(tiny_models["llama"])
     with pytest.raises(ProbeMismatch, match="not on"):
         load_probe(folder, str(tiny_models["qwen2"]))
+    with pytest.raises(ValueError, match="holds a CorrectnessProbe, not a DifficultyProbe"):
+        DifficultyProbe.from_pretrained(folder)
+    copy = again.save_pretrained(tmp_path / "copy")  # save_pretrained writes what from_pretrained reads
+    kv = {"response_kv": torch.randn(3, 3, 2, 2, 16)}
+    torch.testing.assert_close(CorrectnessProbe.from_pretrained(copy).predict(kv), again.predict(kv))
     torch.testing.assert_close(probe.score(probe(x)), again.score(again(x)))
     assert len(probe.iso_x) > 0 and probe.hparams.head == "mlp"
-    qwen_fp = locate(ModelSpec(name=str(tiny_models["qwen2"])))[1]
     with pytest.raises(ProbeMismatch, match="trained on model .*llama.*not on '.*qwen2'"):
-        load_probe(folder, fingerprint=qwen_fp, model_name=str(tiny_models["qwen2"]))
+        load_probe(folder, ModelSpec(name=str(tiny_models["qwen2"])))
     (folder / "probe.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_probe(folder)
@@ -102,7 +103,7 @@ def test_a_failing_figure_leaves_a_complete_export_and_a_finished_run(tiny_model
     results = main(fit_args(tiny_models["qwen3"], tmp_path, "--trainer.max_epochs", "2", "--model.init_args.head", "mlp"))
     assert "drawing the test figure failed (ModuleNotFoundError" in capsys.readouterr().out
     assert sorted(p.name for p in export.iterdir()) == ["probe.json", "probe.safetensors", "results.json"]  # no stale test.png
-    assert read_config(export)["probe_args"]["head"] == "mlp" and load_probe(export, check=False).hparams.head == "mlp"
+    assert read_card(export).to_dict()["probe_args"]["head"] == "mlp" and load_probe(export).hparams.head == "mlp"
     assert json.loads((export / "results.json").read_text())["test"]["probe"] == pytest.approx(results["test"]["probe"])
     [run] = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert (run / "files" / "probe.safetensors").is_file()  # logging went on without the figure
@@ -150,7 +151,7 @@ def test_weight_decay_selection_length_inputs_and_the_length_warning(tiny_models
     selection = results["selection"]
     assert set(selection["val_select"]) == {0.01, 100.0}
     assert selection["weight_decay"] == max(selection["val_select"], key=selection["val_select"].get)
-    config = read_config(tmp_path / "export")
+    config = read_card(tmp_path / "export").to_dict()
     assert config["probe_args"]["weight_decay"] == selection["weight_decay"] and config["probe_args"]["length_inputs"]
     assert config["probe_args"]["input_dim"] == 3 * 2 * 2 * 16 + 2  # KV of every layer, then log length and finished
     assert results["val_select"] == pytest.approx(selection["val_select"][selection["weight_decay"]])  # the same fit again

@@ -51,7 +51,7 @@ def gen(trained):
 
 def forced(gen, **steering):
     """The same generator with a route threshold that sends everything to slow, and the given steering."""
-    return KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.configs, SteeringSpec(threshold=-1.0, **steering), gen.switch)
+    return KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.switch, SteeringSpec(threshold=-1.0, **steering))
 
 
 class Widths(Hook):
@@ -134,7 +134,7 @@ def test_rerouted_prompt_reuses_prefix_and_equals_fresh_slow(gen):
 
 def test_mixed_batch_routes_each_row_like_its_fixed_mode(gen):
     scores = [r.route_score for r in gen.generate(QUESTIONS, policy="route")]
-    g = KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.configs, SteeringSpec(threshold=sorted(scores)[1]))
+    g = KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, steering=SteeringSpec(threshold=sorted(scores)[1]))
     routed = g.generate(QUESTIONS, policy="route")
     assert {r.mode for r in routed} == {"fast", "slow"}  # one batch, both groups
     for q, r in zip(QUESTIONS, routed):
@@ -249,7 +249,7 @@ def test_round_trip_mismatch_and_bad_input(gen, trained, tiny_models, tmp_path):
         gen.generate(QUESTIONS, policy="oracle")
     with pytest.raises(ValueError, match="not one of"):
         gen.generate(QUESTIONS, policy="sometimes")
-    no_switch = KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.configs)
+    no_switch = KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness)
     with pytest.raises(ValueError, match="needs a switch probe"):
         no_switch.generate(QUESTIONS, policy="route+switch")
     with pytest.raises(ValueError, match="switch probe alone"):

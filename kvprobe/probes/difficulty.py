@@ -15,7 +15,7 @@ from torch import nn
 
 from kvprobe import routing
 from kvprobe.features import pool_positions, probe_input
-from kvprobe.metrics import score_metrics
+from kvprobe.metrics import auroc_or_nan, score_metrics
 from kvprobe.probes.head import HeadProbe
 
 OBJECTIVES = ("bce", "regression", "ce")
@@ -148,7 +148,7 @@ class DifficultyProbe(HeadProbe):
         gain = outcomes.route_gain(cols["score"])
         self.log("val/route_gain", gain, prog_bar=True)
         self.log("val/select", gain)  # what checkpoint selection maximises (configs/trainer/)
-        self.log("val/auroc", _auroc(cols["score"], cols["slow_needed"]))
+        self.log("val/auroc", auroc_or_nan(cols["score"], cols["slow_needed"]))
 
     # --- calibration and test -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -164,7 +164,7 @@ class DifficultyProbe(HeadProbe):
         """Thresholds for every budget, fitted on the validation split only."""
         scores, outcomes = self.predict_scores(val_loader)
         self.thresholds = routing.calibrate(scores, outcomes, self.budgets)
-        self.val_metrics = {"route_gain": outcomes.route_gain(scores), "auroc": _auroc(scores, outcomes.slow_needed())}
+        self.val_metrics = {"route_gain": outcomes.route_gain(scores), "auroc": auroc_or_nan(scores, outcomes.slow_needed())}
 
     def test_step(self, batch: dict, _) -> None:
         self._outputs.append(self._collect(batch))
@@ -203,11 +203,3 @@ class DifficultyProbe(HeadProbe):
         if best:
             line += f"; {best} {r[best]['accuracy']:.3f} @ {r[best]['mean_tokens']:.0f} tok (meets bar: {bool(r[best]['meets_bar'])})"
         return line
-
-
-def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """AUROC of ``scores`` for binary ``labels``; NaN when only one class is present (tiny or degenerate splits)."""
-    from torchmetrics.functional.classification import binary_auroc
-
-    labels = labels.long()
-    return float(binary_auroc(scores.float(), labels)) if labels.min() != labels.max() else float("nan")

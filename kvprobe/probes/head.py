@@ -3,6 +3,8 @@ head, AdamW. A probe subclass says how a batch becomes inputs (``inputs``) and h
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 from torch import nn
@@ -20,6 +22,26 @@ class HeadProbe(L.LightningModule):
     def score(self, out: torch.Tensor) -> torch.Tensor:
         """The calibrated score of raw head outputs (what the probe predicts; see the subclass)."""
         raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, folder, model=None) -> "HeadProbe":
+        """An exported probe of this class with its ``card``, for ``model`` (see ``kvprobe.export.load_probe``: another
+        model's probe is refused; ``None`` checks the base model its card names)."""
+        from kvprobe.export import load_probe
+
+        probe = load_probe(folder, model)
+        if not isinstance(probe, cls):
+            raise ValueError(f"{folder} holds a {type(probe).__name__}, not a {cls.__name__}")
+        return probe
+
+    def save_pretrained(self, folder) -> "Path":
+        """Write this probe and its ``card`` to ``folder`` (whole, or not at all); a probe without a card (never
+        exported by ``kvprobe fit``) is refused."""
+        from kvprobe.export import write_probe
+
+        if getattr(self, "card", None) is None:
+            raise ValueError("this probe has no card (base model, capture specs): export it with kvprobe fit first")
+        return write_probe(self, folder)
 
     @torch.no_grad()
     def predict(self, batch: dict) -> torch.Tensor:

@@ -17,8 +17,7 @@ from torch import nn
 
 from kvprobe import switching
 from kvprobe.features import probe_input
-from kvprobe.metrics import score_metrics
-from kvprobe.probes.difficulty import _auroc
+from kvprobe.metrics import auroc_or_nan, score_metrics
 from kvprobe.plots import pyplot
 from kvprobe.probes.head import HeadProbe
 
@@ -108,7 +107,7 @@ class SwitchProbe(HeadProbe):
 
     def on_validation_epoch_end(self) -> None:
         cols = self._gather()
-        auroc = _auroc(cols["score"], cols["keep"])
+        auroc = auroc_or_nan(cols["score"], cols["keep"])
         self.log("val/auroc", auroc, prog_bar=True)
         self.log("val/select", auroc)
 
@@ -129,7 +128,7 @@ class SwitchProbe(HeadProbe):
         hp = self.hparams
         best = switching.calibrate(*self._policy_inputs(cols), hp.switch_high, hp.min_tokens, hp.max_lost, hp.probe_every)
         self.thresholds = {"switch_low": best["low"], "switch_high": best["high"]}
-        self.val_metrics = {"auroc": _auroc(cols["score"], cols["keep"])} | {k: best[k] for k in ("saved_tokens", "cut_share", "lost_share")}
+        self.val_metrics = {"auroc": auroc_or_nan(cols["score"], cols["keep"])} | {k: best[k] for k in ("saved_tokens", "cut_share", "lost_share")}
 
     def test_step(self, batch: dict, _) -> None:
         self._outputs.append(self._collect(batch))

@@ -1,5 +1,5 @@
 """Generator folders: ``generator.json`` (which probe sits in which subfolder, the base model, the steering
-settings) beside one exported probe folder per kind; and ``kvprobe assemble``, which writes one."""
+settings) beside one exported probe folder per kind."""
 
 from __future__ import annotations
 
@@ -8,18 +8,17 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import kvprobe
-from kvprobe.export import PROBE_KINDS, ProbeMismatch, load_probe, read_config, replace_folder, write_probe
+from kvprobe.export import PROBE_KINDS, ProbeMismatch, load_probe, read_card, replace_folder, write_probe
 from kvprobe.models import LoadedModel, ModelSpec, for_batches, load_model, model_shape, resolve
 from kvprobe.resources import resolve_generator
 from kvprobe.steering.config import SteeringSpec
 
 GENERATOR_FILE = "generator.json"
-CLASS_KINDS = {"DifficultyProbe": "difficulty", "CorrectnessProbe": "correctness", "SwitchProbe": "switch"}
 
 
 def load(path: str | Path, model=None, tokenizer=None, device_map: str | None = None, dtype: str | None = None):
-    """(folder, model, probes by kind, their configs, saved SteeringSpec or None) of a generator folder, a single
-    probe folder or a shipped alias; the model is the one the probes record unless ``model`` is given."""
+    """(folder, model, probes by kind, saved SteeringSpec or None) of a generator folder, a single probe folder or a
+    shipped alias; the model is the one the probes record unless ``model`` is given."""
     where = resolve_generator(path)
     steering = None
     if (where / GENERATOR_FILE).is_file():
@@ -27,38 +26,37 @@ def load(path: str | Path, model=None, tokenizer=None, device_map: str | None = 
         folders = {name: where / sub for name, sub in meta["probes"].items()}
         steering = steering_spec(meta.get("steering", {}), where / GENERATOR_FILE)
     elif (where / "probe.json").is_file():
-        folders = {kind_of(read_config(where)): where}
+        folders = {read_card(where).kind: where}
     else:
         raise FileNotFoundError(f"{path} holds neither {GENERATOR_FILE} nor probe.json: not a kvprobe generator or probe")
-    configs = {name: read_config(p) for name, p in folders.items()}
-    if "difficulty" not in configs and "correctness" not in configs:
+    cards = {name: read_card(p) for name, p in folders.items()}
+    if "difficulty" not in cards and "correctness" not in cards:
         raise ValueError(f"{path}: a switch probe alone cannot steer; pair it with a difficulty probe (generator.json)")
-    base = next(iter(configs.values()))["base_model"]
-    for name, config in configs.items():  # every probe must belong to the same base model
-        if config["base_model"]["fingerprint"] != base["fingerprint"]:
-            raise ProbeMismatch(f"probe {name!r} in {folders[name]} was trained on {config['base_model']['name']!r}, "
-                                f"the others on {base['name']!r}: a generator's probes must share one base model")
+    base = next(iter(cards.values())).base_model
+    for name, card in cards.items():  # every probe must belong to the same base model
+        if card.base_model.fingerprint != base.fingerprint:
+            raise ProbeMismatch(f"probe {name!r} in {folders[name]} was trained on {card.base_model.name!r}, "
+                                f"the others on {base.name!r}: a generator's probes must share one base model")
     if model is None:
-        model = load_model(ModelSpec(name=base["name"], dtype=dtype or base["dtype"], device_map=device_map))
+        model = load_model(ModelSpec(name=base.name, dtype=dtype or base.dtype, device_map=device_map))
     elif not isinstance(model, LoadedModel):
         model = wrap(model, tokenizer)
     probes = {name: load_probe(p, model) for name, p in folders.items()}
-    return where.resolve(), model, probes, configs, steering
+    return where.resolve(), model, probes, steering
 
 
-def load_probes(lm: LoadedModel, folders: dict[str, str | Path | None]) -> tuple[dict, dict]:
-    """Exported probe folders by kind (``None`` = none of that kind), loaded for ``lm``, and their configs."""
-    folders = {k: Path(v) for k, v in folders.items() if v}
-    return {k: load_probe(v, lm) for k, v in folders.items()}, {k: read_config(v) for k, v in folders.items()}
+def load_probes(lm: LoadedModel, folders: dict[str, str | Path | None]) -> dict:
+    """Exported probe folders by kind (``None`` = none of that kind), loaded for ``lm``."""
+    return {k: load_probe(v, lm) for k, v in folders.items() if v}
 
 
-def save(path: str | Path, probes: dict, configs: dict, steering: SteeringSpec) -> Path:
+def save(path: str | Path, probes: dict, steering: SteeringSpec) -> Path:
     """Write a generator folder whole (staged, then renamed into place)."""
     meta = {"format": "kvprobe-generator", "kvprobe": kvprobe.__version__, "probes": {name: name for name in probes},
-            "base_model": next(iter(configs.values()))["base_model"], "steering": asdict(steering)}
+            "base_model": asdict(next(iter(probes.values())).card.base_model), "steering": asdict(steering)}
     with replace_folder(path, GENERATOR_FILE, set(PROBE_KINDS) | {GENERATOR_FILE}) as staging:
         for name, probe in probes.items():
-            write_probe(probe, staging / name, configs[name])
+            write_probe(probe, staging / name)
         (staging / GENERATOR_FILE).write_text(json.dumps(meta, indent=1))
     return Path(path)
 
@@ -87,11 +85,6 @@ def read_generator(path: Path) -> dict:
     return meta
 
 
-def kind_of(config: dict) -> str:
-    """Which generator slot an exported probe fills, from its class."""
-    return CLASS_KINDS[config["probe_class"].rsplit(".", 1)[1]]
-
-
 def wrap(model, tokenizer) -> LoadedModel:
     """A transformers model and tokenizer as a LoadedModel; its fingerprint comes from the folder it was loaded from."""
     if tokenizer is None:
@@ -104,27 +97,3 @@ def wrap(model, tokenizer) -> LoadedModel:
     for_batches(tokenizer)
     spec = ModelSpec(name=source or type(model).__name__, dtype=str(model.dtype).removeprefix("torch."))
     return LoadedModel(model.eval(), tokenizer, spec, source, digest, model_shape(model.config))
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """Assemble a generator folder from exported probes: ``kvprobe assemble --difficulty D --correctness C --out O``."""
-    import argparse
-
-    from kvprobe.steering.generator import KVProbeGenerator
-
-    parser = argparse.ArgumentParser(prog="kvprobe assemble", description=main.__doc__)
-    parser.add_argument("--difficulty", help="exported difficulty probe folder (kvprobe fit --config configs/difficulty.yaml)")
-    parser.add_argument("--correctness", help="exported correctness probe folder (source kv)")
-    parser.add_argument("--switch", help="exported switch probe folder (kvprobe fit --config configs/switch.yaml)")
-    parser.add_argument("--out", required=True, help="generator folder to write")
-    parser.add_argument("--threshold", default=SteeringSpec.threshold, help="calibrated threshold that routes")
-    args = parser.parse_args(argv)
-    first = args.difficulty or args.correctness
-    if not first:
-        parser.error("give --difficulty and/or --correctness")
-    base = read_config(first)["base_model"]
-    lm = load_model(ModelSpec(name=base["name"], dtype=base["dtype"]))
-    gen = KVProbeGenerator.from_probes(lm, args.difficulty, args.correctness, SteeringSpec(threshold=args.threshold), args.switch)
-    out = gen.save_pretrained(args.out)
-    print(f"[kvprobe] generator for {base['name']} written to {out}")
-    return out

@@ -14,9 +14,8 @@ import copy
 from pathlib import Path
 from typing import Iterator
 
-from kvprobe.features import FeatureSpec
 from kvprobe.models import LoadedModel
-from kvprobe.prompts import PromptSpec, chat_ids, prompt_ids, with_instruction
+from kvprobe.prompts import chat_ids, prompt_ids, with_instruction
 from kvprobe.steering import folder
 from kvprobe.steering.config import GenerationConfig, SteeringSpec
 from kvprobe.steering.engine import DecodeEngine
@@ -31,19 +30,21 @@ POLICIES = ("fast", "slow", "route", "route+switch", "oracle")
 class KVProbeGenerator:
     """A frozen causal LM plus its trained probes (difficulty; optionally correctness and switch), steering live."""
 
-    def __init__(self, lm: LoadedModel, difficulty=None, correctness=None, configs: dict | None = None,
-                 steering: SteeringSpec | None = None, switch=None):
+    def __init__(self, lm: LoadedModel, difficulty=None, correctness=None, switch=None, steering: SteeringSpec | None = None):
         if difficulty is None and correctness is None:
             raise ValueError("a KVProbeGenerator needs at least one probe (difficulty and/or correctness)")
+        for kind, probe in (("difficulty", difficulty), ("correctness", correctness), ("switch", switch)):
+            if probe is not None and getattr(probe, "card", None) is None:
+                raise ValueError(f"the {kind} probe has no card (its capture's prompt and features): load it with "
+                                 "load_probe or from_pretrained, or export it with kvprobe fit")
         self.lm, self.difficulty, self.correctness, self.switch = lm, difficulty, correctness, switch
-        self.configs = configs or {}
         self.path: Path | None = None  # the folder from_pretrained loaded
         self.steering = self._steering(steering or SteeringSpec())
-        main = self.configs.get("difficulty") or self.configs["correctness"]
-        self.prompt = PromptSpec(**main["prompt"])
-        self.max_new_tokens = dict(main["generation"]["max_new_tokens"])
-        self.route_on = main.get("difficulty", {}).get("route_on", "fast")
-        self.window_layers = FeatureSpec(**main["features"]).layer_ids(lm.shape.layers)
+        main = (difficulty or correctness).card  # prompts and caps come from the capture the main probe learned on
+        self.prompt = copy.deepcopy(main.prompt)
+        self.max_new_tokens = dict(main.generation.max_new_tokens)
+        self.route_on = main.route_on
+        self.window_layers = main.features.layer_ids(lm.shape.layers)
         if correctness is not None and (correctness.hparams.source != "kv" or correctness.hparams.coe_features
                                         or correctness.hparams.get("length_inputs")):
             raise ValueError("live correctness needs a probe on the answer's KV alone (source 'kv', coe_features and "
@@ -53,7 +54,7 @@ class KVProbeGenerator:
         if difficulty is not None and not isinstance(threshold, (int, float)) and threshold not in difficulty.thresholds:
             raise ValueError(f"threshold {threshold!r} is neither a number nor among the probe's calibrated thresholds "
                              f"{sorted(difficulty.thresholds)}")
-        self.switch_window = self.configs["switch"]["switch"]["window"] if switch is not None else 0
+        self.switch_window = switch.card.window if switch is not None else 0
         for probe in (difficulty, correctness, switch):  # probes read the cache where the model's inputs live
             if probe is not None:
                 probe.to(lm.input_device)
@@ -78,22 +79,22 @@ class KVProbeGenerator:
         probe folder, or a shipped alias (``kvprobe.resources.aliases()``: ``smollm2``, ``qwen2.5-coder-0.5b``); the
         base model they record, or ``model`` (a kvprobe ``LoadedModel``, or a transformers model with its
         ``tokenizer``), checked to match. ``.path`` says which folder was loaded."""
-        where, lm, probes, configs, saved = folder.load(path, model, tokenizer, device_map, dtype)
-        gen = cls(lm, probes.get("difficulty"), probes.get("correctness"), configs, steering or saved, probes.get("switch"))
+        where, lm, probes, saved = folder.load(path, model, tokenizer, device_map, dtype)
+        gen = cls(lm, probes.get("difficulty"), probes.get("correctness"), probes.get("switch"), steering or saved)
         gen.path = where
         return gen
 
     @classmethod
     def from_probes(cls, lm: LoadedModel, difficulty: str | Path | None = None, correctness: str | Path | None = None,
-                    steering: SteeringSpec | None = None, switch: str | Path | None = None) -> "KVProbeGenerator":
+                    switch: str | Path | None = None, steering: SteeringSpec | None = None) -> "KVProbeGenerator":
         """Assemble a generator from exported probe folders (``kvprobe fit`` outputs)."""
-        probes, configs = folder.load_probes(lm, {"difficulty": difficulty, "correctness": correctness, "switch": switch})
-        return cls(lm, probes.get("difficulty"), probes.get("correctness"), configs, steering, probes.get("switch"))
+        probes = folder.load_probes(lm, {"difficulty": difficulty, "correctness": correctness, "switch": switch})
+        return cls(lm, probes.get("difficulty"), probes.get("correctness"), probes.get("switch"), steering)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the generator folder whole: it appears complete or not at all (an older one stays until then)."""
         probes = {k: p for k, p in (("difficulty", self.difficulty), ("correctness", self.correctness), ("switch", self.switch)) if p}
-        return folder.save(path, probes, self.configs, self.steering)
+        return folder.save(path, probes, self.steering)
 
     # --- prompts ------------------------------------------------------------------------------------------------------
     def prompt_ids(self, prompt, mode: str) -> list[int]:
