@@ -4,10 +4,12 @@
 """
 
 __version__ = "0.1.0"
-__all__ = ["KVProbeGenerator", "SteeringSpec", "load_probe", "save_probe", "__version__"]
+__all__ = ["KVProbeGenerator", "SteeringSpec", "GenerationConfig", "GenerationResult", "ProbeCard", "load_probe",
+           "save_probe", "__version__"]
 
-_LAZY = {"KVProbeGenerator": "kvprobe.steering", "SteeringSpec": "kvprobe.steering",
-         "load_probe": "kvprobe.export", "save_probe": "kvprobe.export"}
+_LAZY = {"KVProbeGenerator": "kvprobe.steering", "SteeringSpec": "kvprobe.steering", "GenerationConfig": "kvprobe.steering",
+         "GenerationResult": "kvprobe.steering", "ProbeCard": "kvprobe.export", "load_probe": "kvprobe.export",
+         "save_probe": "kvprobe.export"}
 
 
 def __getattr__(name: str):

@@ -108,7 +108,8 @@ def test_grading_change_regrades_stored_answers_without_generating(tiny, tmp_pat
     first = run(tiny, tmp_path)
     before = pq.read_table(first.path / "table.parquet").to_pylist()
     monkeypatch.setattr(C, "GRADING_VERSION", C.GRADING_VERSION + 1)
-    monkeypatch.setattr(C, "grade", lambda item, response: (str(len(response)), len(response) % 2 == 0))  # a "new grader"
+    # a new kvprobe version: its own grading changed (a grading version, not an argument, so it is patched here)
+    monkeypatch.setattr("kvprobe.tasks.grade", lambda item, response: (str(len(response)), len(response) % 2 == 0))
     monkeypatch.setattr(C, "load_model", lambda spec: pytest.fail("a grading change loaded the model"))
     second = run(tiny, tmp_path)
     assert second.path != first.path and second.summary["reused"] and second.summary["regraded_from"] == first.path.name

@@ -68,6 +68,7 @@ def test_arc_capture_grades_agree_by_hand(smol, tmp_path):
 
 
 def test_fit_on_real_model_small_slice_one_epoch(tmp_path):
+    from kvprobe.export import read_card
     from kvprobe.fit import main
 
     results = main([
@@ -78,7 +79,10 @@ def test_fit_on_real_model_small_slice_one_epoch(tmp_path):
         "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ckpt"), "--export_dir", str(tmp_path / "export"),
     ])
     assert results["items"] == {"train": 16, "val": 8, "test": 16}
-    assert 0.0 <= results["test"]["probe"]["auroc"] <= 1.0 and "kv_coe_c_token" in results["test"]
+    probe = results["test"]["probe"]
+    assert probe["auroc_lo"] <= probe["auroc"] <= probe["auroc_hi"] and "kv_coe_c_token" in results["test"]
+    card = read_card(tmp_path / "export")  # the real model's stamp: its alias and the embedded weights' fingerprint
+    assert card.base_model.name == "smollm2" and card.base_model.shape["layers"] == 30 and card.task.params["n"] == 40
     assert (tmp_path / "export" / "probe.safetensors").is_file() and (tmp_path / "ckpt" / "best.ckpt").is_file()
     assert list((tmp_path / "runs" / "wandb").glob("offline-run-*/files/results.json"))
 

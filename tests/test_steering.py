@@ -256,7 +256,7 @@ def test_round_trip_mismatch_and_bad_input(gen, trained, tiny_models, tmp_path):
         KVProbeGenerator.from_pretrained(trained["root"] / "switch", model=gen.lm)
     with pytest.raises(FileNotFoundError, match="neither generator.json nor probe.json"):
         KVProbeGenerator.from_pretrained(tmp_path)
-    meta["steering"]["think_cue"] = "\nWait.\n"  # a session-2 generator.json
+    meta["steering"]["think_cue"] = "\nWait.\n"  # a setting this version does not know
     (folder / "generator.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"\['think_cue'\] are not SteeringSpec fields"):
         KVProbeGenerator.from_pretrained(folder, model=gen.lm)
