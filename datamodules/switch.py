@@ -40,7 +40,8 @@ class SwitchDataModule(L.LightningDataModule):
     Args:
         difficulty: the difficulty data whose captures (its task's slow answers) and question split this serves;
             usually a path to its config, e.g. ``configs/data/difficulty_mix.yaml``. Its capture needs
-            ``features.token_trajectory`` (the windows' source).
+            ``features.token_trajectory`` (the windows' source). Its ``extra_train`` questions are not served and
+            so not captured here.
         window: decode positions averaged into one input (the generator keeps a ring buffer of this many).
         settled_at: where an answer's result stands written: the import path (``package.module.function``) of a
             function like ``kvprobe.switching.settled_at`` (response, prediction, token ends) -> decoded tokens or
@@ -56,6 +57,7 @@ class SwitchDataModule(L.LightningDataModule):
             raise ValueError("the switch probe reads decode windows from the trajectory: set capture.features.token_trajectory: true")
         if type(window) is not int or window < 1:
             raise ValueError(f"window must be a whole number >= 1, got {window!r}")
+        difficulty.extra_train = None  # the windows come from the task's slow answers alone: nothing else to capture
         self.difficulty, self.window, self.batch_size, self.num_workers = difficulty, window, batch_size, num_workers
         self.settled_at = switching.settled_at if settled_at is None else _function(settled_at, "settled_at")
         self.datasets: dict[str, SwitchDataset] = {}

@@ -228,5 +228,6 @@ def test_every_shipped_config_resolves_its_capture_reference():
     assert data["difficulty"].capture.in_mode("slow") == qwen_slow.capture and qwen_slow.capture.model.name == "qwen2.5-coder-0.5b"
     assert data["difficulty_smollm2"].capture.in_mode("slow") == data["coe"].capture
     assert data["switch"].difficulty.capture == data["difficulty"].capture and data["switch"].window == 8
+    assert data["switch"].difficulty.extra_train is None  # the switch windows need the task's answers only
     assert data["switch_smollm2"].difficulty.capture == data["difficulty_smollm2"].capture
     assert data["difficulty"].split == qwen_slow.split and data["difficulty"].extra_train.name == "mix"

@@ -36,8 +36,7 @@ def trained(tiny_models, tmp_path_factory):
     tiny = tiny_models["llama"]
     main(["--config", "configs/difficulty.yaml", *common_args(tiny, root), "--data.extra_train", "null", "--export_dir", str(root / "difficulty")])
     main(["--config", "configs/coe.yaml", *common_args(tiny, root), "--data.capture.prompt.mode", "fast", "--export_dir", str(root / "correctness")])
-    main(["--config", "configs/switch.yaml", *common_args(tiny, root, "--data.difficulty."), "--data.difficulty.extra_train", "null",
-          "--data.settled_at", "graders.halfway",
+    main(["--config", "configs/switch.yaml", *common_args(tiny, root, "--data.difficulty."), "--data.settled_at", "graders.halfway",
           "--model.min_tokens", "4", "--export_dir", str(root / "switch")])
     return {"root": root, "model": tiny}
 

@@ -99,7 +99,7 @@ def test_switch_fit_end_to_end(tiny_models, tmp_path):
     """Capture both modes on a tiny model, fit the switch probe, calibrate, test and export its thresholds."""
     args = ["--config", "configs/switch.yaml", "--data.difficulty.capture.model.name", str(tiny_models["llama"]), "--data.difficulty.capture.model.dtype", "float32",
             "--data.difficulty.capture.task.name", "arithmetic", "--data.difficulty.capture.task.params", '{"n": 30, "seed": 3}', "--data.difficulty.capture.task.grader", "graders.parity",
-            "--data.difficulty.extra_train", "null", "--data.settled_at", "graders.halfway",
+            "--data.settled_at", "graders.halfway",
             "--data.difficulty.capture.generation.max_new_tokens", '{"fast": 4, "slow": 20}', "--data.difficulty.capture.generation.batch_size", "8",
             "--data.difficulty.capture.features.hidden_states", "false", "--data.difficulty.cache_dir", str(tmp_path / "captures"), "--data.window", "4",
             "--model.min_tokens", "4", "--trainer.logger", "false", "--trainer.max_epochs", "2",

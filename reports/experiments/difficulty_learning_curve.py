@@ -14,6 +14,7 @@ itself (an optimistic router: nothing real can pick its threshold on the questio
 ``d``: mean AUROC, mean best accuracy within 0.5x always-slow's tokens, and the share of draws that meet the bar.
 """
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,8 @@ FRACTIONS = (1 / 16, 1 / 8, 0.25, 0.5, 1.0)
 SEEDS = (0, 1)
 
 def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="python -m reports.experiments.difficulty_learning_curve", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         for fraction in FRACTIONS:
             for seed in SEEDS if fraction < 1 else SEEDS[:1]:

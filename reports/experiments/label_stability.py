@@ -13,6 +13,7 @@ the captured outcomes like every router in docs/difficulty.md: it knows how the 
 up to the perturbation. If it misses the bar, no probe of the question can be expected to meet it.
 """
 
+import argparse
 import dataclasses
 
 import torch
@@ -36,6 +37,8 @@ def rerun(dm, lm, items, batch_size: int, instructions: dict[str, str]) -> routi
 
 
 def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="python -m reports.experiments.label_stability", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     cli = fit.make_cli(["--config", "configs/difficulty.yaml", "--trainer.logger", "false"])
     dm = cli.datamodule
     dm.prepare_data()
