@@ -204,9 +204,7 @@ def test_switching_rows_in_a_batch_decode_as_one_by_one(gen):
     each row of a batch decodes what it decodes alone."""
     g = forced(gen, switch_low=2.0, switch_high=-1.0, min_tokens=2)
     widths = Widths()
-    config = GenerationConfig()
-    engine = DecodeEngine(g.lm, g.prompt_ids, g.hooks("route+switch", len(QUESTIONS)) + [widths], config, config.caps(g.max_new_tokens))
-    together = [e.result for e in engine.run(QUESTIONS) if isinstance(e, DoneEvent)]
+    together = [e.result for e in g.engine(g.hooks("route+switch", len(QUESTIONS)) + [widths]).run(QUESTIONS) if isinstance(e, DoneEvent)]
     assert widths.seen[0] > 1 and widths.seen[1] > 1 and set(widths.seen[2:]) == {1}  # fast prompt, slow suffix, then one position a step
     for q, r in zip(QUESTIONS, together):
         alone = g.generate(q, policy="route+switch")
@@ -365,7 +363,7 @@ class LengthRouter(Hook):
 def test_a_new_policy_needs_only_hooks(gen):
     lengths = [len(gen.prompt_ids(q, "fast")) for q in QUESTIONS]
     hook = LengthRouter(sorted(lengths)[1])
-    config = GenerationConfig()
+    config = GenerationConfig()  # the engine alone, as a user's policy would drive it
     events = list(DecodeEngine(gen.lm, gen.prompt_ids, [hook], config, config.caps(gen.max_new_tokens)).run(QUESTIONS))
     results = {e.row: e.result for e in events if isinstance(e, DoneEvent)}
     assert [results[i].mode for i in range(3)] == ["slow" if n > sorted(lengths)[1] else "fast" for n in lengths]
@@ -394,3 +392,29 @@ def test_sampling_parameters(gen):
                       ({"do_sample": 1}, "do_sample"), ({"beams": 2}, "unknown generation parameters")]:
         with pytest.raises(ValueError, match=name):
             gen.generate(QUESTIONS[0], policy="fast", **bad)
+
+
+class Escalate(Hook):
+    """A cascade in two lines: every fast answer, once finished, is answered again in slow mode."""
+
+    def on_finish(self, engine, state):
+        for r in state.rows:
+            if r.mode == "fast":
+                r.reopen("slow")
+
+
+def test_a_reopened_answer_continues_from_the_cropped_prompt_like_a_fresh_slow_run(gen):
+    """After a fast answer, the cache is cropped to the prompt prefix fast and slow share (the fast answer's positions
+    dropped, never re-encoded), the rest of the slow prompt is prefilled, and the slow answer equals a fresh slow run."""
+    fast, slow = gen.generate(QUESTIONS, policy="fast"), gen.generate(QUESTIONS, policy="slow")
+    events = list(gen.engine(gen.hooks("fast", len(QUESTIONS)) + [Escalate()]).run(QUESTIONS))
+    results = {e.row: e.result for e in events if isinstance(e, DoneEvent)}
+    assert sum(isinstance(e, DoneEvent) for e in events) == len(QUESTIONS)  # one result per prompt, the final one
+    for i, q in enumerate(QUESTIONS):
+        r = results[i]
+        assert (r.mode, r.final_mode) == ("fast", "slow") and r.token_ids == slow[i].token_ids and r.text == slow[i].text
+        assert r.tokens == {"fast": fast[i].decoded_tokens, "slow": slow[i].decoded_tokens}  # both attempts count
+        fast_ids, slow_ids = gen.prompt_ids(q, "fast"), gen.prompt_ids(q, "slow")
+        shared = next(k for k, (a, b) in enumerate(zip(fast_ids, slow_ids)) if a != b)
+        assert r.prompt_tokens == len(fast_ids) + len(slow_ids) - shared
+        assert r.confidence == pytest.approx(slow[i].confidence, abs=1e-5)  # read from the slow answer's own KV

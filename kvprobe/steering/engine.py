@@ -23,7 +23,9 @@ from kvprobe.steering.state import DecodeState, Hook, Row
 
 
 class DecodeEngine:
-    """One call's decoding: ``run`` answers every prompt and yields events as they happen."""
+    """One call's decoding: ``run`` answers every prompt and yields events as they happen. Its steps: ``prefill``,
+    ``forward`` (one step), ``reprompt`` (crop a row back to the prompt prefix another mode shares, prefill the rest),
+    ``DecodeState.select``; hooks drive them (``kvprobe.steering.state.Hook``)."""
 
     def __init__(self, lm: LoadedModel, prompt_ids: Callable[[object, str], list[int]], hooks: list[Hook],
                  config: GenerationConfig, caps: dict[str, int]):
@@ -34,6 +36,7 @@ class DecodeEngine:
             self.sampler = torch.Generator(device=lm.input_device).manual_seed(config.seed)
 
     def run(self, prompts: list) -> Iterator[Event]:
+        self.prompts = prompts
         t0 = time.perf_counter()
         modes = next((m for h in self.hooks if (m := h.start_modes(prompts)) is not None), None)
         if modes is None:
@@ -45,7 +48,7 @@ class DecodeEngine:
                     continue
                 state = self.prefill(rows, mode)
                 yield from self._call("on_prefill", state)
-                for group in self.regroup(state, prompts):
+                for group in self.regroup(state):
                     yield from self.decode(group)
 
     # --- the loop's steps ---------------------------------------------------------------------------------------------
@@ -75,35 +78,36 @@ class DecodeEngine:
         state.logits = self.forward(state, [r.ids for r in rows])
         state.answer_from = state.mask.shape[1] - 1  # every prompt ends in the last column (left padding)
         for r in rows:
+            r.prompt_len = len(r.ids)
             r.prompt_tokens += len(r.ids)
         return state
 
-    def regroup(self, state: DecodeState, prompts: list) -> list[DecodeState]:
+    def regroup(self, state: DecodeState) -> list[DecodeState]:
         """Rows still in the prefilled mode, then rows a hook moved to another mode (re-prompted, see ``reprompt``)."""
         stay = [j for j, r in enumerate(state.rows) if r.mode == state.prompt_mode]
         groups = []
         for mode in MODES:
             moved = [j for j, r in enumerate(state.rows) if r.mode == mode != state.prompt_mode]
             if moved:  # copied out of the cache before it is cut down to the rows that stay
-                groups.append(self.reprompt(state, moved, prompts, mode))
+                groups.append(self.reprompt(state, moved, mode))
         if len(stay) == len(state.rows):
             return [state]
         return ([state.select(stay)] if stay else []) + groups
 
-    def reprompt(self, state: DecodeState, where: list[int], prompts: list, mode: str) -> DecodeState:
-        """Rows ``where`` prompted in ``mode`` instead: the prompt prefix both modes share is copied out of the cache,
-        only the rest is prefilled."""
+    def reprompt(self, state: DecodeState, where: list[int], mode: str) -> DecodeState:
+        """Rows ``where`` prompted in ``mode`` instead, before or after they answered: the cache is cropped to the
+        prompt prefix both modes share (copied out; any answer is dropped), only the rest of the prompt is
+        prefilled."""
         rows = [state.rows[j] for j in where]
-        width = state.mask.shape[1]
-        targets = [self.prompt_ids(prompts[r.index], mode) for r in rows]
-        shared = [_common_prefix(r.ids, t) for r, t in zip(rows, targets)]
+        targets = [self.prompt_ids(self.prompts[r.index], mode) for r in rows]
+        shared = [_common_prefix(r.ids[:r.prompt_len], t) for r, t in zip(rows, targets)]
         lp = max(shared)
         cache = self.new_cache()
         for layer, (k, v) in enumerate(layer_kv(state.cache)):
             nk = torch.zeros((len(rows),) + k.shape[1:2] + (lp,) + k.shape[3:], dtype=k.dtype, device=k.device)
             nv = torch.zeros_like(nk)
             for i, (j, r, c) in enumerate(zip(where, rows, shared)):
-                start = width - len(r.ids)  # this row's prompt began here (left padding)
+                start = state.answer_from + 1 - r.prompt_len  # this row's prompt began here (left padding)
                 nk[i, :, lp - c:] = k[j, :, start:start + c]
                 nv[i, :, lp - c:] = v[j, :, start:start + c]
             cache.update(nk, nv, layer)
@@ -114,7 +118,7 @@ class DecodeEngine:
         new.logits = self.forward(new, [t[c:] for t, c in zip(targets, shared)])
         new.answer_from = new.mask.shape[1] - 1
         for r, t, c in zip(rows, targets, shared):
-            r.ids, r.prompt_tokens = list(t), r.prompt_tokens + len(t) - c
+            r.ids, r.prompt_len, r.prompt_tokens = list(t), len(t), r.prompt_tokens + len(t) - c
         return new
 
     def pick(self, logits: torch.Tensor) -> list[int]:
@@ -138,7 +142,7 @@ class DecodeEngine:
         tok = self.lm.tokenizer
         rows, stops = state.rows, self.config.stop_strings or []
         for r in rows:
-            r.start_mode = r.mode
+            r.start_mode = r.start_mode or r.mode
         logits = state.logits
         while True:
             next_ids = self.pick(logits)
@@ -169,7 +173,12 @@ class DecodeEngine:
             logits = self.forward(state, blocks, fed)
         yield from self._call("on_finish", state)
         for r in rows:
-            yield DoneEvent(r.index, r.result())
+            if r.done:
+                yield DoneEvent(r.index, r.result())
+        for mode in MODES:  # rows a hook reopened: answered again from the cropped cache
+            again = [j for j, r in enumerate(rows) if not r.done and r.mode == mode]
+            if again:
+                yield from self.decode(self.reprompt(state, again, mode))
 
     def refresh_text(self, row: Row) -> Iterator[TextEvent]:
         """The row's text from its tokens; the new part as an event."""

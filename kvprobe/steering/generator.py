@@ -131,11 +131,15 @@ class KVProbeGenerator:
         if not isinstance(batch, (list, tuple)) or not batch:
             raise ValueError(f"prompts: a string, a kvprobe Item, a chat (list of messages) or a non-empty list of these, not {prompts!r:.80}")
         batch = list(batch)
+        engine = self.engine(self.hooks(policy, len(batch), oracle_modes), config, **kwargs)
+        self._check_context(batch, policy, engine.caps, oracle_modes)
+        return engine.run(batch)
+
+    def engine(self, hooks: list[Hook], config: GenerationConfig | None = None, **kwargs) -> DecodeEngine:
+        """A decode engine on this generator's model and prompts running ``hooks``: a policy of one's own is a list
+        of hooks (``kvprobe.steering.state.Hook``), e.g. ``gen.engine(gen.hooks("route", n) + [MyHook()]).run(prompts)``."""
         config = GenerationConfig.make(config, kwargs)
-        hooks = self.hooks(policy, len(batch), oracle_modes)
-        caps = config.caps(self.max_new_tokens)
-        self._check_context(batch, policy, caps, oracle_modes)
-        return DecodeEngine(self.lm, self.prompt_ids, hooks, config, caps).run(batch)
+        return DecodeEngine(self.lm, self.prompt_ids, hooks, config, config.caps(self.max_new_tokens))
 
     def hooks(self, policy: str, n: int, oracle_modes: list[str] | None = None) -> list[Hook]:
         """The hooks that make up ``policy`` for ``n`` prompts (plus ``Confidence`` when there is a correctness probe)."""

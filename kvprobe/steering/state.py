@@ -24,6 +24,7 @@ class Row:
     mode: str  # the mode it decodes in now
     t0: float
     start_mode: str = ""  # the mode decoding started in
+    prompt_len: int = 0  # the prompt's length: ids[:prompt_len] is the prompt
     prompt_tokens: int = 0
     out: list[int] = field(default_factory=list)  # decoded and cue tokens, in order
     text: str = ""
@@ -38,6 +39,12 @@ class Row:
     switch_trace: list[tuple[int, float]] = field(default_factory=list)
     confidence: float | None = None
     probe_seconds: float = 0.0
+
+    def reopen(self, mode: str) -> None:
+        """Answer again, in ``mode``, from the prompt: called by a hook's ``on_finish``, the engine then crops the
+        cache back to the prompt prefix both modes share and decodes anew. The answer so far is dropped; its
+        decoded tokens stay counted."""
+        self.mode, self.done, self.in_mode, self.out, self.text, self.forced = mode, False, 0, [], "", []
 
     def result(self) -> GenerationResult:
         return GenerationResult(
@@ -88,7 +95,8 @@ class Hook:
         """Each row's next block is chosen (``blocks[i]``), not yet fed; a hook may rewrite it."""
 
     def on_finish(self, engine: "DecodeEngine", state: DecodeState) -> Iterable[Event] | None:
-        """Every row of ``state`` has finished; the cache still holds their answers."""
+        """Every row of ``state`` has finished; the cache still holds their answers. ``Row.reopen`` answers a row
+        again in another mode."""
 
 
 class timed:
