@@ -96,6 +96,11 @@ class ProbeCard:
         return (self.difficulty or {}).get("route_on", "fast")
 
     @property
+    def thresholds(self) -> dict:
+        """A difficulty or switch probe's calibrated thresholds, by name."""
+        return self.calibration.get("thresholds", {})
+
+    @property
     def window(self) -> int | None:
         """The decode positions a switch probe's input averages."""
         return (self.switch or {}).get("window")

@@ -208,7 +208,8 @@ def test_export_round_trip_keeps_thresholds_and_refuses_other_models(tiny_models
     folder = tmp_path / "export"
     probe = load_probe(folder, ModelSpec(name=str(tiny_models["llama"])))
     saved = json.loads((folder / "results.json").read_text())["calibration"]["thresholds"]
-    assert probe.thresholds == saved and probe.budgets.slow_share == [0.25, 0.4, 0.5]
+    assert probe.thresholds == saved == probe.card.thresholds and probe.budgets.slow_share == [0.25, 0.4, 0.5]
+    assert probe.card.route_on == "fast" and probe.card.kind == "difficulty"
     x = torch.randn(4, 3, 2, 2, 8, 16)
     again = load_probe(folder, str(tiny_models["llama"]))
     torch.testing.assert_close(probe.score(probe(probe.inputs({"prompt_kv": x}))), again.score(again(again.inputs({"prompt_kv": x}))))

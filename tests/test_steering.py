@@ -77,7 +77,7 @@ def test_live_features_equal_captured(gen, trained):
     results = gen.generate(items, policy="fast")
     d, c = gen.difficulty, gen.correctness
     captured = {k: torch.cat([s[k] for s in shards])[:6].float() for k in ("prompt_kv", "response_kv")}
-    want_route = d.score(d(d.inputs({"prompt_kv": captured["prompt_kv"]})))
+    want_route = d.predict({"prompt_kv": captured["prompt_kv"]})
     live = gen.generate(items, policy="route")
     torch.testing.assert_close(torch.tensor([r.route_score for r in live]), want_route, atol=1e-4, rtol=1e-4)
     want_conf = c.predict({"response_kv": captured["response_kv"]})

@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 
 from kvprobe.cache import layer_kv, newest_kv
-from kvprobe.features import pool_positions, pooled_positions, window_kv
+from kvprobe.features import pooled_positions, window_kv
 from kvprobe.steering.config import SteeringSpec
 from kvprobe.steering.events import RouteEvent, SwitchEvent
 from kvprobe.steering.state import DecodeState, Hook, timed
@@ -62,10 +62,9 @@ class Router(Hook):
 
     def scores(self, engine, state: DecodeState) -> torch.Tensor:
         """Difficulty scores from each row's last ``window`` real positions, as capture stored them (fp16)."""
-        probe = self.probe
         pairs = layer_kv(state.cache, device=engine.lm.input_device)
-        window = window_kv(pairs, state.mask, probe.hparams.window, self.window_layers).half().float()
-        return probe.score(probe(probe.pooled_inputs(pool_positions(window, probe.hparams.position_pool)))).cpu()
+        window = window_kv(pairs, state.mask, self.probe.hparams.window, self.window_layers).half()
+        return self.probe.predict({"prompt_kv": window}).cpu()  # the capture's prompt_kv layout
 
     def on_prefill(self, engine, state: DecodeState) -> Iterator[RouteEvent]:
         with timed(state.rows):
