@@ -91,7 +91,27 @@ def split_keys(rows: list[dict]) -> list[str]:
     return [first[text] for text in norm]
 
 
-class KVCaptureDataModule(L.LightningDataModule):
+class SplitLoaders:
+    """The train/val/test dataloaders of a data module over ``self.datasets``: training batches shuffled from
+    ``self.shuffle_seed``, ``self.batch_size`` items each, ``self.num_workers`` workers."""
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.shuffle_seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class KVCaptureDataModule(SplitLoaders, L.LightningDataModule):
     """Runs a frozen model over a task once, stores KV features, serves them as train/val/test.
 
     Args:
@@ -155,17 +175,6 @@ class KVCaptureDataModule(L.LightningDataModule):
         summary = store.manifest()["summary"]
         return store.spec() | {"capture": {k: summary.get(k) for k in ("items", "accuracy", "unfinished", "cap_share")}}
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.split.seed) if shuffle else None,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    @property
+    def shuffle_seed(self) -> int:
+        return self.split.seed

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from datamodules.difficulty import DifficultyDataModule
-from datamodules.kv_capture import SPLITS, CaptureDataset
+from datamodules.kv_capture import SPLITS, CaptureDataset, SplitLoaders
 from kvprobe import switching
 from kvprobe.models import load_tokenizer, locate
+from kvprobe.resources import import_function
 from kvprobe.store import CaptureStore
 
 
@@ -34,7 +35,7 @@ class SwitchDataset(Dataset):
         return {k: v[i] for k, v in self.columns.items()}
 
 
-class SwitchDataModule(L.LightningDataModule):
+class SwitchDataModule(SplitLoaders, L.LightningDataModule):
     """The slow answers of a difficulty data module, served as decode-position windows for the switch probe.
 
     Args:
@@ -59,7 +60,7 @@ class SwitchDataModule(L.LightningDataModule):
             raise ValueError(f"window must be a whole number >= 1, got {window!r}")
         difficulty.extra_train = None  # the windows come from the task's slow answers alone: nothing else to capture
         self.difficulty, self.window, self.batch_size, self.num_workers = difficulty, window, batch_size, num_workers
-        self.settled_at = switching.settled_at if settled_at is None else _function(settled_at, "settled_at")
+        self.settled_at = switching.settled_at if settled_at is None else import_function(settled_at, "settled_at")
         self.datasets: dict[str, SwitchDataset] = {}
 
     @property
@@ -113,26 +114,7 @@ class SwitchDataModule(L.LightningDataModule):
     def export_spec(self) -> dict:
         return self.difficulty.export_spec() | {"switch": {"window": self.window, "source": "token_kv trajectory, slow answers"}}
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.difficulty.split.seed) if shuffle else None)
+    @property
+    def shuffle_seed(self) -> int:
+        return self.difficulty.split.seed
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-
-def _function(path: str, name: str):
-    """The function an import path (``package.module.function``) names, or a ValueError naming ``name``."""
-    import importlib
-
-    module, _, attr = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"{name} {path!r} cannot be imported ({err}); give package.module.function") from None

@@ -1,7 +1,7 @@
 """Capture: generate -> grade -> KV features -> store. One process, data-parallel, or sharded over GPUs.
 
     kvprobe capture --config configs/capture.yaml                       # the embedded model on arithmetic
-    kvprobe capture --capture configs/captures/qwen_mix.yaml --modes fast slow --devices 2
+    kvprobe capture --capture configs/captures/qwen_mix.yaml --modes '[fast, slow]' --devices 2
 
 Nothing hooks the model: the KV cache is an ordinary output of ``generate``, and features are pooled from that
 very cache (a second forward pass would cost 5-6% of generation time; pooling costs ~0.05%).
@@ -367,7 +367,7 @@ def _finish(store: CaptureStore, verbose: bool, reused: bool) -> CaptureResult:
         mode, caps = spec["prompt"]["mode"], spec["generation"]["max_new_tokens"]
         print(f"[kvprobe] WARNING: {summary['cap_share']:.0%} of the answers ({summary['unfinished']} of {summary['items']}) "
               f"hit the token cap generation.max_new_tokens.{mode}={caps[mode]} and are graded wrong: the labels mostly say "
-              f"'did not finish'. Raise the cap (e.g. --data.capture.generation.max_new_tokens "
+              f"'did not finish'. Raise the cap (capture.generation.max_new_tokens, e.g. "
               f"'{json.dumps(caps | {mode: caps[mode] * 2})}') and capture again.", flush=True)
     return CaptureResult(store.path, summary)
 
@@ -380,6 +380,8 @@ def _capture_rank(fabric, specs: list[CaptureSpec], root: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> list[CaptureResult]:
     """Capture a task's answers and KV features (``kvprobe capture --help``)."""
+    from typing import Literal
+
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from kvprobe.prompts import MODES
@@ -387,16 +389,13 @@ def main(argv: list[str] | None = None) -> list[CaptureResult]:
     parser = ArgumentParser(prog="kvprobe capture", description="Capture answers and KV features of a task.")
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with a `capture:` section (configs/capture.yaml)")
     parser.add_class_arguments(CaptureSpec, "capture")
-    parser.add_argument("--modes", type=list[str] | None, default=None,
+    parser.add_argument("--modes", type=list[Literal[MODES]] | None, default=None,
                         help="capture in these modes (e.g. [fast, slow] for difficulty data); null = capture.prompt.mode")
     parser.add_argument("--cache_dir", type=str | None, default=None, help="null = $KVPROBE_CACHE/captures")
     parser.add_argument("--devices", type=int, default=1, help="data-parallel processes (gloo on CPU, one GPU each on CUDA)")
     cfg = parser.parse_args(argv)
     spec = parser.instantiate(cfg).capture
-    modes = cfg.modes or [spec.prompt.mode]
-    if bad := [m for m in modes if m not in MODES]:
-        raise ValueError(f"--modes {bad}: modes are {MODES}")
-    specs = [spec.in_mode(m) for m in modes]
+    specs = [spec.in_mode(m) for m in cfg.modes or [spec.prompt.mode]]
     if cfg.devices > 1:
         from lightning.fabric import Fabric
 

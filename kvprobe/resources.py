@@ -15,6 +15,20 @@ PACKAGE = Path(__file__).resolve().parent
 PRETRAINED = PACKAGE / "pretrained"
 
 
+def import_function(path: str, name: str):
+    """The function an import path (``package.module.function``) names, or a ValueError naming the setting ``name``."""
+    import importlib
+
+    module, _, attr = path.rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{name} {path!r} cannot be imported ({err}); give package.module.function") from None
+    if not callable(function):
+        raise ValueError(f"{name} {path!r} is not a function")
+    return function
+
+
 def aliases() -> list[str]:
     """Names of the shipped generator folders (``KVProbeGenerator.from_pretrained(alias)``)."""
     return sorted(p.name for p in PRETRAINED.iterdir() if (p / "generator.json").is_file()) if PRETRAINED.is_dir() else []

@@ -481,16 +481,12 @@ def grader_of(spec: TaskSpec) -> Callable[[Item, str, str], tuple[str, bool]]:
     or ``grade``."""
     if spec.grader is None:
         return lambda item, response, mode: grade(item, response)
-    import importlib
+    from kvprobe.resources import import_function
 
-    module, _, name = spec.grader.rpartition(".")
     try:
-        function = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise TaskError(f"task.grader {spec.grader!r} cannot be imported ({err}); give package.module.function") from None
-    if not callable(function):
-        raise TaskError(f"task.grader {spec.grader!r} is not a function")
-    return function
+        return import_function(spec.grader, "task.grader")
+    except ValueError as err:
+        raise TaskError(str(err)) from None
 
 
 def grade(item: Item, response: str) -> tuple[str, bool]:

@@ -27,10 +27,15 @@ def write_report(out: str | Path, text: str) -> Path:
     return out
 
 
+def quiet_cli(args: list[str], out: Path):
+    """The ``kvprobe fit`` CLI of ``args`` without logger or progress bar, exporting to ``out``; nothing run yet."""
+    return fit.make_cli([*args, "--export_dir", str(out), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                         "--trainer.callbacks.init_args.dirpath", str(Path("runs/lightning") / out.name)])
+
+
 def quiet_fit(args: list[str], out: Path) -> tuple[dict, object]:
-    """``kvprobe fit`` without logger or progress bar, exported to ``out``: (results, the CLI with its model and data)."""
-    cli = fit.make_cli([*args, "--export_dir", str(out), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                        "--trainer.callbacks.init_args.dirpath", str(Path("runs/lightning") / out.name)])
+    """``quiet_cli`` run: (results, the CLI with its model and data)."""
+    cli = quiet_cli(args, out)
     return fit.run(cli, out), cli
 
 

@@ -70,17 +70,14 @@ class GenerationConfig:
         need(self.seed is None or type(self.seed) is int, "seed", "a whole number or None")
         need(self.stop_strings is None or (isinstance(self.stop_strings, (list, tuple)) and all(
             isinstance(s, str) and s for s in self.stop_strings)), "stop_strings", "a list of non-empty strings")
-        if self.max_new_tokens is not None and not isinstance(self.max_new_tokens, dict):
-            check_token_caps({m: self.max_new_tokens for m in MODES})
-        elif self.max_new_tokens is not None:
-            check_token_caps(self.max_new_tokens)
+        self.caps({})  # checks max_new_tokens
 
     def caps(self, defaults: dict[str, int]) -> dict[str, int]:
-        """Tokens each mode may decode: this config's caps over ``defaults``."""
+        """Tokens each mode may decode: this config's caps (one number for every mode, or per mode) over ``defaults``."""
         if self.max_new_tokens is None:
             return dict(defaults)
         given = self.max_new_tokens if isinstance(self.max_new_tokens, dict) else {m: self.max_new_tokens for m in MODES}
-        return dict(defaults) | dict(given)
+        return dict(defaults) | check_token_caps(given)
 
     @classmethod
     def make(cls, config: "GenerationConfig | None", overrides: dict) -> "GenerationConfig":

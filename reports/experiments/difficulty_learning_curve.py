@@ -22,7 +22,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from kvprobe import fit
-from reports.common import split_columns
+from reports.common import quiet_cli, split_columns
 
 FRACTIONS = (1 / 16, 1 / 8, 0.25, 0.5, 1.0)
 SEEDS = (0, 1)
@@ -34,9 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         for fraction in FRACTIONS:
             for seed in SEEDS if fraction < 1 else SEEDS[:1]:
                 out = Path(tmp) / f"f{fraction:.4f}-s{seed}"
-                cli = fit.make_cli(["--config", "configs/difficulty.yaml", "--export_dir", str(out), "--trainer.logger", "false",
-                                    "--trainer.callbacks.init_args.dirpath", f"{out}-lightning",
-                                    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+                cli = quiet_cli(["--config", "configs/difficulty.yaml"], out)
                 dm = cli.datamodule
                 dm.prepare_data()
                 dm.setup()
