@@ -7,8 +7,6 @@ the two captures are ordinary KV captures (cached, resumable). The probe reads t
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from collections import Counter
 
 import torch
@@ -41,9 +39,8 @@ class DifficultyDataModule(KVCaptureDataModule):
             ``mode`` is set per capture; the instructions are shared). ``max_new_tokens`` needs both modes and
             ``features.prompt_window`` > 0 (the probe's input).
         split: question-level train/val/test split.
-        extra_train: more questions for the training split only, captured in both modes like ``capture.task``; any
-            whose id or text is also in that task is left out, so validation and test stay exactly the task's. More
-            training data without reshuffling (and so without recapturing) the questions a probe is judged on.
+        extra_train: more questions for the training split only, captured in both modes like ``capture.task``
+            (see ``KVCaptureDataModule``).
         short_tokens: a fast answer counts as short (label 0, else 25) under this many generated tokens.
         route_on: whose prompt the probe reads: ``fast`` (the generator prefills the fast prompt first and moves on
             to slow only when the probe says so) or ``slow``.
@@ -55,17 +52,18 @@ class DifficultyDataModule(KVCaptureDataModule):
     def __init__(self, capture: CaptureSpec | None = None, split: SplitSpec | None = None, extra_train: TaskSpec | None = None,
                  short_tokens: int = 128, route_on: str = "fast", cache_dir: str | None = None, batch_size: int = 64,
                  num_workers: int = 0):
-        super().__init__(capture, split, cache_dir, batch_size, num_workers)
-        self.extra_train = copy.deepcopy(extra_train)
+        super().__init__(capture, split, cache_dir, batch_size, num_workers, extra_train)
         if route_on not in MODES:
             raise ValueError(f"route_on {route_on!r} is not one of {MODES}")
         if not self.capture.features.prompt_window:
             raise ValueError("the difficulty probe reads the prompt window: set capture.features.prompt_window > 0")
         self.short_tokens, self.route_on = short_tokens, route_on
         self.results: dict[str, CaptureResult] = {}
-        self.extra_results: dict[str, CaptureResult] = {}
-        self.extra_counts: dict[str, int] = {}
         self.label_counts: dict[str, int] = {}
+
+    @property
+    def served_mode(self) -> str:
+        return self.route_on
 
     def mode_prompt(self, mode: str):
         """The prompt spec of ``mode`` (the capture's instructions)."""
@@ -108,19 +106,6 @@ class DifficultyDataModule(KVCaptureDataModule):
         n = sum(self.label_counts.values())
         return ", ".join(f"{k}: {v} ({v / n:.0%})" for k, v in self.label_counts.items() if v or k != "unlabelled")
 
-    def _open(self) -> tuple[list[dict], list[dict], dict[str, list[int]]]:
-        """``task``'s capture split by question, then ``extra_train``'s rows appended, its new questions to train."""
-        shards, rows, parts = super()._open()
-        if self.extra_train:
-            extra_shards, table = CaptureStore(self.extra_results[self.route_on].path).open()
-            taken = {r["qid"] for r in rows} | {r["question"] for r in rows}
-            extra = table.to_pylist()
-            kept = [len(rows) + i for i, r in enumerate(extra) if r["qid"] not in taken and r["question"] not in taken]
-            parts["train"] += kept
-            self.extra_counts = {"captured": len(extra), "used": len(kept)}
-            shards, rows = shards + extra_shards, rows + extra
-        return shards, rows, parts
-
     def _datasets(self, shards: list[dict], rows: list[dict], parts: dict[str, list[int]], scores: dict) -> dict:
         """Each split's labelled questions (the split is by question, so the same in every mode), with outcomes."""
         if not self.label_counts:  # captured on another rank, or before this object existed
@@ -130,9 +115,8 @@ class DifficultyDataModule(KVCaptureDataModule):
                 for name in SPLITS}
 
     def export_spec(self) -> dict:
-        return super().export_spec() | {
-            "difficulty": {"short_tokens": self.short_tokens, "route_on": self.route_on, "label_counts": self.label_counts,
-                           "captures": {mode: str(r.path) for mode, r in self.results.items()},
-                           "extra_train": self.extra_train and {"task": dataclasses.asdict(self.extra_train), **self.extra_counts,
-                                                                "captures": {m: str(r.path) for m, r in self.extra_results.items()}}},
-        }
+        spec = super().export_spec()
+        extra = spec.pop("extra_train", None)
+        spec["difficulty"] = {"short_tokens": self.short_tokens, "route_on": self.route_on, "label_counts": self.label_counts,
+                              "captures": {mode: str(r.path) for mode, r in self.results.items()}, "extra_train": extra}
+        return spec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from kvprobe.baselines import label_free_scores
 from kvprobe.capture import CaptureResult, CaptureSpec, capture
+from kvprobe.prompts import MODES
 from kvprobe.store import CaptureStore
+from kvprobe.tasks import TaskSpec
 
 SPLITS = ("train", "val", "test")
 
@@ -121,20 +124,40 @@ class KVCaptureDataModule(SplitLoaders, L.LightningDataModule):
         cache_dir: where captures live; default ``$KVPROBE_CACHE/captures`` (``~/.cache/kvprobe/captures``).
         batch_size: probe-training batch size of the dataloaders.
         num_workers: dataloader workers.
+        extra_train: more questions for the training split only, captured like ``capture.task``; any whose id or
+            text is also in that task is left out, so validation and test stay exactly the task's. More training
+            data without reshuffling (and so without recapturing) the questions a probe is judged on.
+        mode: the prompt mode to answer in (``fast`` or ``slow``); null = the capture's ``prompt.mode``.
     """
 
     def __init__(self, capture: CaptureSpec | None = None, split: SplitSpec | None = None, cache_dir: str | None = None,
-                 batch_size: int = 64, num_workers: int = 0):
+                 batch_size: int = 64, num_workers: int = 0, extra_train: TaskSpec | None = None, mode: str | None = None):
         super().__init__()
         # copies: config overrides mutate specs, and a caller's spec must stay as it was
         self.capture, self.split = copy.deepcopy(capture or CaptureSpec()), copy.deepcopy(split or SplitSpec())
+        if mode is not None:
+            if mode not in MODES:
+                raise ValueError(f"mode {mode!r} is not one of {MODES}")
+            self.capture = self.capture.in_mode(mode)
         self.cache_dir, self.batch_size, self.num_workers = cache_dir, batch_size, num_workers
+        self.extra_train = copy.deepcopy(extra_train)
         self.result: CaptureResult | None = None
+        self.extra_results: dict[str, CaptureResult] = {}  # extra_train's captures, by mode
+        self.extra_counts: dict[str, int] = {}
         self.datasets: dict[str, CaptureDataset] = {}
+
+    @property
+    def served_mode(self) -> str:
+        """The mode whose captured rows this data serves."""
+        return self.capture.prompt.mode
 
     def run_capture(self, rank: int = 0, world_size: int = 1, barrier=None) -> CaptureResult:
         """Capture what this data needs (cached: no model work when done before); the capture the probe reads."""
-        return capture(self.capture, self.cache_dir, rank, world_size, barrier)
+        result = capture(self.capture, self.cache_dir, rank, world_size, barrier)
+        if self.extra_train:
+            mode = self.served_mode
+            self.extra_results[mode] = capture(self.capture.in_mode(mode, self.extra_train), self.cache_dir, rank, world_size, barrier)
+        return result
 
     def _distributed(self) -> bool:
         return self.trainer is not None and self.trainer.world_size > 1
@@ -156,10 +179,20 @@ class KVCaptureDataModule(SplitLoaders, L.LightningDataModule):
         self.datasets = self._datasets(shards, rows, self.parts, label_free_scores(shards, rows))
 
     def _open(self) -> tuple[list[dict], list[dict], dict[str, list[int]]]:
-        """The capture's shards and rows, and each split's row indices (subclasses may add rows to a split)."""
+        """The capture's shards and rows split by question, then ``extra_train``'s rows appended, its new
+        questions to train."""
         shards, table = CaptureStore(self.result.path).open()
         rows = table.to_pylist()
-        return shards, rows, self.split.assign(split_keys(rows))
+        parts = self.split.assign(split_keys(rows))
+        if self.extra_train:
+            extra_shards, table = CaptureStore(self.extra_results[self.served_mode].path).open()
+            taken = {r["qid"] for r in rows} | {r["question"] for r in rows}
+            extra = table.to_pylist()
+            kept = [len(rows) + i for i, r in enumerate(extra) if r["qid"] not in taken and r["question"] not in taken]
+            parts["train"] += kept
+            self.extra_counts = {"captured": len(extra), "used": len(kept)}
+            shards, rows = shards + extra_shards, rows + extra
+        return shards, rows, parts
 
     def _datasets(self, shards: list[dict], rows: list[dict], parts: dict[str, list[int]], scores: dict) -> dict[str, CaptureDataset]:
         """One dataset per split over the opened capture (subclasses add what they serve beside it)."""
@@ -173,7 +206,11 @@ class KVCaptureDataModule(SplitLoaders, L.LightningDataModule):
         """What an exported probe records about its data: the capture's spec (model, prompt, features, task)."""
         store = CaptureStore(self.path)
         summary = store.manifest()["summary"]
-        return store.spec() | {"capture": {k: summary.get(k) for k in ("items", "accuracy", "unfinished", "cap_share")}}
+        spec = store.spec() | {"capture": {k: summary.get(k) for k in ("items", "accuracy", "unfinished", "cap_share")}}
+        if self.extra_train:
+            spec["extra_train"] = {"task": dataclasses.asdict(self.extra_train), **self.extra_counts,
+                                   "captures": {m: str(r.path) for m, r in self.extra_results.items()}}
+        return spec
 
     @property
     def shuffle_seed(self) -> int:

@@ -31,7 +31,6 @@ from kvprobe.prompts import PromptSpec
 from kvprobe.tasks import TaskSpec
 
 PROBE_FILES = ("probe.safetensors", "probe.json", "results.json", "test.png")
-PROBE_KINDS = ("difficulty", "correctness", "switch")  # a generator folder's probe subfolders
 REQUIRED_KEYS = ("probe_class", "probe_args", "base_model", "features", "prompt", "generation", "task")
 ALLOWED_CLASSES = {"kvprobe.probes.correctness.CorrectnessProbe": "correctness",
                    "kvprobe.probes.difficulty.DifficultyProbe": "difficulty", "kvprobe.probes.switch.SwitchProbe": "switch"}

@@ -145,6 +145,12 @@ def pooled_hidden(step_hidden: tuple, lengths: torch.Tensor) -> torch.Tensor:
     return summed / lengths.to(stacked.device).view(-1, 1, 1)
 
 
+def step_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max-probability and entropy of each row's next-token distribution (capture and the live decode loop)."""
+    p = torch.softmax(logits.float(), -1)  # one softmax; xlogy gives 0 log 0 = 0 for masked (-inf) tokens
+    return p.amax(-1), -torch.special.xlogy(p, p).sum(-1)
+
+
 class OutputStats:
     """A logits processor that records max-probability and entropy of each step's distribution, unchanged.
 
@@ -156,9 +162,9 @@ class OutputStats:
         self.entropy: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(scores.float(), -1)  # one softmax; xlogy gives 0 log 0 = 0 for masked (-inf) tokens
-        self.max_prob.append(p.amax(-1))
-        self.entropy.append(-torch.special.xlogy(p, p).sum(-1))
+        max_prob, entropy = step_stats(scores)
+        self.max_prob.append(max_prob)
+        self.entropy.append(entropy)
         return scores
 
     def means(self, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,8 @@ from kvprobe import switching
 from kvprobe.export import ProbeMismatch
 from kvprobe.fit import main
 from kvprobe.models import ModelSpec, load_model
-from kvprobe.steering import (DecodeEngine, DoneEvent, GenerationConfig, Hook, KVProbeGenerator, RouteEvent, SteeringSpec,
-                              SwitchEvent, TextEvent, cue_block)
+from kvprobe.steering import (DecodeEngine, DoneEvent, EscalateEvent, GenerationConfig, Hook, KVProbeGenerator, RouteEvent,
+                              SteeringSpec, SwitchEvent, TextEvent, cue_block)
 from kvprobe.store import CaptureStore
 
 QUESTIONS = ["What is 3 + 4?", "What is 7 * 2 - 5?", "What is 9?"]
@@ -30,12 +30,15 @@ def common_args(tiny, root, data="--data."):
 
 @pytest.fixture(scope="module")
 def trained(tiny_models, tmp_path_factory):
-    """A difficulty, a correctness and a switch probe fitted on the tiny Llama (grades faked per question id and
-    mode; a tiny model's random text never writes a result, so half of each slow answer counts as settled)."""
+    """A difficulty probe, correctness probes on fast answers (KV and output scores: the verifier) and on slow ones
+    (KV), and a switch probe, fitted on the tiny Llama (grades faked per question id and mode; a tiny model's random
+    text never writes a result, so half of each slow answer counts as settled)."""
     root = tmp_path_factory.mktemp("steer")
     tiny = tiny_models["llama"]
     main(["--config", "configs/difficulty.yaml", *common_args(tiny, root), "--data.extra_train", "null", "--export_dir", str(root / "difficulty")])
-    main(["--config", "configs/coe.yaml", *common_args(tiny, root), "--data.capture.prompt.mode", "fast", "--export_dir", str(root / "correctness")])
+    main(["--config", "configs/coe.yaml", *common_args(tiny, root), "--data.capture.prompt.mode", "fast",
+          "--model.init_args.output_inputs", "true", "--export_dir", str(root / "correctness_fast")])
+    main(["--config", "configs/coe.yaml", *common_args(tiny, root), "--data.capture.prompt.mode", "slow", "--export_dir", str(root / "correctness")])
     main(["--config", "configs/switch.yaml", *common_args(tiny, root, "--data.difficulty."), "--data.settled_at", "graders.halfway",
           "--model.min_tokens", "4", "--export_dir", str(root / "switch")])
     return {"root": root, "model": tiny}
@@ -45,7 +48,7 @@ def trained(tiny_models, tmp_path_factory):
 def gen(trained):
     lm = load_model(ModelSpec(name=str(trained["model"])))
     root = trained["root"]
-    return KVProbeGenerator.from_probes(lm, root / "difficulty", root / "correctness", switch=root / "switch")
+    return KVProbeGenerator.from_probes(lm, root / "difficulty", [root / "correctness", root / "correctness_fast"], switch=root / "switch")
 
 
 def forced(gen, **steering):
@@ -69,21 +72,27 @@ def greedy(lm, ids, n):
 
 
 def test_live_features_equal_captured(gen, trained):
-    """The route score and the answer confidence computed live equal the probes applied to the capture's tensors."""
-    fast = next(p for p in (trained["root"] / "captures").iterdir() if p.name.startswith("arithmetic-fast"))
-    shards, table = CaptureStore(fast).open()
-    rows = table.to_pylist()[:6]
-    items = [r["question"] for r in rows]
-    results = gen.generate(items, policy="fast")
-    d, c = gen.difficulty, gen.correctness
-    captured = {k: torch.cat([s[k] for s in shards])[:6].float() for k in ("prompt_kv", "response_kv")}
-    want_route = d.predict({"prompt_kv": captured["prompt_kv"]})
-    live = gen.generate(items, policy="route")
-    torch.testing.assert_close(torch.tensor([r.route_score for r in live]), want_route, atol=1e-4, rtol=1e-4)
-    want_conf = c.predict({"response_kv": captured["response_kv"]})
-    same = [i for i, r in enumerate(results) if r.decoded_tokens == rows[i]["gen_tokens"] and r.text == rows[i]["response"]]
-    assert len(same) >= 5  # greedy on the same prompt; padding noise may flip a rare near-tie token
-    torch.testing.assert_close(torch.tensor([results[i].confidence for i in same]), want_conf[same], atol=1e-4, rtol=1e-4)
+    """The route score and each mode's answer confidence computed live equal the probes applied to the capture's
+    tensors: the fast-answer verifier (answer KV, mean max-probability and entropy) on fast answers, the slow
+    probe (answer KV) on slow ones."""
+    d = gen.difficulty
+    for mode in ("fast", "slow"):
+        where = next(p for p in (trained["root"] / "captures").iterdir() if p.name.startswith(f"arithmetic-{mode}"))
+        shards, table = CaptureStore(where).open()
+        rows = table.to_pylist()[:6]
+        items = [r["question"] for r in rows]
+        results = gen.generate(items, policy=mode)
+        captured = {k: torch.cat([s[k] for s in shards])[:6].float() for k in ("prompt_kv", "response_kv")}
+        if mode == "fast":
+            live = gen.generate(items, policy="route")
+            torch.testing.assert_close(torch.tensor([r.route_score for r in live]), d.predict({"prompt_kv": captured["prompt_kv"]}),
+                                       atol=1e-4, rtol=1e-4)
+        scores = {"max_prob": torch.tensor([r["max_prob"] for r in rows]), "neg_entropy": -torch.tensor([r["entropy"] for r in rows])}
+        want = gen.correctness[mode].predict({"response_kv": captured["response_kv"], "scores": scores})
+        same = [i for i, r in enumerate(results) if r.decoded_tokens == rows[i]["gen_tokens"] and r.text == rows[i]["response"]]
+        assert len(same) >= 5  # greedy on the same prompt; padding noise may flip a rare near-tie token
+        torch.testing.assert_close(torch.tensor([results[i].confidence for i in same]), want[same], atol=1e-4, rtol=1e-4)
+    assert gen.correctness["fast"].hparams.output_inputs and not gen.correctness["slow"].hparams.output_inputs
 
 
 def test_live_switch_scores_equal_the_probe_on_captured_trajectories(gen, trained):
@@ -228,9 +237,10 @@ def test_streaming_events(gen):
 def test_round_trip_mismatch_and_bad_input(gen, trained, tiny_models, tmp_path):
     folder = gen.save_pretrained(tmp_path / "gen")
     meta = json.loads((folder / "generator.json").read_text())
-    assert meta["probes"] == {"difficulty": "difficulty", "correctness": "correctness", "switch": "switch"}
+    assert meta["probes"] == {k: k for k in ("difficulty", "correctness", "correctness_fast", "switch")}
     again = KVProbeGenerator.from_pretrained(folder, model=gen.lm)
     assert again.difficulty.thresholds == gen.difficulty.thresholds and again.steering == gen.steering
+    assert {m: p.card.prompt.mode for m, p in again.correctness.items()} == {"fast": "fast", "slow": "slow"}
     assert gen.steering.switch_low == gen.switch.thresholds["switch_low"]  # unset switch settings come from the export
     assert again.switch.thresholds == gen.switch.thresholds and again.switch_window == gen.switch_window
     a, b = gen.generate(QUESTIONS[0], policy="route"), again.generate(QUESTIONS[0], policy="route")
@@ -249,6 +259,11 @@ def test_round_trip_mismatch_and_bad_input(gen, trained, tiny_models, tmp_path):
     no_switch = KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness)
     with pytest.raises(ValueError, match="needs a switch probe"):
         no_switch.generate(QUESTIONS, policy="route+switch")
+    slow_only = KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness["slow"])
+    with pytest.raises(ValueError, match="needs a correctness probe trained on fast answers"):
+        slow_only.generate(QUESTIONS, policy="verify")
+    with pytest.raises(ValueError, match="two correctness probes for slow answers"):
+        KVProbeGenerator(gen.lm, gen.difficulty, [gen.correctness["slow"], gen.correctness["slow"]])
     with pytest.raises(ValueError, match="switch probe alone"):
         KVProbeGenerator.from_pretrained(trained["root"] / "switch", model=gen.lm)
     with pytest.raises(FileNotFoundError, match="neither generator.json nor probe.json"):
@@ -418,3 +433,46 @@ def test_a_reopened_answer_continues_from_the_cropped_prompt_like_a_fresh_slow_r
         shared = next(k for k, (a, b) in enumerate(zip(fast_ids, slow_ids)) if a != b)
         assert r.prompt_tokens == len(fast_ids) + len(slow_ids) - shared
         assert r.confidence == pytest.approx(slow[i].confidence, abs=1e-5)  # read from the slow answer's own KV
+
+
+def test_verify_escalates_below_the_threshold_and_equals_a_fresh_slow_run(gen):
+    """``verify``: every fast answer is checked; one below the threshold is answered again from the cropped cache,
+    equal to a fresh slow run; both attempts' decoded tokens are counted, and only the slow prompt's differing suffix
+    is prefilled again."""
+    fast = gen.generate(QUESTIONS, policy="fast")
+    slow = gen.generate(QUESTIONS, policy="slow")
+    cut = sorted(r.confidence for r in fast)[1] + 1e-6  # the least confident two escalate, the third stands
+    g = KVProbeGenerator(gen.lm, gen.difficulty, list(gen.correctness.values()), steering=SteeringSpec(verify_threshold=cut))
+    events = list(g.stream(QUESTIONS, policy="verify"))
+    results = {e.row: e.result for e in events if isinstance(e, DoneEvent)}
+    escalations = {e.row: e for e in events if isinstance(e, EscalateEvent)}
+    assert len(escalations) == 2 and len(results) == 3
+    for i, q in enumerate(QUESTIONS):
+        r, f, s = results[i], fast[i], slow[i]
+        assert r.verify_score == pytest.approx(f.confidence, abs=1e-5) and r.mode == "fast"
+        if i not in escalations:
+            assert not r.escalated and r.token_ids == f.token_ids and r.final_mode == "fast" and r.reprompt_tokens == 0
+            continue
+        e = escalations[i]
+        assert e.dropped == f.text and e.score < cut and e.threshold == cut
+        assert r.escalated and r.final_mode == "slow" and r.token_ids == s.token_ids and r.text == s.text
+        assert r.tokens == {"fast": f.decoded_tokens, "slow": s.decoded_tokens}  # every decoded token, both attempts
+        assert r.confidence == pytest.approx(s.confidence, abs=1e-4)  # the slow answer's own probe
+        fast_ids, slow_ids = g.prompt_ids(q, "fast"), g.prompt_ids(q, "slow")
+        shared = next(j for j, (a, b) in enumerate(zip(fast_ids, slow_ids)) if a != b)
+        assert r.reprompt_tokens == len(slow_ids) - shared and r.prompt_tokens == len(fast_ids) + len(slow_ids) - shared
+    never = KVProbeGenerator(gen.lm, gen.difficulty, list(gen.correctness.values()), steering=SteeringSpec(verify_threshold=-1.0))
+    assert [r.token_ids for r in never.generate(QUESTIONS, policy="verify")] == [r.token_ids for r in fast]
+
+
+def test_route_plus_verify_sends_hard_questions_straight_to_slow_and_verifies_the_rest(gen):
+    scores = sorted(r.route_score for r in gen.generate(QUESTIONS, policy="route"))
+    steering = SteeringSpec(threshold=10.0, verify_route_threshold=(scores[1] + scores[2]) / 2, verify_threshold=2.0)
+    g = KVProbeGenerator(gen.lm, gen.difficulty, list(gen.correctness.values()), steering=steering)
+    results = g.generate(QUESTIONS, policy="route+verify")
+    slow, fast = gen.generate(QUESTIONS, policy="slow"), gen.generate(QUESTIONS, policy="fast")
+    assert sorted(r.mode for r in results) == ["fast", "fast", "slow"]  # the top score went straight to slow
+    for r, s, f in zip(results, slow, fast):
+        assert r.final_mode == "slow" and r.token_ids == s.token_ids  # every fast answer escalated (threshold 2)
+        assert r.escalated == (r.mode == "fast")
+        assert r.tokens == {"fast": f.decoded_tokens if r.escalated else 0, "slow": s.decoded_tokens}

@@ -16,7 +16,7 @@ from kvprobe.metrics import bucketed_auroc, paired_bootstrap_auroc, score_metric
 from kvprobe.plots import pyplot
 from kvprobe.probes.head import HeadProbe
 
-SOURCES = {"kv": "response_kv", "prompt_kv": "prompt_kv", "hidden": "hidden", "length": "gen_tokens"}
+SOURCES = {"kv": "response_kv", "prompt_kv": "prompt_kv", "hidden": "hidden", "length": "gen_tokens", "output": "scores"}
 COE_INPUTS = ("kv_coe_r_layer", "kv_coe_c_layer", "kv_coe_r_token", "kv_coe_c_token")
 
 
@@ -25,13 +25,22 @@ def length_features(batch: dict) -> torch.Tensor:
     return torch.stack((torch.log1p(batch["gen_tokens"].float()), batch["finished"].float()), 1)
 
 
+def output_features(batch: dict) -> torch.Tensor:
+    """(mean max-probability, negative mean entropy) of the answer's token distributions (``features.step_stats``)."""
+    scores = batch["scores"]
+    if "max_prob" not in scores:
+        raise KeyError("output scores need max_prob and entropy in the capture; capture with features.output_stats true")
+    return torch.stack((scores["max_prob"].float(), scores["neg_entropy"].float()), 1)
+
+
 class CorrectnessProbe(HeadProbe):
     """A linear or MLP head over the answer's KV trajectory; outputs a calibrated P(correct).
 
     Args:
         source: ``kv`` (per-layer KV pooled over the response), ``prompt_kv`` (the prompt's last positions, known
-            before any answer token), ``hidden`` (per-layer hidden states pooled over the response) or ``length``
-            (log response length and finished-before-the-cap only: the trivial baseline a probe must beat).
+            before any answer token), ``hidden`` (per-layer hidden states pooled over the response), ``output``
+            (mean max-probability and mean entropy of the answer's tokens alone) or ``length`` (log response length
+            and finished-before-the-cap only: the trivial baseline a probe must beat).
         layers: layer ids to use (negative counts from the last); ``null`` = all.
         kv: ``k``, ``v`` or ``both`` (ignored for hidden states).
         head_pool: ``flatten`` keeps each KV head; ``mean`` averages heads.
@@ -39,6 +48,7 @@ class CorrectnessProbe(HeadProbe):
         coe_features: append the label-free KV-CoE scores (layer and token axis) to the input.
         length_inputs: append the length-only baseline's inputs (log response length, finished before the cap), so
             the probe sees what that baseline sees and has no reason to do worse.
+        output_inputs: append the answer's mean max-probability and mean entropy (what ``source: output`` sees).
         head: ``linear`` (logistic regression) or ``mlp`` (one hidden layer).
         hidden_dim: width of the MLP's hidden layer.
         dropout: dropout on the standardised input.
@@ -57,6 +67,7 @@ class CorrectnessProbe(HeadProbe):
         layer_pool: str = "flatten",
         coe_features: bool = False,
         length_inputs: bool = False,
+        output_inputs: bool = False,
         head: str = "linear",
         hidden_dim: int = 64,
         dropout: float = 0.0,
@@ -88,9 +99,11 @@ class CorrectnessProbe(HeadProbe):
         key = SOURCES[hp.source]
         if key not in batch:
             raise KeyError(f"probe source {hp.source!r} needs {key!r} in the capture; capture with the matching feature flag")
-        x = batch[key].float()
+        x = batch[key] if hp.source == "output" else batch[key].float()
         if hp.source == "length":
             x = length_features(batch)
+        elif hp.source == "output":
+            x = output_features(batch)
         elif hp.source == "hidden":  # (batch, layers + 1, hidden) as one "head" of one "K/V" slot per layer
             x = probe_input(x[:, :, None, None], hp.layers, "both", "flatten", hp.layer_pool)
         else:
@@ -101,6 +114,8 @@ class CorrectnessProbe(HeadProbe):
             x = torch.cat([x] + [batch["scores"][name].float()[:, None] for name in COE_INPUTS if name in batch["scores"]], 1)
         if hp.get("length_inputs") and hp.source != "length":
             x = torch.cat([x, length_features(batch)], 1)
+        if hp.get("output_inputs") and hp.source != "output":
+            x = torch.cat([x, output_features(batch)], 1)
         return x
 
     def fit_on_train(self, batches: list[dict]) -> None:

@@ -17,18 +17,21 @@ def main(argv: list[str] | None = None) -> Path:
     parser = ArgumentParser(prog="kvprobe assemble", description=main.__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
     parser.add_argument("--difficulty", type=str | None, default=None, help="exported difficulty probe folder (kvprobe fit --config configs/difficulty.yaml)")
-    parser.add_argument("--correctness", type=str | None, default=None, help="exported correctness probe folder (source kv)")
+    parser.add_argument("--correctness", type=str | None, default=None, help="exported correctness probe folder (slow answers)")
+    parser.add_argument("--correctness_fast", type=str | None, default=None,
+                        help="exported correctness probe on fast answers: the verify policies' verifier (configs/verifier.yaml)")
     parser.add_argument("--switch", type=str | None, default=None, help="exported switch probe folder (kvprobe fit --config configs/switch.yaml)")
     parser.add_argument("--out", type=str, required=True, help="generator folder to write")
     parser.add_argument("--threshold", type=float | str, default=SteeringSpec.threshold,
                         help="the difficulty score that routes to slow: a calibrated threshold's name, or a number")
     args = parser.parse_args(argv)
-    first = args.difficulty or args.correctness
+    first = args.difficulty or args.correctness or args.correctness_fast
     if not first:
         parser.error("give --difficulty and/or --correctness")
     base = read_card(first).base_model
     lm = load_model(ModelSpec(name=base.name, dtype=base.dtype))
-    gen = KVProbeGenerator.from_probes(lm, args.difficulty, args.correctness, args.switch, SteeringSpec(threshold=args.threshold))
+    gen = KVProbeGenerator.from_probes(lm, args.difficulty, [args.correctness, args.correctness_fast], args.switch,
+                                       SteeringSpec(threshold=args.threshold))
     out = gen.save_pretrained(args.out)
     print(f"[kvprobe] generator for {base.name} written to {out}")
     return out

@@ -23,6 +23,11 @@ class SteeringSpec:
         min_tokens: no switch before this many decoded tokens; ``None`` = the switch probe's.
         answer_cue: appended to switch slow -> fast (prompt-based modes; for hybrid thinking models use the
             template's end-of-thinking text, e.g. ``</think>``).
+        verify_threshold: ``verify`` and ``route+verify``: a fast answer whose P(correct) (the fast-answer
+            correctness probe) is below this is answered again in slow mode.
+        verify_route_threshold: ``route+verify``: the difficulty score above which a question goes straight to slow
+            mode (a calibrated name or a number, like ``threshold``); ``None`` = ``threshold``. Calibrated jointly
+            with ``verify_threshold`` by ``python -m reports.cascade``.
     """
 
     threshold: str | float = "best_at_0.5x_slow"
@@ -31,6 +36,8 @@ class SteeringSpec:
     probe_every: int | None = None
     min_tokens: int | None = None
     answer_cue: str = "\n\nAnswer:"
+    verify_threshold: float = 0.5
+    verify_route_threshold: str | float | None = None
 
 
 @dataclass

@@ -119,6 +119,7 @@ class DecodeEngine:
         new.answer_from = new.mask.shape[1] - 1
         for r, t, c in zip(rows, targets, shared):
             r.ids, r.prompt_len, r.prompt_tokens = list(t), len(t), r.prompt_tokens + len(t) - c
+            r.reprompt_tokens += len(t) - c
         return new
 
     def pick(self, logits: torch.Tensor) -> list[int]:
@@ -143,10 +144,12 @@ class DecodeEngine:
         rows, stops = state.rows, self.config.stop_strings or []
         for r in rows:
             r.start_mode = r.start_mode or r.mode
+            r.answer_mode = r.answer_mode or r.mode
         logits = state.logits
         while True:
             next_ids = self.pick(logits)
             blocks, fed = [], []
+            state.logits, state.picked = logits, [not r.done and not r.forced for r in rows]
             for j, r in enumerate(rows):
                 if r.done:
                     blocks.append([tok.pad_token_id]), fed.append(False)

@@ -20,9 +20,12 @@ class GenerationResult:
     tokens: dict[str, int]
     cue_tokens: int
     prompt_tokens: int  # prompt positions prefilled (both modes' shared prefix counted once)
-    confidence: float | None  # calibrated P(correct) from the correctness probe
+    confidence: float | None  # calibrated P(correct) from the correctness probe of the mode the answer was written in
     seconds: float
     probe_seconds: float
+    reprompt_tokens: int = 0  # of prompt_tokens, those prefilled when the row moved to another mode (routed, escalated)
+    escalated: bool = False  # a fast answer was checked, found likely wrong and answered again in slow mode
+    verify_score: float | None = None  # P(correct) of the fast answer that was checked (``verify`` policies)
     token_ids: list[int] = field(repr=False, default_factory=list)
     switch_trace: list[tuple[int, float]] = field(repr=False, default_factory=list)  # (decoded tokens, switch score)
 
@@ -59,6 +62,15 @@ class SwitchEvent(Event):
     at: int
     score: float
     to: str
+
+
+@dataclass
+class EscalateEvent(Event):
+    """The fast answer ``dropped`` scored ``score`` < ``threshold`` (P(correct)): it is answered again in slow mode."""
+
+    score: float
+    threshold: float
+    dropped: str
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Generator folders: ``generator.json`` (which probe sits in which subfolder, the base model, the steering
-settings) beside one exported probe folder per kind."""
+settings) beside one exported probe folder per slot: ``difficulty``, ``correctness`` (slow answers),
+``correctness_fast`` (fast answers) and ``switch``."""
 
 from __future__ import annotations
 
@@ -8,16 +9,24 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import kvprobe
-from kvprobe.export import PROBE_KINDS, ProbeMismatch, load_probe, read_card, replace_folder, write_probe
+from kvprobe.export import ProbeMismatch, load_probe, read_card, replace_folder, write_probe
 from kvprobe.models import LoadedModel, ModelSpec, for_batches, load_model, model_shape, resolve
 from kvprobe.resources import resolve_generator
 from kvprobe.steering.config import SteeringSpec
 
 GENERATOR_FILE = "generator.json"
+SLOTS = ("difficulty", "correctness", "correctness_fast", "switch")  # a correctness slot per mode its probe reads
+
+
+def slot(probe) -> str:
+    """The subfolder of a generator that holds ``probe``: its kind, and for a fast-answer correctness probe
+    ``correctness_fast``."""
+    kind = probe.card.kind
+    return f"{kind}_fast" if kind == "correctness" and probe.card.prompt.mode == "fast" else kind
 
 
 def load(path: str | Path, model=None, tokenizer=None, device_map: str | None = None, dtype: str | None = None):
-    """(folder, model, probes by kind, saved SteeringSpec or None) of a generator folder, a single probe folder or a
+    """(folder, model, probes by slot, saved SteeringSpec or None) of a generator folder, a single probe folder or a
     shipped alias; the model is the one the probes record unless ``model`` is given."""
     where = resolve_generator(path)
     steering = None
@@ -26,11 +35,12 @@ def load(path: str | Path, model=None, tokenizer=None, device_map: str | None = 
         folders = {name: where / sub for name, sub in meta["probes"].items()}
         steering = steering_spec(meta.get("steering", {}), where / GENERATOR_FILE)
     elif (where / "probe.json").is_file():
-        folders = {read_card(where).kind: where}
+        card = read_card(where)
+        folders = {"correctness_fast" if card.kind == "correctness" and card.prompt.mode == "fast" else card.kind: where}
     else:
         raise FileNotFoundError(f"{path} holds neither {GENERATOR_FILE} nor probe.json: not a kvprobe generator or probe")
     cards = {name: read_card(p) for name, p in folders.items()}
-    if "difficulty" not in cards and "correctness" not in cards:
+    if not set(cards) - {"switch"}:
         raise ValueError(f"{path}: a switch probe alone cannot steer; pair it with a difficulty probe (generator.json)")
     base = next(iter(cards.values())).base_model
     for name, card in cards.items():  # every probe must belong to the same base model
@@ -45,16 +55,22 @@ def load(path: str | Path, model=None, tokenizer=None, device_map: str | None = 
     return where.resolve(), model, probes, steering
 
 
-def load_probes(lm: LoadedModel, folders: dict[str, str | Path | None]) -> dict:
-    """Exported probe folders by kind (``None`` = none of that kind), loaded for ``lm``."""
-    return {k: load_probe(v, lm) for k, v in folders.items() if v}
+def load_probes(lm: LoadedModel, folders: list[str | Path | None]) -> dict:
+    """Exported probe folders (``None`` entries skipped), loaded for ``lm``, by slot; two in one slot are refused."""
+    probes = {}
+    for where in filter(None, folders):
+        probe = load_probe(where, lm)
+        if slot(probe) in probes:
+            raise ValueError(f"{where}: a second {slot(probe)} probe; a generator holds one per slot {SLOTS}")
+        probes[slot(probe)] = probe
+    return probes
 
 
 def save(path: str | Path, probes: dict, steering: SteeringSpec) -> Path:
     """Write a generator folder whole (staged, then renamed into place)."""
     meta = {"format": "kvprobe-generator", "kvprobe": kvprobe.__version__, "probes": {name: name for name in probes},
             "base_model": asdict(next(iter(probes.values())).card.base_model), "steering": asdict(steering)}
-    with replace_folder(path, GENERATOR_FILE, set(PROBE_KINDS) | {GENERATOR_FILE}) as staging:
+    with replace_folder(path, GENERATOR_FILE, set(SLOTS) | {GENERATOR_FILE}) as staging:
         for name, probe in probes.items():
             write_probe(probe, staging / name)
         (staging / GENERATOR_FILE).write_text(json.dumps(meta, indent=1))
@@ -78,8 +94,8 @@ def read_generator(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); {fix}") from None
     probes = meta.get("probes") if isinstance(meta, dict) else None
-    if not isinstance(probes, dict) or not probes or set(probes) - set(PROBE_KINDS):
-        raise ValueError(f"{path} must name its probes as {{kind: subfolder}} with kinds from {PROBE_KINDS}; {fix}")
+    if not isinstance(probes, dict) or not probes or set(probes) - set(SLOTS):
+        raise ValueError(f"{path} must name its probes as {{slot: subfolder}} with slots from {SLOTS}; {fix}")
     if not isinstance(meta.get("steering", {}), dict):
         raise ValueError(f"{path}: 'steering' must be an object of SteeringSpec settings; {fix}")
     return meta

@@ -1,7 +1,7 @@
 """KVProbeGenerator: a frozen causal LM and its trained probes, steering generation live.
 
     gen = KVProbeGenerator.from_pretrained("smollm2")     # a shipped alias (kvprobe/pretrained/) or a folder
-    result = gen.generate("What is 17 * 3?", policy="route")
+    result = gen.generate("What is 17 * 3?", policy="route")    # or "route+verify": answer fast, check, escalate
     for event in gen.stream(["What is 9 * 8 - 6?"], policy="route+switch"): ...
 
 A policy (``POLICIES``) is a list of hooks on the decode engine (``kvprobe.steering.policies``); the facade builds
@@ -20,42 +20,54 @@ from kvprobe.steering import folder
 from kvprobe.steering.config import GenerationConfig, SteeringSpec
 from kvprobe.steering.engine import DecodeEngine
 from kvprobe.steering.events import DoneEvent, Event, GenerationResult
-from kvprobe.steering.policies import Confidence, FixedMode, GivenModes, Router, Switcher
+from kvprobe.steering.policies import Confidence, Escalate, FixedMode, GivenModes, OutputScores, Router, Switcher
 from kvprobe.steering.state import Hook
 from kvprobe.tasks import Item
 
-POLICIES = ("fast", "slow", "route", "route+switch", "oracle")
+POLICIES = ("fast", "slow", "route", "route+switch", "verify", "route+verify", "oracle")
+LIVE_SOURCES = ("kv", "output")  # what a live correctness probe may read: the answer's KV and/or its output scores
 
 
 class KVProbeGenerator:
-    """A frozen causal LM plus its trained probes (difficulty; optionally correctness and switch), steering live."""
+    """A frozen causal LM plus its trained probes (difficulty; correctness, one per answer mode; switch), steering live.
+
+    ``correctness``: one correctness probe or a list of them, each for the mode its card's prompt is in: the
+    confidence of an answer comes from the probe of the mode it was written in, and ``verify`` needs a fast one."""
 
     def __init__(self, lm: LoadedModel, difficulty=None, correctness=None, switch=None, steering: SteeringSpec | None = None):
-        if difficulty is None and correctness is None:
+        correctness = list(correctness.values() if isinstance(correctness, dict) else correctness
+                           if isinstance(correctness, (list, tuple)) else [correctness] if correctness is not None else [])
+        if difficulty is None and not correctness:
             raise ValueError("a KVProbeGenerator needs at least one probe (difficulty and/or correctness)")
-        for kind, probe in (("difficulty", difficulty), ("correctness", correctness), ("switch", switch)):
+        for kind, probe in [("difficulty", difficulty), ("switch", switch)] + [("correctness", p) for p in correctness]:
             if probe is not None and getattr(probe, "card", None) is None:
                 raise ValueError(f"the {kind} probe has no card (its capture's prompt and features): load it with "
                                  "load_probe or from_pretrained, or export it with kvprobe fit")
-        self.lm, self.difficulty, self.correctness, self.switch = lm, difficulty, correctness, switch
+        self.lm, self.difficulty, self.switch = lm, difficulty, switch
+        self.correctness = {}  # answer mode -> correctness probe
+        for probe in correctness:
+            mode, hp = probe.card.prompt.mode, probe.hparams
+            if mode in self.correctness:
+                raise ValueError(f"two correctness probes for {mode} answers; give one per mode")
+            if hp.source not in LIVE_SOURCES or hp.coe_features or hp.get("length_inputs"):
+                raise ValueError(f"live correctness needs a probe on the answer's KV and/or output scores (source one of "
+                                 f"{LIVE_SOURCES}, coe_features and length_inputs false), not source={hp.source!r} "
+                                 f"coe_features={hp.coe_features} length_inputs={hp.get('length_inputs')}")
+            self.correctness[mode] = probe
         self.path: Path | None = None  # the folder from_pretrained loaded
         self.steering = self._steering(steering or SteeringSpec())
-        main = (difficulty or correctness).card  # prompts and caps come from the capture the main probe learned on
+        main = (difficulty or correctness[0]).card  # prompts and caps come from the capture the main probe learned on
         self.prompt = copy.deepcopy(main.prompt)
         self.max_new_tokens = dict(main.generation.max_new_tokens)
         self.route_on = main.route_on
         self.window_layers = main.features.layer_ids(lm.shape.layers)
-        if correctness is not None and (correctness.hparams.source != "kv" or correctness.hparams.coe_features
-                                        or correctness.hparams.get("length_inputs")):
-            raise ValueError("live correctness needs a probe on the answer's KV alone (source 'kv', coe_features and "
-                             f"length_inputs false), not source={correctness.hparams.source!r} "
-                             f"coe_features={correctness.hparams.coe_features} length_inputs={correctness.hparams.get('length_inputs')}")
-        threshold = self.steering.threshold
-        if difficulty is not None and not isinstance(threshold, (int, float)) and threshold not in difficulty.thresholds:
-            raise ValueError(f"threshold {threshold!r} is neither a number nor among the probe's calibrated thresholds "
-                             f"{sorted(difficulty.thresholds)}")
+        for name in ("threshold", "verify_route_threshold"):
+            threshold = getattr(self.steering, name)
+            if difficulty is not None and isinstance(threshold, str) and threshold not in difficulty.thresholds:
+                raise ValueError(f"{name} {threshold!r} is neither a number nor among the probe's calibrated thresholds "
+                                 f"{sorted(difficulty.thresholds)}")
         self.switch_window = switch.card.window if switch is not None else 0
-        for probe in (difficulty, correctness, switch):  # probes read the cache where the model's inputs live
+        for probe in (difficulty, switch, *correctness):  # probes read the cache where the model's inputs live
             if probe is not None:
                 probe.to(lm.input_device)
         self._live_switch = switch.live(self.switch_window).to(lm.input_device) if switch is not None else None
@@ -80,21 +92,29 @@ class KVProbeGenerator:
         base model they record, or ``model`` (a kvprobe ``LoadedModel``, or a transformers model with its
         ``tokenizer``), checked to match. ``.path`` says which folder was loaded."""
         where, lm, probes, saved = folder.load(path, model, tokenizer, device_map, dtype)
-        gen = cls(lm, probes.get("difficulty"), probes.get("correctness"), probes.get("switch"), steering or saved)
+        gen = cls._of(lm, probes, steering or saved)
         gen.path = where
         return gen
 
     @classmethod
-    def from_probes(cls, lm: LoadedModel, difficulty: str | Path | None = None, correctness: str | Path | None = None,
-                    switch: str | Path | None = None, steering: SteeringSpec | None = None) -> "KVProbeGenerator":
-        """Assemble a generator from exported probe folders (``kvprobe fit`` outputs)."""
-        probes = folder.load_probes(lm, {"difficulty": difficulty, "correctness": correctness, "switch": switch})
-        return cls(lm, probes.get("difficulty"), probes.get("correctness"), probes.get("switch"), steering)
+    def from_probes(cls, lm: LoadedModel, difficulty: str | Path | None = None,
+                    correctness: str | Path | list[str | Path] | None = None, switch: str | Path | None = None,
+                    steering: SteeringSpec | None = None) -> "KVProbeGenerator":
+        """Assemble a generator from exported probe folders (``kvprobe fit`` outputs); ``correctness``: one folder or
+        a list of them (one per answer mode)."""
+        correctness = correctness if isinstance(correctness, (list, tuple)) else [correctness]
+        return cls._of(lm, folder.load_probes(lm, [difficulty, switch, *correctness]), steering)
+
+    @classmethod
+    def _of(cls, lm: LoadedModel, probes: dict, steering) -> "KVProbeGenerator":
+        """A generator of probes by slot (``folder.SLOTS``)."""
+        correctness = [p for name, p in probes.items() if name.startswith("correctness")]
+        return cls(lm, probes.get("difficulty"), correctness, probes.get("switch"), steering)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the generator folder whole: it appears complete or not at all (an older one stays until then)."""
-        probes = {k: p for k, p in (("difficulty", self.difficulty), ("correctness", self.correctness), ("switch", self.switch)) if p}
-        return folder.save(path, probes, self.steering)
+        probes = [p for p in (self.difficulty, *self.correctness.values(), self.switch) if p is not None]
+        return folder.save(path, {folder.slot(p): p for p in probes}, self.steering)
 
     # --- prompts ------------------------------------------------------------------------------------------------------
     def prompt_ids(self, prompt, mode: str) -> list[int]:
@@ -142,9 +162,12 @@ class KVProbeGenerator:
         return DecodeEngine(self.lm, self.prompt_ids, hooks, config, config.caps(self.max_new_tokens))
 
     def hooks(self, policy: str, n: int, oracle_modes: list[str] | None = None) -> list[Hook]:
-        """The hooks that make up ``policy`` for ``n`` prompts (plus ``Confidence`` when there is a correctness probe)."""
+        """The hooks that make up ``policy`` for ``n`` prompts (plus ``Confidence`` when there are correctness probes)."""
         if policy not in POLICIES:
             raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
+        if policy.endswith("verify") and "fast" not in self.correctness:
+            raise ValueError(f"policy {policy!r} needs a correctness probe trained on fast answers (kvprobe fit --config "
+                             "configs/verifier.yaml, then kvprobe assemble ... --correctness_fast <folder>)")
         if policy.startswith("route") and self.difficulty is None:
             raise ValueError(f"policy {policy!r} needs a difficulty probe; this generator has only a correctness probe")
         if policy == "route+switch" and self.switch is None:
@@ -153,13 +176,22 @@ class KVProbeGenerator:
         if policy == "oracle" and (not isinstance(oracle_modes, (list, tuple)) or len(oracle_modes) != n
                                    or any(m not in ("fast", "slow") for m in oracle_modes)):
             raise ValueError(f"policy 'oracle' needs oracle_modes: one 'fast'/'slow' per prompt, not {oracle_modes!r}")
+        s = self.steering
         hooks: list[Hook] = {"fast": lambda: [FixedMode("fast")], "slow": lambda: [FixedMode("slow")],
                              "oracle": lambda: [GivenModes(oracle_modes)], "route": lambda: [self.router()],
-                             "route+switch": lambda: [self.router(), Switcher(self._live_switch, self.switch_window, self.steering)]}[policy]()
-        return hooks + ([Confidence(self.correctness)] if self.correctness is not None else [])
+                             "route+switch": lambda: [self.router(), Switcher(self._live_switch, self.switch_window, s)],
+                             "verify": lambda: [FixedMode("fast")],
+                             "route+verify": lambda: [self.router(s.verify_route_threshold)]}[policy]()
+        if not self.correctness:
+            return hooks
+        if any(p.hparams.source == "output" or p.hparams.get("output_inputs") for p in self.correctness.values()):
+            hooks.append(OutputScores())
+        hooks.append(Confidence(self.correctness))  # before Escalate, which reads the confidence it sets
+        return hooks + ([Escalate(s.verify_threshold)] if policy.endswith("verify") else [])
 
-    def router(self) -> Router:
-        threshold = self.steering.threshold
+    def router(self, threshold: str | float | None = None) -> Router:
+        """The router at ``threshold`` (a calibrated name or a number; ``None`` = the steering's ``threshold``)."""
+        threshold = self.steering.threshold if threshold is None else threshold
         if not isinstance(threshold, (int, float)):
             threshold = self.difficulty.thresholds[threshold]["threshold"]
         return Router(self.difficulty, float(threshold), self.route_on, self.window_layers)

@@ -14,8 +14,16 @@
   window of per-position layer-averaged K and/or V (what capture stores as the ``token_kv`` trajectory); each
   position is projected by the probe's first layer as it is fed (``LiveSwitch``), so the upkeep is one column per
   layer and a call sums ``window`` small vectors.
-- every policy, when the generator has a correctness probe: ``Confidence``: the per-layer K and V pooled over the
-  answer's positions, read from the cache once when the answer ends, give a calibrated P(correct).
+- every policy, when the generator has correctness probes: ``Confidence``: the per-layer K and V pooled over the
+  answer's positions, read from the cache once when the answer ends (and, for a probe that reads them, the mean
+  max-probability and entropy of the answer's tokens, kept by ``OutputScores``), give a calibrated P(correct) from
+  the probe of the mode the answer was written in (one per mode: a probe trained on slow answers knows little about
+  direct ones);
+- ``verify``: answer fast; ``Escalate``: a fast answer whose P(correct) is below ``verify_threshold`` is answered
+  again in slow mode: the cache is cropped to the prompt prefix both modes share (the fast answer's positions are
+  dropped, never re-encoded) and only the rest of the slow prompt is prefilled (``Row.reopen``);
+- ``route+verify``: ``Router`` (at ``verify_route_threshold``) sends clearly hard questions straight to slow mode,
+  the rest go through ``verify``.
 """
 
 from __future__ import annotations
@@ -25,9 +33,9 @@ from typing import Iterator
 import torch
 
 from kvprobe.cache import layer_kv, newest_kv
-from kvprobe.features import pooled_positions, window_kv
+from kvprobe.features import pooled_positions, step_stats, window_kv
 from kvprobe.steering.config import SteeringSpec
-from kvprobe.steering.events import RouteEvent, SwitchEvent
+from kvprobe.steering.events import EscalateEvent, RouteEvent, SwitchEvent
 from kvprobe.steering.state import DecodeState, Hook, timed
 
 
@@ -133,19 +141,66 @@ class Switcher(Hook):
             yield from engine.refresh_text(r)
 
 
-class Confidence(Hook):
-    """P(correct) of each answer from its per-layer K and V averaged over the answer's positions (the last prompt
-    position, then every fed answer or cue token: what capture stores), read from the cache once, at the end."""
+class OutputScores(Hook):
+    """Keeps each answer's per-token max-probability and entropy (``features.step_stats``, the function capture's
+    ``OutputStats`` uses) for the correctness probes that read them."""
 
-    def __init__(self, probe):
-        self.probe = probe
+    def on_token(self, engine, state: DecodeState, blocks: list[list[int]]) -> None:
+        picked = [j for j, p in enumerate(state.picked) if p]
+        if not picked:
+            return
+        with timed([state.rows[j] for j in picked]):
+            max_prob, entropy = step_stats(state.logits[picked])
+            for j, m, e in zip(picked, max_prob.tolist(), entropy.tolist()):
+                state.rows[j].step_stats.append((m, e))
+
+
+class Confidence(Hook):
+    """P(correct) of each answer from the probe of the mode it was written in (``probes``: mode -> probe; a row
+    without one keeps ``None``): its per-layer K and V averaged over the answer's positions (the last prompt position,
+    then every fed answer or cue token: what capture stores), read from the cache once, at the end, and the answer's
+    mean max-probability and entropy where the probe reads them."""
+
+    def __init__(self, probes: dict):
+        self.probes = probes
 
     def on_finish(self, engine, state: DecodeState) -> None:
         with timed(state.rows):
             start = state.answer_from
             pooled = pooled_positions(layer_kv(state.cache, device=engine.lm.input_device), state.mask[:, start:], start)
-            for r, p in zip(state.rows, self.probe.predict({"response_kv": pooled}).tolist()):
-                r.confidence = p
+            for mode, probe in self.probes.items():
+                where = [j for j, r in enumerate(state.rows) if r.answer_mode == mode]
+                if not where:
+                    continue
+                stats = torch.tensor([_mean(state.rows[j].step_stats) for j in where], dtype=torch.float32)
+                batch = {"response_kv": pooled[where], "scores": {"max_prob": stats[:, 0], "neg_entropy": -stats[:, 1]}}
+                for j, p in zip(where, probe.predict(batch).tolist()):
+                    state.rows[j].confidence = p
+
+
+def _mean(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The mean (max-prob, entropy) over an answer's tokens (NaN for none)."""
+    n = len(pairs)
+    return (sum(p[0] for p in pairs) / n, sum(p[1] for p in pairs) / n) if n else (float("nan"), float("nan"))
+
+
+class Escalate(Hook):
+    """``verify``: a finished fast answer whose confidence (P(correct), set by ``Confidence`` before this hook) is
+    below ``threshold`` is answered again in slow mode, once."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def on_finish(self, engine, state: DecodeState) -> Iterator[EscalateEvent]:
+        for r in state.rows:
+            if r.answer_mode != "fast" or r.escalated or r.confidence is None:
+                continue
+            r.verify_score = r.confidence
+            if r.confidence < self.threshold:
+                dropped = r.text
+                r.escalated = True
+                r.reopen("slow")
+                yield EscalateEvent(r.index, r.verify_score, self.threshold, dropped)
 
 
 def cue_block(tokenizer, fed: list[int], token: int, cue: str) -> list[int]:

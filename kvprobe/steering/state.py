@@ -39,19 +39,26 @@ class Row:
     switch_trace: list[tuple[int, float]] = field(default_factory=list)
     confidence: float | None = None
     probe_seconds: float = 0.0
+    answer_mode: str = ""  # the mode the current answer began in (a switch does not change it)
+    step_stats: list[tuple[float, float]] = field(default_factory=list)  # the answer's (max-prob, entropy) per token
+    reprompt_tokens: int = 0
+    escalated: bool = False
+    verify_score: float | None = None
 
     def reopen(self, mode: str) -> None:
         """Answer again, in ``mode``, from the prompt: called by a hook's ``on_finish``, the engine then crops the
         cache back to the prompt prefix both modes share and decodes anew. The answer so far is dropped; its
         decoded tokens stay counted."""
         self.mode, self.done, self.in_mode, self.out, self.text, self.forced = mode, False, 0, [], "", []
+        self.answer_mode, self.step_stats, self.confidence = "", [], None
 
     def result(self) -> GenerationResult:
         return GenerationResult(
             text=self.text, mode=self.start_mode, final_mode=self.mode, route_score=self.route_score,
             switched_at=self.switched_at, switch_score=self.switch_score, tokens=dict(self.tokens), cue_tokens=self.cue,
             prompt_tokens=self.prompt_tokens, confidence=self.confidence, seconds=time.perf_counter() - self.t0,
-            probe_seconds=self.probe_seconds, token_ids=list(self.out), switch_trace=list(self.switch_trace))
+            probe_seconds=self.probe_seconds, reprompt_tokens=self.reprompt_tokens, escalated=self.escalated,
+            verify_score=self.verify_score, token_ids=list(self.out), switch_trace=list(self.switch_trace))
 
 
 @dataclass
@@ -65,6 +72,7 @@ class DecodeState:
     logits: torch.Tensor | None = None  # the last column's logits, (rows, vocab)
     answer_from: int = 0  # the column of the last prompt position (it emits the first answer token)
     row_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # hooks' per-row state, batch-first
+    picked: list[bool] = field(default_factory=list)  # at ``on_token``: rows that chose a token from ``logits``
 
     def select(self, keep: list[int]) -> "DecodeState":
         """The state of rows ``keep`` only (the cache is cut in place)."""
