@@ -22,13 +22,27 @@ from kvprobe.routing import Outcomes
 
 @dataclass
 class Signals:
-    """Per question: ``route`` (the difficulty score, higher = slow) and ``verify`` (P(the fast answer is right))."""
+    """Per question: ``route`` (the difficulty score, higher = slow) and ``escalate`` (read after the fast answer,
+    higher = answer again in slow mode: see ``escalation``)."""
 
     route: torch.Tensor
-    verify: torch.Tensor
+    escalate: torch.Tensor
 
-    def __getitem__(self, index) -> "Signals":
-        return Signals(self.route[index], self.verify[index])
+
+ESCALATE_ON = ("wrong", "gain")
+
+
+def escalation(rule: str, confidence: torch.Tensor, slow_helps: torch.Tensor | None = None) -> torch.Tensor:
+    """The score a fast answer is escalated on: ``wrong`` = P(the fast answer is wrong) = 1 - its confidence;
+    ``gain`` = P(wrong) x P(slow mode gets it right | fast is wrong) (``slow_helps``, from a four-class difficulty
+    probe): the expected accuracy an escalation buys, so that the budget goes to wrong answers slow mode can fix."""
+    if rule == "wrong":
+        return 1 - confidence
+    if rule == "gain":
+        if slow_helps is None:
+            raise ValueError("escalating on 'gain' needs P(slow right | fast wrong) from a four-class (ce) difficulty probe")
+        return (1 - confidence) * slow_helps
+    raise ValueError(f"escalation rule {rule!r} is not one of {ESCALATE_ON}")
 
 
 def decide(policy: str, signals: Signals, thresholds: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,14 +51,14 @@ def decide(policy: str, signals: Signals, thresholds: tuple[float, ...]) -> tupl
     if policy == "route":
         return signals.route > thresholds[0], none
     if policy == "verify":
-        return none, signals.verify < thresholds[0]
+        return none, signals.escalate > thresholds[0]
     if policy == "route+verify":
         slow = signals.route > thresholds[0]
-        return slow, ~slow & (signals.verify < thresholds[1])
+        return slow, ~slow & (signals.escalate > thresholds[1])
     raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
 
 
-POLICIES = {"route": ("route",), "verify": ("verify",), "route+verify": ("route", "verify")}  # policy -> its signals
+POLICIES = {"route": ("route",), "verify": ("escalate",), "route+verify": ("route", "escalate")}  # policy -> its signals
 
 
 def outcome(outcomes: Outcomes, slow: torch.Tensor, escalate: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -61,37 +75,39 @@ def summary(per_question: dict[str, torch.Tensor], slow_tokens: float) -> dict[s
             "straight_to_slow": float(per_question["slow"].float().mean()), "escalated": float(per_question["escalated"].float().mean())}
 
 
-def grid(scores: torch.Tensor, points: int) -> list[float]:
-    """Thresholds that cut ``scores`` at ``points`` quantiles, plus ones below and above every score."""
-    q = torch.quantile(scores.float(), torch.linspace(0, 1, points))
-    return sorted({float(scores.min()) - 1.0, float(scores.max()) + 1.0, *q.tolist()})
+def grid(scores: torch.Tensor, points: int | None) -> list[float]:
+    """Thresholds that cut ``scores`` between every two distinct values (``points`` None: every cut there is) or
+    at ``points`` quantiles, plus ones below and above every score."""
+    values = torch.unique(scores.float())
+    cuts = (values[1:] + values[:-1]) / 2 if points is None else torch.quantile(values, torch.linspace(0, 1, points))
+    return sorted({float(values[0]) - 1.0, float(values[-1]) + 1.0, *cuts.tolist()})
 
 
 def candidates(policy: str, signals: Signals, points: int) -> list[tuple[float, ...]]:
-    return list(itertools.product(*(grid(getattr(signals, name), points) for name in POLICIES[policy])))
+    """Every threshold choice to try: each cut of a one-signal policy; a ``points``-quantile grid per signal of a
+    two-signal one."""
+    names = POLICIES[policy]
+    return list(itertools.product(*(grid(getattr(signals, n), None if len(names) == 1 else points) for n in names)))
 
 
 def calibrate(policy: str, signals: Signals, outcomes: Outcomes, *, token_ratio: float | None = None,
               max_loss: float | None = None, points: int = 41) -> dict:
-    """Thresholds for ``policy`` from these (validation) questions alone, either the most accurate within
-    ``token_ratio`` x always-slow's mean tokens, or the cheapest within ``max_loss`` accuracy of always-slow (ties:
-    fewer tokens, then more accuracy). Returns the thresholds and what they reached here."""
+    """Thresholds for ``policy`` from these (validation) questions alone: the most accurate within ``token_ratio`` x
+    always-slow's mean tokens (ties: fewer tokens), or the cheapest within ``max_loss`` accuracy of always-slow
+    (ties: more accurate). Returns the thresholds and what they reached here; ``fits`` False when no choice meets
+    the budget (then the cheapest, or the most accurate, is returned)."""
     if (token_ratio is None) == (max_loss is None):
         raise ValueError("give token_ratio or max_loss")
     slow_tokens, slow_acc = float(outcomes.slow_tokens.mean()), float(outcomes.slow_correct.mean())
-    best, key_best = None, None
-    for t in candidates(policy, signals, points):
-        r = summary(outcome(outcomes, *decide(policy, signals, t)), slow_tokens)
-        if token_ratio is not None:
-            fits, key = r["mean_tokens"] <= token_ratio * slow_tokens, (r["accuracy"], -r["mean_tokens"])
-        else:
-            fits, key = r["accuracy"] >= slow_acc - max_loss - 1e-9, (-r["mean_tokens"], r["accuracy"])
-        if fits and (key_best is None or key > key_best):
-            best, key_best = {"thresholds": list(t)} | {f"val_{k}": v for k, v in r.items()}, key
-    if best is None:  # nothing fits: the cheapest (or the most accurate) point, marked
-        t = candidates(policy, signals, points)[0 if token_ratio is not None else -1]
-        best = {"thresholds": list(t), "fits": False}
-    return best
+    tried = [(t, summary(outcome(outcomes, *decide(policy, signals, t)), slow_tokens)) for t in candidates(policy, signals, points)]
+    if token_ratio is not None:
+        fits = lambda r: r["mean_tokens"] <= token_ratio * slow_tokens + 1e-9
+        key = lambda r: (fits(r), r["accuracy"], -r["mean_tokens"]) if fits(r) else (False, -r["mean_tokens"], r["accuracy"])
+    else:
+        fits = lambda r: r["accuracy"] >= slow_acc - max_loss - 1e-9
+        key = lambda r: (fits(r), -r["mean_tokens"], r["accuracy"]) if fits(r) else (False, r["accuracy"], -r["mean_tokens"])
+    t, r = max(tried, key=lambda tr: key(tr[1]))
+    return {"thresholds": list(t), "fits": fits(r)} | {f"val_{k}": v for k, v in r.items()}
 
 
 def frontier(policy: str, signals: Signals, outcomes: Outcomes, points: int = 41) -> tuple[list[float], list[float]]:
@@ -113,3 +129,12 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 5000, seed: int 
     idx = torch.randint(len(d), (n, len(d)), generator=torch.Generator().manual_seed(seed))
     means = d[idx].mean(1)
     return {"diff": float(d.mean()), "lo": float(means.quantile(0.025)), "hi": float(means.quantile(0.975))}
+
+
+def calibrate_then_test(policy: str, val: tuple[Signals, Outcomes], test: tuple[Signals, Outcomes], **budget) -> dict:
+    """Thresholds calibrated on ``val`` alone (``calibrate``), then applied once to ``test``: the calibration, the
+    test summary and the per-question test outcome (``per_question``)."""
+    cal = calibrate(policy, *val, **budget)
+    signals, outcomes = test
+    per_q = outcome(outcomes, *decide(policy, signals, tuple(cal["thresholds"])))
+    return cal | summary(per_q, float(outcomes.slow_tokens.mean())) | {"per_question": per_q}

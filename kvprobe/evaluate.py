@@ -2,11 +2,13 @@
 
     kvprobe evaluate --generator qwen2.5-coder-0.5b --data configs/data/difficulty_mix.yaml --out live.json
 
-For each policy (fast, slow, route, route+switch, oracle) the generator answers the questions of the data config's
-split (by default test, which the probes never trained on), greedy, batched. Reported per policy: accuracy, mean
-decoded tokens (every decoded token, both modes), slow share, switches, cue and prompt tokens, probe time as a
-share of the policy's wall time, wall time, and for the routing policies whether they meet the bar (accuracy of the
-better fixed mode - 1 point, at most half of always-slow's tokens, probe time at most 1%) on these live answers.
+For each policy (fast, slow, route, route+switch, verify, route+verify, oracle) the generator answers the questions
+of the data config's split (by default test, which the probes never trained on), greedy, batched. Reported per
+policy: accuracy, mean decoded tokens (every decoded token of every attempt, both modes), slow share (questions that
+decoded in slow mode at all), escalations, switches, cue and prompt tokens (and of those, the ones prefilled again when a
+question moved to slow mode), probe time as a share of the policy's wall time, wall time, the AUROC of the returned
+confidence against the grades, and for the routing policies whether they meet the bar (accuracy of the better
+fixed mode - 1 point, at most half of always-slow's tokens, probe time at most 1%) on these live answers.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kvprobe.metrics import auroc_or_nan
 from kvprobe.routing import Outcomes
 from kvprobe.steering import POLICIES, KVProbeGenerator
 from kvprobe.tasks import Item, grade
@@ -47,16 +50,23 @@ def run_policy(gen: KVProbeGenerator, items: list[Item], policy: str, batch_size
         modes = oracle_modes[start : start + batch_size] if oracle_modes else None
         for item, r in zip(chunk, gen.generate(chunk, policy=policy, oracle_modes=modes)):
             rows.append({"qid": item.qid, "correct": grade(item, r.text)[1], "decoded": r.decoded_tokens, "cue": r.cue_tokens,
-                         "prompt": r.prompt_tokens, "mode": r.mode, "switched": r.switched_at is not None,
-                         "switched_at": r.switched_at, "probe_seconds": r.probe_seconds, "confidence": r.confidence, "text": r.text})
+                         "prompt": r.prompt_tokens, "reprompt": r.reprompt_tokens, "mode": r.mode, "final_mode": r.final_mode,
+                         "switched": r.switched_at is not None, "switched_at": r.switched_at, "escalated": r.escalated,
+                         "verify_score": r.verify_score, "probe_seconds": r.probe_seconds, "confidence": r.confidence,
+                         "text": r.text})
         bar.update(len(chunk))
     bar.close()
     wall = time.perf_counter() - t0
     n = len(rows)
+    confident = [r for r in rows if r["confidence"] is not None]
     return {
         "accuracy": sum(r["correct"] for r in rows) / n, "mean_tokens": sum(r["decoded"] for r in rows) / n,
         "mean_cue_tokens": sum(r["cue"] for r in rows) / n, "mean_prompt_tokens": sum(r["prompt"] for r in rows) / n,
-        "slow_share": sum(r["mode"] == "slow" for r in rows) / n, "switches": sum(r["switched"] for r in rows),
+        "mean_reprompt_tokens": sum(r["reprompt"] for r in rows) / n,
+        "slow_share": sum("slow" in (r["mode"], r["final_mode"]) for r in rows) / n,
+        "escalations": sum(r["escalated"] for r in rows), "switches": sum(r["switched"] for r in rows),
+        "confidence_auroc": auroc_or_nan(torch.tensor([float(r["confidence"]) for r in confident]),
+                                         torch.tensor([float(r["correct"]) for r in confident])) if confident else float("nan"),
         "probe_share": sum(r["probe_seconds"] for r in rows) / wall, "wall_seconds": wall, "items": n, "rows": rows,
     }
 
@@ -90,7 +100,8 @@ def evaluate(gen: KVProbeGenerator, dm, split: str = "test", policies=POLICIES, 
     for policy in policies:
         results[policy] = r = run_policy(gen, items, policy, batch_size, oracle_modes if policy == "oracle" else None)
         print(f"[kvprobe] {policy}: accuracy {r['accuracy']:.3f}, {r['mean_tokens']:.1f} decoded tokens/question, "
-              f"{r['switches']} switches, probe {r['probe_share']:.2%} of wall, {r['wall_seconds']:.0f} s", flush=True)
+              f"{r['switches']} switches, {r['escalations']} escalations, confidence AUROC {r['confidence_auroc']:.3f}, "
+              f"probe {r['probe_share']:.2%} of wall, {r['wall_seconds']:.0f} s", flush=True)
     judge(results)
     return results
 

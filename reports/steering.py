@@ -37,30 +37,44 @@ def main(argv: list[str] | None = None) -> dict:
 
 def header(gen: KVProbeGenerator, args, n: int, command: str) -> list[str]:
     s = gen.steering
-    threshold = s.threshold if isinstance(s.threshold, (int, float)) else gen.difficulty.thresholds[s.threshold]["threshold"]
+    threshold = _number(gen, s.threshold)
     switch = (f"; route+switch: the switch probe reads the latest {gen.switch_window} positions of a slow answer every "
               f"{s.probe_every} token(s) from token {s.min_tokens}, arms above {s.switch_high} and switches slow->fast below "
               f"{s.switch_low:.4f} (calibrated on validation), answer cue {json.dumps(s.answer_cue)}" if gen.switch else "")
     return [
-        "# Steering: live routing and switching with KVProbeGenerator", "",
+        "# Steering: live routing, switching and verifying with KVProbeGenerator", "",
         "Reproduce (the captures of `configs/data/difficulty_mix.yaml` give the split and the oracle's modes):", "",
         "```bash", command, "```", "",
         f"Base model `{gen.lm.spec.name}` ({gen.lm.spec.dtype}); {n} {args.split} questions the probes never trained on; greedy; "
         f"batches of {args.batch_size}. Route threshold `{s.threshold}` ({threshold:.4f}, calibrated on validation){switch}. "
-        "Tokens count every decoded token of both modes; cue tokens are forced (fed, not decoded) and listed apart, as are "
-        "prompt tokens. The bar: accuracy >= best fixed mode - 1 point, <= 0.5x always-slow's tokens, probe time <= 1%.", "",
+        f"verify / route+verify: a fast answer whose P(correct) is below {s.verify_threshold:.4f} is answered again in slow "
+        f"mode; route+verify sends a question straight to slow above route score {_number(gen, s.verify_route_threshold):.4f} "
+        "(both calibrated jointly on validation, python -m reports.cascade). "
+        "Tokens count every decoded token of both modes and of both attempts; cue tokens are forced (fed, not decoded) and "
+        "listed apart, as are prompt tokens. Confidence AUROC: the returned confidence (from the correctness probe of the "
+        "mode each answer was written in) against the grades. "
+        "The bar: accuracy >= best fixed mode - 1 point, <= 0.5x always-slow's tokens, probe time <= 1%.", "",
     ]
+
+
+def _number(gen: KVProbeGenerator, threshold) -> float:
+    """A route threshold as a number (a calibrated name looked up; None = the steering's threshold)."""
+    threshold = gen.steering.threshold if threshold is None else threshold
+    return threshold if isinstance(threshold, (int, float)) else gen.difficulty.thresholds[threshold]["threshold"]
 
 
 def table(results: dict) -> list[str]:
     slow = results.get("slow", {}).get("mean_tokens")
-    lines = ["| policy | accuracy | mean decoded tokens | tokens / always-slow | slow share | switches | cue tokens / q | "
-             "prompt tokens / q | probe time / wall | wall s | meets the bar |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | accuracy | mean decoded tokens | tokens / always-slow | slow share | escalations | switches | "
+             "confidence AUROC | cue tokens / q | prompt tokens / q (of which re-prompted) | probe time / wall | wall s | meets the bar |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for policy, r in results.items():
         ratio = f"{r['mean_tokens'] / slow:.2f}" if slow else "–"
         bar = {True: "**yes**", False: "no", None: "–"}[r.get("meets_bar")]
-        lines.append(f"| {policy} | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | {ratio} | {r['slow_share']:.2f} | {r['switches']} | "
-                     f"{r['mean_cue_tokens']:.2f} | {r['mean_prompt_tokens']:.1f} | {r['probe_share']:.2%} | {r['wall_seconds']:.0f} | {bar} |")
+        lines.append(f"| {policy} | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | {ratio} | {r['slow_share']:.2f} | "
+                     f"{r['escalations']} | {r['switches']} | {r['confidence_auroc']:.3f} | {r['mean_cue_tokens']:.2f} | "
+                     f"{r['mean_prompt_tokens']:.1f} ({r['mean_reprompt_tokens']:.1f}) | {r['probe_share']:.2%} | "
+                     f"{r['wall_seconds']:.0f} | {bar} |")
     return lines
 
 

@@ -441,38 +441,80 @@ def test_verify_escalates_below_the_threshold_and_equals_a_fresh_slow_run(gen):
     is prefilled again."""
     fast = gen.generate(QUESTIONS, policy="fast")
     slow = gen.generate(QUESTIONS, policy="slow")
-    cut = sorted(r.confidence for r in fast)[1] + 1e-6  # the least confident two escalate, the third stands
-    g = KVProbeGenerator(gen.lm, gen.difficulty, list(gen.correctness.values()), steering=SteeringSpec(verify_threshold=cut))
+    cut = 1 - sorted(r.confidence for r in fast)[1] - 1e-6  # the least confident two escalate, the third stands
+    g = KVProbeGenerator(gen.lm, gen.difficulty, list(gen.correctness.values()), steering=SteeringSpec(escalate_above=cut))
     events = list(g.stream(QUESTIONS, policy="verify"))
     results = {e.row: e.result for e in events if isinstance(e, DoneEvent)}
     escalations = {e.row: e for e in events if isinstance(e, EscalateEvent)}
     assert len(escalations) == 2 and len(results) == 3
     for i, q in enumerate(QUESTIONS):
         r, f, s = results[i], fast[i], slow[i]
-        assert r.verify_score == pytest.approx(f.confidence, abs=1e-5) and r.mode == "fast"
+        assert r.verify_score == pytest.approx(1 - f.confidence, abs=1e-5) and r.mode == "fast"
         if i not in escalations:
             assert not r.escalated and r.token_ids == f.token_ids and r.final_mode == "fast" and r.reprompt_tokens == 0
             continue
         e = escalations[i]
-        assert e.dropped == f.text and e.score < cut and e.threshold == cut
+        assert e.dropped == f.text and e.score > cut and e.threshold == cut
         assert r.escalated and r.final_mode == "slow" and r.token_ids == s.token_ids and r.text == s.text
         assert r.tokens == {"fast": f.decoded_tokens, "slow": s.decoded_tokens}  # every decoded token, both attempts
         assert r.confidence == pytest.approx(s.confidence, abs=1e-4)  # the slow answer's own probe
         fast_ids, slow_ids = g.prompt_ids(q, "fast"), g.prompt_ids(q, "slow")
         shared = next(j for j, (a, b) in enumerate(zip(fast_ids, slow_ids)) if a != b)
         assert r.reprompt_tokens == len(slow_ids) - shared and r.prompt_tokens == len(fast_ids) + len(slow_ids) - shared
-    never = KVProbeGenerator(gen.lm, gen.difficulty, list(gen.correctness.values()), steering=SteeringSpec(verify_threshold=-1.0))
+    never = KVProbeGenerator(gen.lm, gen.difficulty, list(gen.correctness.values()), steering=SteeringSpec(escalate_above=2.0))
     assert [r.token_ids for r in never.generate(QUESTIONS, policy="verify")] == [r.token_ids for r in fast]
 
 
 def test_route_plus_verify_sends_hard_questions_straight_to_slow_and_verifies_the_rest(gen):
     scores = sorted(r.route_score for r in gen.generate(QUESTIONS, policy="route"))
-    steering = SteeringSpec(threshold=10.0, verify_route_threshold=(scores[1] + scores[2]) / 2, verify_threshold=2.0)
+    steering = SteeringSpec(threshold=10.0, verify_route_threshold=(scores[1] + scores[2]) / 2, escalate_above=-1.0)
     g = KVProbeGenerator(gen.lm, gen.difficulty, list(gen.correctness.values()), steering=steering)
     results = g.generate(QUESTIONS, policy="route+verify")
     slow, fast = gen.generate(QUESTIONS, policy="slow"), gen.generate(QUESTIONS, policy="fast")
     assert sorted(r.mode for r in results) == ["fast", "fast", "slow"]  # the top score went straight to slow
     for r, s, f in zip(results, slow, fast):
-        assert r.final_mode == "slow" and r.token_ids == s.token_ids  # every fast answer escalated (threshold 2)
+        assert r.final_mode == "slow" and r.token_ids == s.token_ids  # every fast answer escalated (threshold -1)
         assert r.escalated == (r.mode == "fast")
         assert r.tokens == {"fast": f.decoded_tokens if r.escalated else 0, "slow": s.decoded_tokens}
+
+
+def test_escalating_on_gain_weighs_the_wrong_answer_by_what_slow_mode_can_fix(gen, trained):
+    """``escalate_on: gain``: the escalation score is (1 - P(fast answer right)) x P(slow right | fast wrong), the
+    latter from the four-class difficulty probe on the fast prompt's cached window, equal to the probe on the
+    captured window; the same rule offline (``kvprobe.cascade.escalation``)."""
+    from kvprobe.cascade import escalation
+
+    fast = next(p for p in (trained["root"] / "captures").iterdir() if p.name.startswith("arithmetic-fast"))
+    shards, table = CaptureStore(fast).open()
+    rows = table.to_pylist()[:3]
+    helps = gen.difficulty.slow_helps({"prompt_kv": torch.cat([s["prompt_kv"] for s in shards])[:3].float()})
+    assert ((helps >= 0) & (helps <= 1)).all()
+    items = [r["question"] for r in rows]
+    conf = torch.tensor([r.confidence for r in gen.generate(items, policy="fast")])
+    want = escalation("gain", conf, helps)
+    cut = float(want.median())
+    g = KVProbeGenerator(gen.lm, gen.difficulty, list(gen.correctness.values()),
+                         steering=SteeringSpec(escalate_on="gain", escalate_above=cut))
+    results = g.generate(items, policy="verify")
+    torch.testing.assert_close(torch.tensor([r.verify_score for r in results]), want, atol=1e-4, rtol=1e-4)
+    assert [r.escalated for r in results] == (want > cut).tolist() and sum(r.escalated for r in results) == 1
+    with pytest.raises(ValueError, match="escalate_on 'sometimes' is not one of"):
+        SteeringSpec(escalate_on="sometimes")
+
+
+def test_evaluate_counts_every_decoded_token_of_both_attempts(gen):
+    """``kvprobe.evaluate.run_policy`` on ``verify`` with every fast answer escalated: its mean tokens are the fast
+    and the slow attempts' decoded tokens, its slow share and escalation count say so, and re-prompted tokens are
+    listed apart."""
+    from kvprobe.evaluate import run_policy
+    from kvprobe.tasks import Item
+
+    items = [Item(f"q{i}", q, "7") for i, q in enumerate(QUESTIONS)]
+    g = KVProbeGenerator(gen.lm, gen.difficulty, list(gen.correctness.values()), steering=SteeringSpec(escalate_above=-1.0))
+    r = run_policy(g, items, "verify", batch_size=2)
+    fast, slow = gen.generate(QUESTIONS, policy="fast"), gen.generate(QUESTIONS, policy="slow")
+    want = [f.decoded_tokens + s.decoded_tokens for f, s in zip(fast, slow)]
+    assert [row["decoded"] for row in r["rows"]] == want and r["mean_tokens"] == pytest.approx(sum(want) / 3)
+    assert r["escalations"] == 3 and r["slow_share"] == 1.0 and all(row["final_mode"] == "slow" for row in r["rows"])
+    assert r["mean_reprompt_tokens"] > 0 and r["mean_prompt_tokens"] > r["mean_reprompt_tokens"]
+    assert [row["text"] for row in r["rows"]] == [s.text for s in slow]

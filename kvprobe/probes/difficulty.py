@@ -118,6 +118,15 @@ class DifficultyProbe(HeadProbe):
             return out.softmax(-1)[:, routing.LABELS.index(75)]
         return torch.sigmoid(out)
 
+    def slow_helps(self, batch: dict) -> torch.Tensor:
+        """P(slow mode answers right | fast mode answers wrong) per question: P(75) / (P(75) + P(100)) of the four
+        classes (``ce`` probes only): what an escalation of a wrong fast answer can buy."""
+        if self.hparams.objective != "ce":
+            raise ValueError(f"P(slow right | fast wrong) needs the four-class objective 'ce', not {self.hparams.objective!r}")
+        p = self(self.inputs(batch)).softmax(-1)
+        only_slow, neither = p[:, routing.LABELS.index(75)], p[:, routing.LABELS.index(100)]
+        return only_slow / (only_slow + neither).clamp_min(1e-12)
+
     def loss(self, out: torch.Tensor, batch: dict) -> torch.Tensor:
         objective = self.hparams.objective
         if objective == "bce":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from kvprobe.cascade import ESCALATE_ON
 from kvprobe.prompts import MODES, check_token_caps
 
 
@@ -23,11 +24,13 @@ class SteeringSpec:
         min_tokens: no switch before this many decoded tokens; ``None`` = the switch probe's.
         answer_cue: appended to switch slow -> fast (prompt-based modes; for hybrid thinking models use the
             template's end-of-thinking text, e.g. ``</think>``).
-        verify_threshold: ``verify`` and ``route+verify``: a fast answer whose P(correct) (the fast-answer
-            correctness probe) is below this is answered again in slow mode.
+        escalate_on: ``verify`` and ``route+verify``: what a fast answer is escalated on (``kvprobe.cascade.escalation``):
+            ``wrong`` = 1 - P(correct) of the fast-answer correctness probe; ``gain`` = that times P(slow right |
+            fast wrong) from a four-class difficulty probe.
+        escalate_above: a fast answer whose escalation score is above this is answered again in slow mode.
         verify_route_threshold: ``route+verify``: the difficulty score above which a question goes straight to slow
             mode (a calibrated name or a number, like ``threshold``); ``None`` = ``threshold``. Calibrated jointly
-            with ``verify_threshold`` by ``python -m reports.cascade``.
+            with ``escalate_above`` by ``python -m reports.cascade``.
     """
 
     threshold: str | float = "best_at_0.5x_slow"
@@ -36,8 +39,13 @@ class SteeringSpec:
     probe_every: int | None = None
     min_tokens: int | None = None
     answer_cue: str = "\n\nAnswer:"
-    verify_threshold: float = 0.5
+    escalate_on: str = "wrong"
+    escalate_above: float = 0.5
     verify_route_threshold: str | float | None = None
+
+    def __post_init__(self):
+        if self.escalate_on not in ESCALATE_ON:
+            raise ValueError(f"escalate_on {self.escalate_on!r} is not one of {ESCALATE_ON}")
 
 
 @dataclass

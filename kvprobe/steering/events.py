@@ -25,7 +25,7 @@ class GenerationResult:
     probe_seconds: float
     reprompt_tokens: int = 0  # of prompt_tokens, those prefilled when the row moved to another mode (routed, escalated)
     escalated: bool = False  # a fast answer was checked, found likely wrong and answered again in slow mode
-    verify_score: float | None = None  # P(correct) of the fast answer that was checked (``verify`` policies)
+    verify_score: float | None = None  # the escalation score of the fast answer that was checked (``verify`` policies)
     token_ids: list[int] = field(repr=False, default_factory=list)
     switch_trace: list[tuple[int, float]] = field(repr=False, default_factory=list)  # (decoded tokens, switch score)
 
@@ -66,7 +66,8 @@ class SwitchEvent(Event):
 
 @dataclass
 class EscalateEvent(Event):
-    """The fast answer ``dropped`` scored ``score`` < ``threshold`` (P(correct)): it is answered again in slow mode."""
+    """The fast answer ``dropped`` has escalation score ``score`` > ``threshold`` (``SteeringSpec.escalate_on``): it is
+    answered again in slow mode."""
 
     score: float
     threshold: float

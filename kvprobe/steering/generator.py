@@ -168,6 +168,9 @@ class KVProbeGenerator:
         if policy.endswith("verify") and "fast" not in self.correctness:
             raise ValueError(f"policy {policy!r} needs a correctness probe trained on fast answers (kvprobe fit --config "
                              "configs/verifier.yaml, then kvprobe assemble ... --correctness_fast <folder>)")
+        if policy.endswith("verify") and self.steering.escalate_on == "gain" and (
+                self.difficulty is None or self.difficulty.hparams.objective != "ce"):
+            raise ValueError(f"policy {policy!r} with escalate_on 'gain' needs a four-class (objective 'ce') difficulty probe")
         if policy.startswith("route") and self.difficulty is None:
             raise ValueError(f"policy {policy!r} needs a difficulty probe; this generator has only a correctness probe")
         if policy == "route+switch" and self.switch is None:
@@ -180,21 +183,23 @@ class KVProbeGenerator:
         hooks: list[Hook] = {"fast": lambda: [FixedMode("fast")], "slow": lambda: [FixedMode("slow")],
                              "oracle": lambda: [GivenModes(oracle_modes)], "route": lambda: [self.router()],
                              "route+switch": lambda: [self.router(), Switcher(self._live_switch, self.switch_window, s)],
-                             "verify": lambda: [FixedMode("fast")],
-                             "route+verify": lambda: [self.router(s.verify_route_threshold)]}[policy]()
+                             # escalating on gain needs the router's P(slow right | fast wrong); it routes nothing
+                             "verify": lambda: [self.router(float("inf"), helps=True) if s.escalate_on == "gain" else FixedMode("fast")],
+                             "route+verify": lambda: [self.router(s.verify_route_threshold, helps=s.escalate_on == "gain")]}[policy]()
         if not self.correctness:
             return hooks
         if any(p.hparams.source == "output" or p.hparams.get("output_inputs") for p in self.correctness.values()):
             hooks.append(OutputScores())
         hooks.append(Confidence(self.correctness))  # before Escalate, which reads the confidence it sets
-        return hooks + ([Escalate(s.verify_threshold)] if policy.endswith("verify") else [])
+        return hooks + ([Escalate(s.escalate_above, s.escalate_on)] if policy.endswith("verify") else [])
 
-    def router(self, threshold: str | float | None = None) -> Router:
-        """The router at ``threshold`` (a calibrated name or a number; ``None`` = the steering's ``threshold``)."""
+    def router(self, threshold: str | float | None = None, helps: bool = False) -> Router:
+        """The router at ``threshold`` (a calibrated name or a number; ``None`` = the steering's ``threshold``);
+        ``helps``: it also gives each row P(slow right | fast wrong)."""
         threshold = self.steering.threshold if threshold is None else threshold
         if not isinstance(threshold, (int, float)):
             threshold = self.difficulty.thresholds[threshold]["threshold"]
-        return Router(self.difficulty, float(threshold), self.route_on, self.window_layers)
+        return Router(self.difficulty, float(threshold), self.route_on, self.window_layers, helps)
 
     def _check_context(self, batch: list, policy: str, caps: dict[str, int], oracle_modes) -> None:
         """Refuse a prompt that, with its mode's token cap, would run past the model's positions (the model would

@@ -19,8 +19,8 @@
   max-probability and entropy of the answer's tokens, kept by ``OutputScores``), give a calibrated P(correct) from
   the probe of the mode the answer was written in (one per mode: a probe trained on slow answers knows little about
   direct ones);
-- ``verify``: answer fast; ``Escalate``: a fast answer whose P(correct) is below ``verify_threshold`` is answered
-  again in slow mode: the cache is cropped to the prompt prefix both modes share (the fast answer's positions are
+- ``verify``: answer fast; ``Escalate``: a fast answer whose escalation score (1 - P(correct), or that times
+  P(slow right | fast wrong): ``escalate_on``) is above ``escalate_above`` is answered again in slow mode: the cache is cropped to the prompt prefix both modes share (the fast answer's positions are
   dropped, never re-encoded) and only the rest of the slow prompt is prefilled (``Row.reopen``);
 - ``route+verify``: ``Router`` (at ``verify_route_threshold``) sends clearly hard questions straight to slow mode,
   the rest go through ``verify``.
@@ -33,6 +33,7 @@ from typing import Iterator
 import torch
 
 from kvprobe.cache import layer_kv, newest_kv
+from kvprobe.cascade import escalation
 from kvprobe.features import pooled_positions, step_stats, window_kv
 from kvprobe.steering.config import SteeringSpec
 from kvprobe.steering.events import EscalateEvent, RouteEvent, SwitchEvent
@@ -60,23 +61,32 @@ class GivenModes(Hook):
 
 
 class Router(Hook):
-    """Scores the difficulty of each prompt from its ``route_on`` prompt's cached window; above ``threshold``: slow."""
+    """Scores the difficulty of each prompt from its ``route_on`` prompt's cached window; above ``threshold``: slow.
+    With ``helps``, also P(slow right | fast wrong) per row (``Row.slow_helps``, a four-class probe's)."""
 
-    def __init__(self, probe, threshold: float, route_on: str, window_layers: list[int]):
+    def __init__(self, probe, threshold: float, route_on: str, window_layers: list[int], helps: bool = False):
         self.probe, self.threshold, self.route_on, self.window_layers = probe, threshold, route_on, window_layers
+        self.helps = helps
 
     def start_modes(self, prompts: list) -> list[str]:
         return [self.route_on] * len(prompts)
 
-    def scores(self, engine, state: DecodeState) -> torch.Tensor:
-        """Difficulty scores from each row's last ``window`` real positions, as capture stored them (fp16)."""
+    def window(self, engine, state: DecodeState) -> dict[str, torch.Tensor]:
+        """Each row's last ``window`` real positions in the capture's ``prompt_kv`` layout (fp16, as stored)."""
         pairs = layer_kv(state.cache, device=engine.lm.input_device)
-        window = window_kv(pairs, state.mask, self.probe.hparams.window, self.window_layers).half()
-        return self.probe.predict({"prompt_kv": window}).cpu()  # the capture's prompt_kv layout
+        return {"prompt_kv": window_kv(pairs, state.mask, self.probe.hparams.window, self.window_layers).half()}
+
+    def scores(self, engine, state: DecodeState) -> torch.Tensor:
+        """Difficulty scores from each row's cached window, as capture stored it."""
+        return self.probe.predict(self.window(engine, state)).cpu()
 
     def on_prefill(self, engine, state: DecodeState) -> Iterator[RouteEvent]:
         with timed(state.rows):
-            scores = self.scores(engine, state).tolist()
+            batch = self.window(engine, state)
+            scores = self.probe.predict(batch).cpu().tolist()
+            if self.helps:
+                for r, p in zip(state.rows, self.probe.slow_helps(batch).cpu().tolist()):
+                    r.slow_helps = p
         for r, score in zip(state.rows, scores):
             r.route_score = score
             r.mode = "slow" if score > self.threshold else "fast"
@@ -185,18 +195,20 @@ def _mean(pairs: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 class Escalate(Hook):
-    """``verify``: a finished fast answer whose confidence (P(correct), set by ``Confidence`` before this hook) is
-    below ``threshold`` is answered again in slow mode, once."""
+    """``verify``: a finished fast answer whose escalation score (``kvprobe.cascade.escalation`` of its confidence,
+    set by ``Confidence`` before this hook, and for ``gain`` the router's ``slow_helps``) is above ``threshold`` is
+    answered again in slow mode, once."""
 
-    def __init__(self, threshold: float):
-        self.threshold = threshold
+    def __init__(self, threshold: float, rule: str = "wrong"):
+        self.threshold, self.rule = threshold, rule
 
     def on_finish(self, engine, state: DecodeState) -> Iterator[EscalateEvent]:
         for r in state.rows:
             if r.answer_mode != "fast" or r.escalated or r.confidence is None:
                 continue
-            r.verify_score = r.confidence
-            if r.confidence < self.threshold:
+            helps = None if r.slow_helps is None else torch.tensor([r.slow_helps])
+            r.verify_score = float(escalation(self.rule, torch.tensor([r.confidence]), helps)[0])
+            if r.verify_score > self.threshold:
                 dropped = r.text
                 r.escalated = True
                 r.reopen("slow")

@@ -34,6 +34,7 @@ class Row:
     forced: list[int] = field(default_factory=list)  # ids still to feed one per step (a switch's cue)
     done: bool = False
     route_score: float | None = None
+    slow_helps: float | None = None  # P(slow right | fast wrong), when the router's probe gives it
     switched_at: int | None = None
     switch_score: float | None = None
     switch_trace: list[tuple[int, float]] = field(default_factory=list)
