@@ -123,6 +123,13 @@ def frontier(policy: str, signals: Signals, outcomes: Outcomes, points: int = 41
     return xs, ys
 
 
+def best_within(policy: str, signals: Signals, outcomes: Outcomes, token_ratio: float, points: int = 41) -> float:
+    """The best accuracy any threshold choice reaches on these questions within ``token_ratio`` x always-slow's mean
+    tokens: an upper bound for diagnosis (chosen on the very questions it is measured on), never a policy."""
+    xs, ys = frontier(policy, signals, outcomes, points)
+    return max((y for x, y in zip(xs, ys) if x <= token_ratio * float(outcomes.slow_tokens.mean()) + 1e-9), default=float("nan"))
+
+
 def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 5000, seed: int = 0) -> dict[str, float]:
     """Mean of ``a - b`` (paired per question) with a 95% percentile bootstrap interval over questions."""
     d = (a.float() - b.float())

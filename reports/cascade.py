@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from kvprobe import cascade
 from kvprobe.evaluate import evaluate, load_data
+from kvprobe.export import load_probe
 from kvprobe.metrics import auroc_or_nan
 from kvprobe.models import left_pad
 from kvprobe.plots import pyplot
@@ -75,9 +76,10 @@ def fit_verifiers(root: Path, splits: dict[str, list[str]]) -> dict[str, dict]:
     """Each verifier variant fitted (train), its scores on validation and test and its AUROCs."""
     out = {}
     for name, (config, extra) in VERIFIERS.items():
-        results, cli = quiet_fit(["--config", config, *extra], root / ("verifier-" + name.replace(": ", "-").replace(" ", "_").replace("+", "plus")))
+        folder = root / ("verifier-" + name.replace(": ", "-").replace(" ", "_").replace("+", "plus"))
+        results, cli = quiet_fit(["--config", config, *extra], folder)
         dm, probe = cli.datamodule, cli.model
-        entry = {"probe": probe, "dm": dm, "mode": name.split(":")[0], "results": results["test"]}
+        entry = {"probe": probe, "folder": folder, "dm": dm, "mode": name.split(":")[0], "results": results["test"]}
         for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
             s, qids = scores_of(probe, loader)
             labels = torch.tensor([float(loader.dataset.rows[i]["correct"]) for i in loader.dataset.indices])
@@ -217,6 +219,21 @@ def main(argv: list[str] | None = None) -> dict:
     best = max(cascades, key=lambda p: (offline[p]["at_half"]["val_accuracy"], -offline[p]["at_half"]["val_mean_tokens"]))  # on validation
     diff = cascade.paired_bootstrap(offline[best]["at_half"]["per_question"]["correct"], offline["route"]["at_half"]["per_question"]["correct"])
 
+    # --- why: at the budget, the best any threshold reaches on test (an upper bound, for diagnosis only), with the
+    # verifier as it is and replaced by the truth (the fast answer's grade); and how well each score tells "slow mode
+    # fixes it" from "nothing does" among the wrong fast answers
+    ceiling = {}
+    for label in ["route"] + cascades:
+        policy, router, rule = policies[label]
+        real = signals("test", router, rule)
+        truth = cascade.Signals(real.route, cascade.escalation(rule, test.fast_correct, helps["test"]))
+        ceiling[label] = {"calibrated": offline[label]["at_half"]["accuracy"],
+                          "verifier": cascade.best_within(policy, real, test, BUDGET),
+                          "truth": cascade.best_within(policy, truth, test, BUDGET)}
+    wrong = test.fast_correct == 0
+    fixable = {"P(slow right | fast wrong), four-class KV probe": auroc_or_nan(helps["test"][wrong], test.slow_correct[wrong])}
+    fixable |= {name: auroc_or_nan(v["test"][wrong], test.slow_correct[wrong]) for name, v in route_scores.items()}
+
     # --- confidence offline: each answer's confidence from its mode's chosen probe ---
     conf = {mode: verifiers[chosen[mode]]["test"] for mode in ("fast", "slow")}
     route_pq = offline["route"]["at_half"]["per_question"]
@@ -229,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     # --- live: the same test questions through the generator at the calibrated thresholds ---
     live, agreement, live_diff = {}, {}, None
     if not args.no_live:
-        probes = [verifiers[chosen[m]]["probe"] for m in ("slow", "fast")]
+        probes = [load_probe(verifiers[chosen[m]]["folder"], gen.lm) for m in ("slow", "fast")]  # as exported, card and all
         route_t = float(offline["route"]["at_half"]["thresholds"][0])
         setups = {"fast": ("fast", {}), "slow": ("slow", {}), "route": ("route", {})}
         for label in cascades:
@@ -259,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     figures = headline(offline, fixed, best, diff, verifier, confidence, live, agreement, len(test), route_scores)
     out.with_suffix(".json").write_text(json.dumps(figures, indent=1))
     text = report(args, offline, fixed, best, diff, verifiers, chosen, confidence, live, agreement, router_settings,
-                  figures, figure, live_diff)
+                  figures, figure, live_diff, ceiling, fixable, int(wrong.sum()))
     write_report(out, text)
     return figures
 
@@ -294,7 +311,7 @@ def fmt(r: dict) -> str:
 
 
 def report(args, offline, fixed, best, diff, verifiers, chosen, confidence, live, agreement, router_settings, figures,
-           figure, live_diff) -> str:
+           figure, live_diff, ceiling, fixable, n_wrong) -> str:
     slow = fixed["always-slow"]
     lines = [
         "# Cascades: route, answer fast, verify, escalate", "",
@@ -338,6 +355,15 @@ def report(args, offline, fixed, best, diff, verifiers, chosen, confidence, live
     lines += ["", f"Best cascade (chosen on validation): `{best}`. Paired bootstrap over test questions, `{best}` minus `route` "
               f"at the same budget: {diff['diff']:+.3f} [{diff['lo']:+.3f}, {diff['hi']:+.3f}]"
               + (f"; live: {live_diff['diff']:+.3f} [{live_diff['lo']:+.3f}, {live_diff['hi']:+.3f}]." if live_diff else "."), ""]
+    lines += ["## Where the accuracy goes: the verifier is not the limit", "",
+              f"Test accuracy at <= {BUDGET}x always-slow's tokens: calibrated on validation (the policies above), and the "
+              "best any threshold choice reaches on test (an upper bound for diagnosis: it is picked on the questions it is "
+              "measured on), with the verifier as it is and with the verifier replaced by the truth (each fast answer's grade):", "",
+              "| policy | calibrated on val | best threshold on test | best threshold on test, perfect verifier |", "|---|---|---|---|"]
+    lines += [f"| {k} | {r['calibrated']:.3f} | {r['verifier']:.3f} | {r['truth']:.3f} |" for k, r in ceiling.items()]
+    lines += ["", f"What a cascade must still decide is which wrong fast answers slow mode can fix. AUROC of each score for "
+              f"\"slow mode gets it right\" among the {n_wrong} test questions whose fast answer is wrong:", "",
+              "| score | AUROC |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in fixable.items()] + [""]
     lines += ["## The paper's headline form: the cheapest policy within 2 / 3 points of always-slow (calibrated on val)", "",
               "| policy | router | loss budget | test accuracy | accuracy loss vs always-slow | tokens / always-slow | token reduction |",
               "|---|---|---|---|---|---|---|"]

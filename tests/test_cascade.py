@@ -74,3 +74,11 @@ def test_paired_bootstrap_brackets_the_mean_difference():
     a, b = torch.tensor([1.0] * 30 + [0.0] * 10), torch.tensor([1.0] * 20 + [0.0] * 20)
     d = cascade.paired_bootstrap(a, b)
     assert d["diff"] == pytest.approx(0.25) and d["lo"] < 0.25 < d["hi"] and d["lo"] > 0
+
+
+def test_best_within_is_the_frontier_inside_the_budget():
+    o = outcomes([1, 0, 1, 0, 1, 0], [1, 1, 1, 1, 0, 0])
+    s = cascade.Signals(route=torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]), escalate=1 - torch.tensor([0.9, 0.1, 0.8, 0.2, 0.7, 0.3]))
+    assert cascade.best_within("verify", s, o, 1.0) == pytest.approx(5 / 6)
+    assert cascade.best_within("verify", s, o, 0.15) == pytest.approx(0.5)  # 3 tokens: nothing can escalate
+    assert math.isnan(cascade.best_within("verify", s, o, 0.01))
