@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -291,7 +292,7 @@ def headline(offline, fixed, best, diff, verifier, confidence, live, agreement, 
         "route_acc_at_half": half("route")["accuracy"], "route_tokens_over_slow": half("route")["tokens_over_slow"],
         "cascade_policy": best, "cascade_acc_at_half": half(best)["accuracy"], "cascade_tokens_over_slow": half(best)["tokens_over_slow"],
         "cascade_minus_route": diff["diff"], "cascade_minus_route_ci_lo": diff["lo"], "cascade_minus_route_ci_hi": diff["hi"],
-        **{f"{k.replace('+', '_').replace(' (', '_').rstrip(')')}_acc_at_half": half(k)["accuracy"] for k in offline if k.startswith(("verify (", "route+verify ("))},
+        **{f"{re.sub('[^a-z0-9]+', '_', k).strip('_')}_acc_at_half": half(k)["accuracy"] for k in offline if k.startswith(("verify (", "route+verify ("))},
         "text_router_acc_at_half": half(text_name)["accuracy"], "hidden_router_acc_at_half": half(hidden_name)["accuracy"],
         "verifier_test_auroc": verifier["test_auroc"],
         "confidence_auroc_fast_answers": confidence["fast answers"], "confidence_auroc_route_answers": confidence["route's answers"],

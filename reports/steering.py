@@ -47,9 +47,10 @@ def header(gen: KVProbeGenerator, args, n: int, command: str) -> list[str]:
         "```bash", command, "```", "",
         f"Base model `{gen.lm.spec.name}` ({gen.lm.spec.dtype}); {n} {args.split} questions the probes never trained on; greedy; "
         f"batches of {args.batch_size}. Route threshold `{s.threshold}` ({threshold:.4f}, calibrated on validation){switch}. "
-        f"verify / route+verify: a fast answer whose P(correct) is below {s.verify_threshold:.4f} is answered again in slow "
-        f"mode; route+verify sends a question straight to slow above route score {_number(gen, s.verify_route_threshold):.4f} "
-        "(both calibrated jointly on validation, python -m reports.cascade). "
+        f"verify / route+verify: a fast answer whose escalation score ({'1 - P(correct)' if s.escalate_on == 'wrong' else '(1 - P(correct)) x P(slow right | fast wrong)'}) "
+        f"is above {s.escalate_above:.4f} is answered again in slow mode; route+verify sends a question straight to slow above "
+        f"route score {_number(gen, s.verify_route_threshold):.4f} (both calibrated jointly on validation for route+verify, "
+        "python -m reports.cascade, where verify's own calibration is reported too). "
         "Tokens count every decoded token of both modes and of both attempts; cue tokens are forced (fed, not decoded) and "
         "listed apart, as are prompt tokens. Confidence AUROC: the returned confidence (from the correctness probe of the "
         "mode each answer was written in) against the grades. "
