@@ -20,7 +20,7 @@ class GenerationResult:
     tokens: dict[str, int]
     cue_tokens: int
     prompt_tokens: int  # prompt positions prefilled (both modes' shared prefix counted once)
-    confidence: float | None  # calibrated P(correct) from the correctness probe of the mode the answer was written in
+    confidence: float | None  # calibrated P(correct) from the correctness probe of the answer's mode (None: no such probe)
     seconds: float
     probe_seconds: float
     reprompt_tokens: int = 0  # of prompt_tokens, those prefilled when the row moved to another mode (routed, escalated)
