@@ -403,7 +403,17 @@ def test_sampling_parameters(gen):
     stop = text[len(text) // 2: len(text) // 2 + 2]
     cut = gen.generate(QUESTIONS[0], policy="slow", stop_strings=[stop])
     assert stop in cut.text and text.startswith(cut.text) and len(cut.token_ids) < len(greedy_ids[0].token_ids)
+    # a seed per prompt: each prompt samples alone what it samples in the batch; the same prompt, other seeds, differs
+    seeds = [11, 12, 13]
+    batch = gen.generate(QUESTIONS, policy="slow", do_sample=True, temperature=2.0, seed=seeds)
+    alone = [gen.generate([q], policy="slow", do_sample=True, temperature=2.0, seed=[s])[0] for q, s in zip(QUESTIONS, seeds)]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
+    same = gen.generate([QUESTIONS[1]] * 3, policy="slow", do_sample=True, temperature=2.0, seed=seeds)
+    assert same[1].token_ids == batch[1].token_ids and len({tuple(r.token_ids) for r in same}) > 1
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        gen.generate(QUESTIONS, policy="slow", do_sample=True, seed=[1, 2])
     for bad, name in [({"temperature": 0}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"stop_strings": "x"}, "stop_strings"),
+                      ({"seed": [1, "2"]}, "seed"), ({"seed": 1.5}, "seed"),
                       ({"do_sample": 1}, "do_sample"), ({"beams": 2}, "unknown generation parameters")]:
         with pytest.raises(ValueError, match=name):
             gen.generate(QUESTIONS[0], policy="fast", **bad)

@@ -59,7 +59,9 @@ class GenerationConfig:
         temperature: divides the logits before sampling.
         top_k: sample among the ``top_k`` most likely tokens only (0 = all).
         top_p: sample among the most likely tokens whose probabilities add up to ``top_p`` (1.0 = all).
-        seed: seeds the sampling generator of each call, so a call is reproducible; ``None`` = torch's global RNG.
+        seed: seeds the sampling generator of each call, so a call is reproducible; a list gives each prompt its own
+            generator (one seed per prompt), so that a prompt samples the same answer alone or in any batch (as
+            far as the batch's float sums allow); ``None`` = torch's global RNG.
         stop_strings: an answer ends once its text contains one of these (kept in the text, as in transformers).
     """
 
@@ -68,7 +70,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | list[int] | None = None
     stop_strings: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -82,7 +84,8 @@ class GenerationConfig:
         need(type(self.top_k) is int and self.top_k >= 0, "top_k", "a whole number >= 0")
         need(isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool) and 0 < self.top_p <= 1,
              "top_p", "a number in (0, 1]")
-        need(self.seed is None or type(self.seed) is int, "seed", "a whole number or None")
+        need(self.seed is None or type(self.seed) is int or (isinstance(self.seed, (list, tuple)) and bool(self.seed)
+             and all(type(s) is int for s in self.seed)), "seed", "a whole number, a list of them (one per prompt) or None")
         need(self.stop_strings is None or (isinstance(self.stop_strings, (list, tuple)) and all(
             isinstance(s, str) and s for s in self.stop_strings)), "stop_strings", "a list of non-empty strings")
         self.caps({})  # checks max_new_tokens

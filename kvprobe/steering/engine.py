@@ -31,12 +31,23 @@ class DecodeEngine:
                  config: GenerationConfig, caps: dict[str, int]):
         self.lm, self.prompt_ids, self.hooks, self.config, self.caps = lm, prompt_ids, hooks, config, caps
         self.eos = set(eos_ids(lm))
-        self.sampler = None
-        if config.do_sample and config.seed is not None:
-            self.sampler = torch.Generator(device=lm.input_device).manual_seed(config.seed)
+        self.samplers: dict[int, torch.Generator] | torch.Generator | None = None  # per prompt index, or one per call
+
+    def _seed(self, prompts: list) -> None:
+        """The call's sampling generator(s), fresh for every run: one per call, or one per prompt for a seed list."""
+        seed, device = self.config.seed, self.lm.input_device
+        if not self.config.do_sample or seed is None:
+            self.samplers = None
+        elif isinstance(seed, int):
+            self.samplers = torch.Generator(device=device).manual_seed(seed)
+        elif len(seed) != len(prompts):
+            raise ValueError(f"seed is a list of {len(seed)} seeds for {len(prompts)} prompts: give one per prompt")
+        else:
+            self.samplers = {i: torch.Generator(device=device).manual_seed(s) for i, s in enumerate(seed)}
 
     def run(self, prompts: list) -> Iterator[Event]:
         self.prompts = prompts
+        self._seed(prompts)
         t0 = time.perf_counter()
         modes = next((m for h in self.hooks if (m := h.start_modes(prompts)) is not None), None)
         if modes is None:
@@ -122,8 +133,9 @@ class DecodeEngine:
             r.reprompt_tokens += len(t) - c
         return new
 
-    def pick(self, logits: torch.Tensor) -> list[int]:
-        """The next token of every row: greedy, or sampled as the config says."""
+    def pick(self, logits: torch.Tensor, rows: list[Row] | None = None) -> list[int]:
+        """The next token of every row: greedy, or sampled as the config says (with each row's own generator when
+        the seed is a list: ``rows`` say whose)."""
         c = self.config
         if not c.do_sample:
             return logits.argmax(-1).tolist()
@@ -136,7 +148,10 @@ class DecodeEngine:
             before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass of the tokens ranked above
             drop = (before >= c.top_p).scatter(-1, order, before >= c.top_p)
             logits = logits.masked_fill(drop, float("-inf"))
-        return torch.multinomial(logits.softmax(-1), 1, generator=self.sampler).squeeze(1).tolist()
+        probs = logits.softmax(-1)
+        if isinstance(self.samplers, dict):
+            return [int(torch.multinomial(probs[j], 1, generator=self.samplers[r.index])) for j, r in enumerate(rows)]
+        return torch.multinomial(probs, 1, generator=self.samplers).squeeze(1).tolist()
 
     def decode(self, state: DecodeState) -> Iterator[Event]:
         """Decode every row of ``state`` to its end (eos, its mode's cap or a stop string)."""
@@ -147,7 +162,7 @@ class DecodeEngine:
             r.answer_mode = r.answer_mode or r.mode
         logits = state.logits
         while True:
-            next_ids = self.pick(logits)
+            next_ids = self.pick(logits, rows)
             blocks, fed = [], []
             state.logits, state.picked = logits, [not r.done and not r.forced for r in rows]
             for j, r in enumerate(rows):
