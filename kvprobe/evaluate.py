@@ -4,10 +4,10 @@
 
 For each policy (fast, slow, route, route+switch, verify, route+verify, oracle) the generator answers the questions
 of the data config's split (by default test, which the probes never trained on), greedy, batched. Reported per
-policy: accuracy, mean decoded tokens (every decoded token of every attempt, both modes), slow share (questions that
-decoded in slow mode at all), escalations, switches, cue and prompt tokens (and of those, the ones prefilled again when a
-question moved to slow mode), probe time as a share of the policy's wall time, wall time, the AUROC of the returned
-confidence against the grades, and for the routing policies whether they meet the bar (accuracy of the better
+policy: accuracy, mean decoded tokens (every decoded token of every attempt, both modes), slow share (questions
+that decoded in slow mode at all), escalations, switches, cue and prompt tokens (and of those, the ones prefilled
+again when a question moved to slow mode), probe time as a share of the policy's wall time, wall time, the AUROC of
+the returned confidence against the grades, and for the routing policies whether they meet the bar (accuracy of the better
 fixed mode - 1 point, at most half of always-slow's tokens, probe time at most 1%) on these live answers.
 """
 

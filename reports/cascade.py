@@ -49,23 +49,20 @@ LOSSES = (0.02, 0.03)  # accuracy loss vs always-slow, the paper's headline form
 TEXT_ROUTER = "text-only router (char n-gram TF-IDF, logistic)"
 
 
-def scores_of(probe, loader) -> tuple[torch.Tensor, list[str]]:
-    """The probe's calibrated scores over ``loader`` and the question ids, in order."""
+def scores_of(probe, loader, method: str = "predict") -> tuple[torch.Tensor, list[str]]:
+    """``probe.<method>`` (its calibrated score; ``slow_helps`` for a difficulty probe's P(slow right | fast wrong))
+    over ``loader`` in eval mode, and the question ids, in order."""
     probe.eval()
-    out, qids = [], []
     with torch.no_grad():
-        for batch in loader:
-            out.append(probe.predict(batch).float().cpu())
+        out = torch.cat([getattr(probe, method)(batch).float().cpu() for batch in loader])
     ds = loader.dataset
-    qids = [ds.rows[i]["qid"] for i in ds.indices]
-    return torch.cat(out), qids
+    return out, [ds.rows[i]["qid"] for i in ds.indices]
 
 
-def scores_of_helps(probe, loader) -> torch.Tensor:
-    """P(slow right | fast wrong) per question of ``loader`` from the four-class difficulty probe."""
-    probe.eval()
-    with torch.no_grad():
-        return torch.cat([probe.slow_helps(batch).float().cpu() for batch in loader])
+def grades_of(loader) -> torch.Tensor:
+    """The captured grade of every answer ``loader`` serves, in order."""
+    ds = loader.dataset
+    return torch.tensor([float(ds.rows[i]["correct"]) for i in ds.indices])
 
 
 def aligned(values: torch.Tensor, qids: list[str], want: list[str]) -> torch.Tensor:
@@ -83,9 +80,8 @@ def fit_verifiers(root: Path, splits: dict[str, list[str]]) -> dict[str, dict]:
         entry = {"probe": probe, "folder": folder, "dm": dm, "mode": name.split(":")[0], "results": results["test"]}
         for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
             s, qids = scores_of(probe, loader)
-            labels = torch.tensor([float(loader.dataset.rows[i]["correct"]) for i in loader.dataset.indices])
             entry[split] = aligned(s, qids, splits[split])
-            entry[f"{split}_auroc"] = auroc_or_nan(s, labels)
+            entry[f"{split}_auroc"] = auroc_or_nan(s, grades_of(loader))
         out[name] = entry
     return out
 
@@ -103,8 +99,7 @@ def old_confidence(verifiers: dict) -> float:
     """Test AUROC of the slow-answer KV probe (what every answer's confidence came from before) on the fast answers."""
     probe, dm = verifiers["slow: answer KV"]["probe"], verifiers["fast: answer KV"]["dm"]
     loader = dm.test_dataloader()
-    s, _ = scores_of(probe, loader)
-    return auroc_or_nan(s, torch.tensor([float(loader.dataset.rows[i]["correct"]) for i in loader.dataset.indices]))
+    return auroc_or_nan(scores_of(probe, loader)[0], grades_of(loader))
 
 
 def logistic_router(train_x, train_y, val_x, val: Outcomes, grid: list[float], scale: bool):
@@ -195,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     route_scores, router_settings = routers(gen, dm, val, rows)
     kv_router = "KV difficulty probe (shipped)"
 
-    helps = {split: scores_of_helps(gen.difficulty, loader) for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader()))}
+    helps = {split: scores_of(gen.difficulty, loader, "slow_helps")[0] for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader()))}
 
     def signals(split: str, router: str, rule: str) -> cascade.Signals:
         return cascade.Signals(route_scores[router][split], cascade.escalation(rule, verifier[split], helps[split]))

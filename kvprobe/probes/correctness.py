@@ -99,14 +99,14 @@ class CorrectnessProbe(HeadProbe):
         key = SOURCES[hp.source]
         if key not in batch:
             raise KeyError(f"probe source {hp.source!r} needs {key!r} in the capture; capture with the matching feature flag")
-        x = batch[key] if hp.source == "output" else batch[key].float()
         if hp.source == "length":
             x = length_features(batch)
         elif hp.source == "output":
             x = output_features(batch)
         elif hp.source == "hidden":  # (batch, layers + 1, hidden) as one "head" of one "K/V" slot per layer
-            x = probe_input(x[:, :, None, None], hp.layers, "both", "flatten", hp.layer_pool)
+            x = probe_input(batch[key].float()[:, :, None, None], hp.layers, "both", "flatten", hp.layer_pool)
         else:
+            x = batch[key].float()
             if hp.source == "prompt_kv":
                 x = x.mean(-2)  # (batch, layers, 2, heads, window, dim) -> mean over the window
             x = probe_input(x, hp.layers, hp.kv, hp.head_pool, hp.layer_pool)

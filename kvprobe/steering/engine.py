@@ -133,9 +133,9 @@ class DecodeEngine:
             r.reprompt_tokens += len(t) - c
         return new
 
-    def pick(self, logits: torch.Tensor, rows: list[Row] | None = None) -> list[int]:
-        """The next token of every row: greedy, or sampled as the config says (with each row's own generator when
-        the seed is a list: ``rows`` say whose)."""
+    def pick(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
+        """The next token of each of ``rows``: greedy, or sampled as the config says (with each row's own generator
+        when the seed is a list)."""
         c = self.config
         if not c.do_sample:
             return logits.argmax(-1).tolist()

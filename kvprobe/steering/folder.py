@@ -9,7 +9,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import kvprobe
-from kvprobe.export import ProbeMismatch, load_probe, read_card, replace_folder, write_probe
+from kvprobe.export import ProbeCard, ProbeMismatch, load_probe, read_card, replace_folder, write_probe
 from kvprobe.models import LoadedModel, ModelSpec, for_batches, load_model, model_shape, resolve
 from kvprobe.resources import resolve_generator
 from kvprobe.steering.config import SteeringSpec
@@ -18,11 +18,10 @@ GENERATOR_FILE = "generator.json"
 SLOTS = ("difficulty", "correctness", "correctness_fast", "switch")  # a correctness slot per mode its probe reads
 
 
-def slot(probe) -> str:
-    """The subfolder of a generator that holds ``probe``: its kind, and for a fast-answer correctness probe
-    ``correctness_fast``."""
-    kind = probe.card.kind
-    return f"{kind}_fast" if kind == "correctness" and probe.card.prompt.mode == "fast" else kind
+def slot(card: ProbeCard) -> str:
+    """The subfolder of a generator that holds the probe of ``card``: its kind, and for a fast-answer correctness
+    probe ``correctness_fast``."""
+    return "correctness_fast" if card.kind == "correctness" and card.prompt.mode == "fast" else card.kind
 
 
 def load(path: str | Path, model=None, tokenizer=None, device_map: str | None = None, dtype: str | None = None):
@@ -35,8 +34,7 @@ def load(path: str | Path, model=None, tokenizer=None, device_map: str | None = 
         folders = {name: where / sub for name, sub in meta["probes"].items()}
         steering = steering_spec(meta.get("steering", {}), where / GENERATOR_FILE)
     elif (where / "probe.json").is_file():
-        card = read_card(where)
-        folders = {"correctness_fast" if card.kind == "correctness" and card.prompt.mode == "fast" else card.kind: where}
+        folders = {slot(read_card(where)): where}
     else:
         raise FileNotFoundError(f"{path} holds neither {GENERATOR_FILE} nor probe.json: not a kvprobe generator or probe")
     cards = {name: read_card(p) for name, p in folders.items()}
@@ -60,9 +58,10 @@ def load_probes(lm: LoadedModel, folders: list[str | Path | None]) -> dict:
     probes = {}
     for where in filter(None, folders):
         probe = load_probe(where, lm)
-        if slot(probe) in probes:
-            raise ValueError(f"{where}: a second {slot(probe)} probe; a generator holds one per slot {SLOTS}")
-        probes[slot(probe)] = probe
+        name = slot(probe.card)
+        if name in probes:
+            raise ValueError(f"{where}: a second {name} probe; a generator holds one per slot {SLOTS}")
+        probes[name] = probe
     return probes
 
 

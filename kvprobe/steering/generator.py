@@ -114,7 +114,7 @@ class KVProbeGenerator:
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the generator folder whole: it appears complete or not at all (an older one stays until then)."""
         probes = [p for p in (self.difficulty, *self.correctness.values(), self.switch) if p is not None]
-        return folder.save(path, {folder.slot(p): p for p in probes}, self.steering)
+        return folder.save(path, {folder.slot(p.card): p for p in probes}, self.steering)
 
     # --- prompts ------------------------------------------------------------------------------------------------------
     def prompt_ids(self, prompt, mode: str) -> list[int]:

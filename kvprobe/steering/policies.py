@@ -20,8 +20,9 @@
   the probe of the mode the answer was written in (one per mode: a probe trained on slow answers knows little about
   direct ones);
 - ``verify``: answer fast; ``Escalate``: a fast answer whose escalation score (1 - P(correct), or that times
-  P(slow right | fast wrong): ``escalate_on``) is above ``escalate_above`` is answered again in slow mode: the cache is cropped to the prompt prefix both modes share (the fast answer's positions are
-  dropped, never re-encoded) and only the rest of the slow prompt is prefilled (``Row.reopen``);
+  P(slow right | fast wrong): ``escalate_on``) is above ``escalate_above`` is answered again in slow mode: the
+  cache is cropped to the prompt prefix both modes share (the fast answer's positions are dropped, never
+  re-encoded) and only the rest of the slow prompt is prefilled (``Row.reopen``);
 - ``route+verify``: ``Router`` (at ``verify_route_threshold``) sends clearly hard questions straight to slow mode,
   the rest go through ``verify``.
 """
