@@ -24,6 +24,7 @@ import kvprobe
 from kvprobe.features import FeatureSpec, OutputStats, pooled_hidden, pooled_response, prompt_window, token_trajectory
 from kvprobe.assets import cache_dir
 from kvprobe.cache import layer_kv
+from kvprobe.decoding import DrawTokens, row_generators
 from kvprobe.models import LoadedModel, ModelSpec, eos_ids, last_logits_only, left_pad, load_model, load_tokenizer, locate, model_shape
 from kvprobe.prompts import PromptSpec, check_token_caps, prompt_ids
 from kvprobe.store import CaptureStore, spec_digest
@@ -42,8 +43,11 @@ class GenerationSpec:
         do_sample: sample instead of greedy decoding.
         temperature: sampling temperature (only with ``do_sample``).
         top_p: nucleus sampling mass (only with ``do_sample``).
-        seed: sampling seed (each shard reseeds from it, so data-parallel runs sample the same tokens).
+        seed: sampling seed: sample ``j`` of each question draws from its own generator seeded ``seed + j``, as the
+            live engine seeds it, so the same tokens come out in any batch, shard or process.
         shard_size: items per shard on disk: the unit of resume and of data-parallel work.
+        samples: answers per question (with ``do_sample``): stored as rows that keep the question's id and their
+            ``sample`` index, next to each other; splits are by question, so a question's samples stay together.
     """
 
     max_new_tokens: dict[str, int] | None = None
@@ -53,16 +57,19 @@ class GenerationSpec:
     top_p: float = 1.0
     seed: int = 0
     shard_size: int = 64
+    samples: int = 1
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None:
             self.max_new_tokens = check_token_caps(self.max_new_tokens, "generation.max_new_tokens")
-        for name in ("batch_size", "shard_size"):
+        for name in ("batch_size", "shard_size", "samples"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"generation.{name} must be a whole number >= 1, not {value!r}")
         if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, not {self.temperature!r}, {self.top_p!r}")
+        if self.samples > 1 and not self.do_sample:
+            raise ValueError(f"generation.samples {self.samples} needs do_sample: true (greedy answers would all be the same)")
 
 
 @dataclass
@@ -116,7 +123,9 @@ def capture_spec(model: ModelSpec, source: str, digest: str, task: TaskSpec, pro
         "task": {k: v for k, v in asdict(task).items() if k != "grader" or v is not None},  # the default leaves no trace
         "items": items_digest(items),
         "prompt": prompt.to_dict(),
-        "generation": asdict(gen),
+        # one answer per question leaves no trace, so captures from before ``samples`` existed keep their names
+        "generation": {k: v for k, v in asdict(gen).items() if k != "samples" or v != 1}
+        | ({"sampler": "kvprobe.decoding"} if gen.do_sample else {}),  # it once was transformers' own
         "features": feats.to_dict(),
     }
 
@@ -135,25 +144,29 @@ def _validate(items: list[Item], ids: list[list[int]], limit: int | None, max_ne
             )
 
 
-def generate_batch(lm: LoadedModel, batch: list[list[int]], gen: GenerationSpec, max_new: int, feats: FeatureSpec):
+def generate_batch(lm: LoadedModel, batch: list[list[int]], gen: GenerationSpec, max_new: int, feats: FeatureSpec,
+                   seeds: list[int] | None = None):
     """One left-padded ``generate`` call over prompt ids ``batch``: (output with the cache, new ids, answer lengths,
-    finished-before-the-cap flags, output statistics, prompt width)."""
+    finished-before-the-cap flags, output statistics, prompt width). With ``do_sample`` row ``i`` draws its tokens
+    from a generator seeded ``seeds[i]`` (``kvprobe.decoding``: the sampler the live engine uses)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     tok = lm.tokenizer
     input_ids, mask = left_pad(batch, tok.pad_token_id)
     width = input_ids.shape[1]
     eos = eos_ids(lm)
-    config = GenerationConfig(
-        max_new_tokens=max_new, do_sample=gen.do_sample, pad_token_id=tok.pad_token_id, eos_token_id=eos,
-        **({"temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else {}),
+    config = GenerationConfig(  # greedy over DrawTokens' scores when sampling: it leaves one token finite per row
+        max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=eos,
         return_dict_in_generate=True, output_hidden_states=feats.hidden_states,
     )
-    stats = OutputStats()
+    stats = OutputStats()  # first: it sees the model's own distribution
     device = lm.input_device
+    processors = [stats]
+    if gen.do_sample:
+        processors.append(DrawTokens(row_generators(seeds, device), gen.temperature, 0, gen.top_p))
     out = lm.model.generate(
         input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config,
-        logits_processor=LogitsProcessorList([stats]), **last_logits_only(lm.model),
+        logits_processor=LogitsProcessorList(processors), **last_logits_only(lm.model),
     )
     new = out.sequences[:, width:].cpu()
     is_eos = torch.isin(new, torch.tensor(eos))
@@ -176,15 +189,17 @@ def answer_features(out, width: int, lengths: torch.Tensor, prompt_lengths: torc
     return {k: v.cpu() for k, v in tensors.items()}, trajectory
 
 
-def _run_shard(lm, items, ids, gen, feats, prompt, grader, progress) -> tuple[dict, list[dict]]:
-    """Generate, grade and featurise one shard's items; returns its tensors and table rows in item order."""
+def _run_shard(lm, items, ids, seeds, gen, feats, prompt, grader, progress) -> tuple[dict, list[dict]]:
+    """Generate, grade and featurise one shard's items (item ``i`` sampled from seed ``seeds[i]``); returns its
+    tensors and table rows in item order."""
     max_new = gen.max_new_tokens[prompt.mode]
     order = sorted(range(len(items)), key=lambda i: -len(ids[i]))  # similar lengths batch with little padding
     parts: dict[int, tuple] = {}
     for start in range(0, len(order), gen.batch_size):
         chunk = order[start : start + gen.batch_size]
         prompt_lengths = torch.tensor([len(ids[i]) for i in chunk])
-        out, new, lengths, finished, stats, width = generate_batch(lm, [ids[i] for i in chunk], gen, max_new, feats)
+        out, new, lengths, finished, stats, width = generate_batch(lm, [ids[i] for i in chunk], gen, max_new, feats,
+                                                                    [seeds[i] for i in chunk])
         tensors, trajectory = answer_features(out, width, lengths, prompt_lengths, lm, feats)
         max_prob, entropy = stats.means(lengths)
         del out
@@ -246,6 +261,7 @@ def capture(
     model = loaded.spec if loaded else model
     source, model_digest = (loaded.source, loaded.fingerprint) if loaded else locate(model)
     record = capture_spec(model, source, model_digest, task, prompt, generation, features, items)
+    items = [item for item in items for _ in range(generation.samples)]  # a question's samples, side by side
     digest = spec_digest(record)
     store = CaptureStore(Path(root or cache_dir() / "captures") / f"{task.name}-{prompt.mode}-{digest[:16]}")
     if not store.complete and rank == 0:
@@ -271,13 +287,14 @@ def capture(
     progress.tokens, progress.t0 = 0, time.perf_counter()
     for j in todo:
         t0 = time.perf_counter()
-        # each shard samples from its own seed; forked, so the caller's random state (e.g. a probe's initialisation
-        # after seed_everything) is the same whether this run captured or found the capture cached
-        with torch.random.fork_rng(), torch.inference_mode():
-            torch.manual_seed(generation.seed + j)
-            tensors, rows = _run_shard(lm, [items[i] for i in shards[j]], [ids[i] for i in shards[j]], generation, features, prompt, grader, progress)
+        with torch.inference_mode():
+            tensors, rows = _run_shard(lm, [items[i] for i in shards[j]], [ids[i] for i in shards[j]],
+                                       [generation.seed + i % generation.samples for i in shards[j]], generation,
+                                       features, prompt, grader, progress)
         for r, i in zip(rows, shards[j]):
             r["index"] = i
+            if generation.samples > 1:
+                r["sample"] = i % generation.samples
         store.write_shard(j, tensors, rows, time.perf_counter() - t0)
     progress.close()
     barrier()

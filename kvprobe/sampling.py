@@ -12,6 +12,11 @@ math-verify makes ``0.5`` and ``\\frac{1}{2}`` one class), its probe score P(cor
 - ``max_prob_best``: the class of the most confident sample;
 - ``oracle``: a right class whenever one was sampled (pass@N, the ceiling).
 
+Early stopping (``settled``, ``stopped_at``) draws samples in waves and stops once the table so far is settled: the
+probe's rule (``margin``: the leading class's summed P(correct) is ahead of the runner-up's by ``stop_at``) or ESC's
+(``agree``: the latest wave answered as one). The live ``sample`` policy and the offline simulation call the same
+functions.
+
 Ties go to the lower class number (``answer_classes`` numbers classes in order of appearance), and between samples to
 the earlier one. A sample whose answer could not be extracted joins no class; a table
 with no class answers nothing (counted wrong).
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from kvprobe.tasks import Item, grade
 
 RULES = ("vote", "probe_best", "probe_vote", "confidence_vote", "max_prob_best", "oracle")
+STOP_ON = ("margin", "agree")
 
 
 def answer_classes(item: Item, responses: list[str]) -> tuple[list[int], list[str]]:
@@ -58,6 +64,17 @@ class VoteTable:
         if not n or any(len(x) != n for x in (self.probe, self.confidence, self.correct)):
             raise ValueError("a vote table needs one class, probe score, confidence and grade per sample")
 
+    def head(self, m: int) -> "VoteTable":
+        """The table of the first ``m`` samples (classes keep their numbers: they are numbered by first appearance)."""
+        return VoteTable(self.classes[:m], self.probe[:m], self.confidence[:m], self.correct[:m])
+
+    def totals(self, weights: list[float]) -> dict[int, float]:
+        """Each answered class's summed weight."""
+        out: dict[int, float] = {}
+        for i in self._answered():
+            out[self.classes[i]] = out.get(self.classes[i], 0.0) + weights[i]
+        return out
+
     def _answered(self) -> list[int]:
         return [i for i, k in enumerate(self.classes) if k >= 0]
 
@@ -65,7 +82,7 @@ class VoteTable:
         totals: dict[int, float] = {}
         for i in samples:
             totals[self.classes[i]] = totals.get(self.classes[i], 0.0) + weights[i]
-        return max(totals, key=lambda k: (totals[k], -k)) if totals else None
+        return max(totals, key=lambda k: (totals[k], -k)) if totals else None  # ties: the class seen first
 
     def _best(self, scores: list[float]) -> int | None:
         samples = self._answered()
@@ -96,3 +113,24 @@ class VoteTable:
         """Whether the class ``rule`` picks is a right answer (a class's samples share their grade)."""
         k = self.choose(rule, eta)
         return k is not None and any(c for c, kk in zip(self.correct, self.classes) if kk == k)
+
+
+def settled(table: VoteTable, stop_on: str, stop_at: float, window: int) -> bool:
+    """Whether sampling may stop at ``table``: ``margin``: the leading class's summed probe P(correct) exceeds the
+    runner-up's (0 if none) by at least ``stop_at``; ``agree`` (ESC): the last ``window`` samples gave one answer."""
+    if stop_on == "margin":
+        ranked = sorted(table.totals(table.probe).values(), reverse=True) + [0.0, 0.0]
+        return ranked[0] - ranked[1] >= stop_at
+    if stop_on == "agree":
+        last = table.classes[-window:]
+        return len(last) == window and last[0] >= 0 and all(k == last[0] for k in last)
+    raise ValueError(f"stop_on {stop_on!r} is not one of {STOP_ON}")
+
+
+def stopped_at(table: VoteTable, n: int, wave: int, stop_on: str, stop_at: float) -> int:
+    """How many of a question's samples (``table``, in drawing order) early stopping draws: waves of ``wave``, up to
+    ``n``, until ``settled``."""
+    m = min(wave, n)
+    while m < n and not settled(table.head(m), stop_on, stop_at, wave):
+        m = min(m + wave, n)
+    return m

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvprobe.sampling import RULES, VoteTable, answer_classes
+from kvprobe.sampling import RULES, VoteTable, answer_classes, settled, stopped_at
 from kvprobe.tasks import Item
 
 
@@ -37,3 +37,33 @@ def test_ties_go_to_the_lower_class_or_the_earlier_sample_and_no_answer_is_wrong
     assert all(none.choose(rule) is None and not none.is_right(rule) for rule in RULES)
     with pytest.raises(ValueError, match="one class, probe score"):
         VoteTable(classes=[0], probe=[], confidence=[0.1], correct=[True])
+
+
+def test_early_stopping_rules():
+    t = VoteTable(classes=[0, 1, 1, 1, 0, 0], probe=[0.9, 0.2, 0.3, 0.2, 0.9, 0.9], confidence=[0.5] * 6, correct=[True, False, False, False, True, True])
+    # margin: after 2 samples class 0 leads 0.9 to 0.2; after 4, 0.9 to 0.7
+    assert settled(t.head(2), "margin", 0.7, 2) and not settled(t.head(4), "margin", 0.7, 2)
+    assert stopped_at(t, 6, 2, "margin", 0.7) == 2 and stopped_at(t, 6, 2, "margin", 1.0) == 6
+    # ESC: the first wave disagrees, the second agrees (1, 1)
+    assert stopped_at(t, 6, 2, "agree", 0) == 4 and stopped_at(t, 5, 4, "agree", 0) == 5  # never more than n
+    assert not settled(VoteTable([-1, -1], [0.9, 0.9], [0.5] * 2, [False] * 2), "agree", 0, 2)  # no answer is no agreement
+
+
+def test_draw_samples_the_nucleus_exactly():
+    """The top-k prefilter changes nothing: the empirical distribution of ``draw`` matches top-p over the whole
+    vocabulary, and per-row generators make rows independent of their batch."""
+    import torch
+
+    from kvprobe.decoding import CANDIDATES, draw
+
+    logits = torch.randn(1, 4 * CANDIDATES, generator=torch.Generator().manual_seed(0)) * 3
+    probs = logits.softmax(-1)[0]
+    ranked, order = probs.sort(descending=True)
+    drop = (ranked.cumsum(-1) - ranked) >= 0.9
+    want = probs.masked_fill(drop.scatter(-1, order, drop), 0)
+    got = torch.bincount(draw(logits.expand(40000, -1), torch.Generator().manual_seed(1), 1.0, 0, 0.9), minlength=len(probs)) / 40000
+    assert (got - want / want.sum()).abs().sum() < 0.06 and got[want == 0].sum() == 0
+    flat = torch.zeros(3, 4 * CANDIDATES)  # the candidates hold too little mass: sampled over the vocabulary
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6, 5)]
+    picked = draw(flat, gens, 1.0, 0, 0.9)
+    assert picked[0] == picked[2] and picked[0] == draw(flat[:1], [torch.Generator().manual_seed(5)], 1.0, 0, 0.9)[0]

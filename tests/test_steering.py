@@ -528,3 +528,73 @@ def test_evaluate_counts_every_decoded_token_of_both_attempts(gen):
     assert r["escalations"] == 3 and r["slow_share"] == 1.0 and all(row["final_mode"] == "slow" for row in r["rows"])
     assert r["mean_reprompt_tokens"] > 0 and r["mean_prompt_tokens"] > r["mean_reprompt_tokens"]
     assert [row["text"] for row in r["rows"]] == [s.text for s in slow]
+
+
+SAMPLING = dict(do_sample=True, temperature=2.0, seed=11)
+
+
+def test_sample_policy_expands_one_prefill_into_seeded_samples(gen):
+    """``sample``: one prefill per prompt, its cache expanded to a row per sample; sample j equals a single-prompt slow
+    call seeded with the seed + j, in one wave or in waves (each later wave re-feeds only the prompt's last
+    position); the tokens reported are the tokens decoded, the prompt counted once."""
+    widths = Widths()
+    hooks = gen.hooks("sample", 2, steering=SteeringSpec(samples=4, select="vote"))
+    events = list(gen.engine(hooks + [widths], **SAMPLING).run(QUESTIONS[:2]))
+    results = {e.row: e.result for e in events if isinstance(e, DoneEvent)}
+    assert sorted(results) == [0, 1] and sum(isinstance(e, DoneEvent) for e in events) == 2
+    prompt_width = max(len(gen.prompt_ids(q, "slow")) for q in QUESTIONS[:2])
+    assert widths.seen[0] == prompt_width and max(widths.seen[1:]) == 1  # one prefill; every later step one column
+    waves = gen.generate(QUESTIONS[:2], policy="sample", samples=4, select="vote", stop_on="agree", wave=2, **SAMPLING)
+    for i, q in enumerate(QUESTIONS[:2]):
+        alone = [gen.generate(q, policy="slow", do_sample=True, temperature=2.0, seed=11 + j) for j in range(4)]
+        r = results[i]
+        assert [s.text for s in r.samples] == [a.text for a in alone]
+        assert r.decoded_tokens == sum(s.tokens for s in r.samples) == sum(a.decoded_tokens for a in alone)
+        assert r.prompt_tokens == alone[0].prompt_tokens and r.reprompt_tokens == 0
+        assert [s.confidence for s in r.samples] == pytest.approx([a.confidence for a in alone], abs=1e-4)
+        w = waves[i]
+        assert [s.text for s in w.samples] == [a.text for a in alone[: len(w.samples)]]
+        assert len(w.samples) in (2, 4) and w.reprompt_tokens == len(w.samples) - 2  # the second wave's 2 rows
+        assert w.decoded_tokens == sum(s.tokens for s in w.samples) and w.prompt_tokens == alone[0].prompt_tokens + w.reprompt_tokens
+        chosen = [k for k, s in enumerate(w.samples) if s.answer == w.chosen] or [0]
+        assert w.text in {w.samples[k].text for k in chosen}
+
+
+def test_sample_policy_scores_equal_the_probe_on_a_sampled_capture(gen, trained, tmp_path):
+    """A capture of ``samples`` seeded answers per question holds what the live ``sample`` policy draws (the same
+    sampler, sample j seeded seed + j), and the live confidence of each sample equals the slow correctness probe on
+    its captured answer KV."""
+    from kvprobe.capture import CaptureSpec, GenerationSpec, capture
+    from kvprobe.features import FeatureSpec
+    from kvprobe.tasks import TaskSpec
+
+    card = gen.correctness["slow"].card
+    spec = CaptureSpec(ModelSpec(name=str(trained["model"])), TaskSpec("arithmetic", params={"n": 3, "seed": 5}),
+                       card.prompt, GenerationSpec(max_new_tokens=dict(card.generation.max_new_tokens), batch_size=8,
+                                                   do_sample=True, temperature=2.0, seed=11, samples=4),
+                       FeatureSpec(hidden_states=False, token_trajectory=False, prompt_window=0))
+    shards, table = CaptureStore(capture(spec, tmp_path, verbose=False).path).open()
+    rows = table.to_pylist()
+    assert [r["sample"] for r in rows] == [0, 1, 2, 3] * 3 and len({r["qid"] for r in rows}) == 3
+    questions = [r["question"] for r in rows[::4]]
+    live = gen.generate(questions, policy="sample", samples=4, select="probe_vote", **SAMPLING)
+    want = gen.correctness["slow"].predict({"response_kv": torch.cat([s["response_kv"] for s in shards]).float()})
+    texts = [s.text for r in live for s in r.samples]
+    same = [i for i, r in enumerate(rows) if texts[i] == r["response"]]
+    assert len(same) >= 10  # batch padding may flip a rare near-tie token
+    got = torch.tensor([s.confidence for r in live for s in r.samples])
+    torch.testing.assert_close(got[same], want[same], atol=1e-4, rtol=1e-4)
+
+
+def test_early_stopping_draws_at_most_n_and_counts_every_token(gen):
+    for stop_at, expect in [(-1e9, 2), (1e9, 6)]:  # settled at once: one wave; never settled: every sample
+        results = gen.generate(QUESTIONS, policy="sample", samples=6, wave=2, stop_at=stop_at, **SAMPLING)
+        for r in results:
+            assert len(r.samples) == expect and r.decoded_tokens == sum(s.tokens for s in r.samples)
+    odd = gen.generate(QUESTIONS[0], policy="sample", samples=5, wave=2, stop_at=1e9, **SAMPLING)
+    assert len(odd.samples) == 5 and odd.reprompt_tokens == 3  # waves of 2, 2, then 1 (never more than n)
+    with pytest.raises(ValueError, match="do_sample"):
+        gen.generate(QUESTIONS[0], policy="sample")
+    for bad, name in [({"select": "oracle"}, "select"), ({"samples": 0}, "samples"), ({"stop_on": "never"}, "stop_on")]:
+        with pytest.raises(ValueError, match=name):
+            gen.generate(QUESTIONS[0], policy="sample", **bad, **SAMPLING)

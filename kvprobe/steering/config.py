@@ -6,7 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from kvprobe.cascade import ESCALATE_ON
+from kvprobe.sampling import RULES, STOP_ON
 from kvprobe.prompts import MODES, check_token_caps
+
+
+LIVE_RULES = tuple(r for r in RULES if r != "oracle")  # the oracle needs the gold answer
 
 
 @dataclass
@@ -31,6 +35,15 @@ class SteeringSpec:
         verify_route_threshold: ``route+verify``: the difficulty score above which a question goes straight to slow
             mode (a calibrated name or a number, like ``threshold``); ``None`` = ``threshold``. Calibrated jointly
             with ``escalate_above`` by ``python -m reports.cascade``.
+        samples: ``sample``: answers drawn per question (at most; fewer when early stopping settles sooner).
+        select: ``sample``: the rule that picks the answer among them (``kvprobe.sampling``): ``vote``,
+            ``probe_vote``, ``probe_best``, ``confidence_vote`` or ``max_prob_best``.
+        eta: ``confidence_vote``: the most confident share of the samples that votes (DeepConf's top-eta).
+        wave: ``sample`` with early stopping: samples drawn at a time.
+        stop_on: ``sample``: the early-stopping rule (``kvprobe.sampling.settled``): ``margin`` (the leading class's
+            summed P(correct) ahead of the runner-up's by ``stop_at``) or ``agree`` (ESC: a wave answers as one).
+        stop_at: ``margin``'s threshold; ``None`` = no early stopping for ``margin`` (all ``samples`` in one wave).
+            Calibrated on validation by ``python -m reports.sampling``.
     """
 
     threshold: str | float = "best_at_0.5x_slow"
@@ -42,10 +55,30 @@ class SteeringSpec:
     escalate_on: str = "wrong"
     escalate_above: float = 0.5
     verify_route_threshold: str | float | None = None
+    samples: int = 8
+    select: str = "probe_vote"
+    eta: float = 0.9
+    wave: int = 2
+    stop_on: str = "margin"
+    stop_at: float | None = None
 
     def __post_init__(self):
         if self.escalate_on not in ESCALATE_ON:
             raise ValueError(f"escalate_on {self.escalate_on!r} is not one of {ESCALATE_ON}")
+        for name in ("samples", "wave"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, not {getattr(self, name)!r}")
+        if self.select not in LIVE_RULES:
+            raise ValueError(f"select {self.select!r} is not one of {LIVE_RULES}")
+        if self.stop_on not in STOP_ON:
+            raise ValueError(f"stop_on {self.stop_on!r} is not one of {STOP_ON}")
+        if not 0 < self.eta <= 1:
+            raise ValueError(f"eta must be in (0, 1], not {self.eta!r}")
+
+    @property
+    def early_stop(self) -> bool:
+        """Whether ``sample`` draws in waves (ESC's rule always does; ``margin`` once ``stop_at`` is set)."""
+        return self.stop_on == "agree" or self.stop_at is not None
 
 
 @dataclass

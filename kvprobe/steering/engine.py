@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from kvprobe.cache import cache_argument, layer_kv
+from kvprobe.decoding import draw
 from kvprobe.models import LoadedModel, eos_ids, last_logits_only, left_pad
 from kvprobe.prompts import MODES
 from kvprobe.steering.config import GenerationConfig
@@ -31,19 +32,30 @@ class DecodeEngine:
                  config: GenerationConfig, caps: dict[str, int]):
         self.lm, self.prompt_ids, self.hooks, self.config, self.caps = lm, prompt_ids, hooks, config, caps
         self.eos = set(eos_ids(lm))
-        self.samplers: dict[int, torch.Generator] | torch.Generator | None = None  # per prompt index, or one per call
+        self.samplers: dict[tuple | None, torch.Generator] = {}  # see ``generator``
 
     def _seed(self, prompts: list) -> None:
-        """The call's sampling generator(s), fresh for every run: one per call, or one per prompt for a seed list."""
-        seed, device = self.config.seed, self.lm.input_device
-        if not self.config.do_sample or seed is None:
-            self.samplers = None
-        elif isinstance(seed, int):
-            self.samplers = torch.Generator(device=device).manual_seed(seed)
-        elif len(seed) != len(prompts):
+        """The call's sampling generators, fresh for every run (see ``generator``)."""
+        seed = self.config.seed
+        if isinstance(seed, list) and len(seed) != len(prompts):
             raise ValueError(f"seed is a list of {len(seed)} seeds for {len(prompts)} prompts: give one per prompt")
+        self.samplers = {}
+
+    def generator(self, row: Row) -> torch.Generator | None:
+        """The random generator ``row`` samples from: None without a seed (torch's global one); for an int seed one
+        generator for the call; for a list of seeds one per prompt; and sample ``j`` of a prompt (``Row.sample``)
+        its own, seeded with the prompt's seed + ``j``, so it draws what a single-prompt call with that seed draws."""
+        seed = self.config.seed
+        if seed is None:
+            return None
+        if isinstance(seed, int) and row.sample is None:
+            key, value = None, seed
         else:
-            self.samplers = {i: torch.Generator(device=device).manual_seed(s) for i, s in enumerate(seed)}
+            key = (row.index, row.sample or 0)
+            value = (seed if isinstance(seed, int) else seed[row.index]) + (row.sample or 0)
+        if key not in self.samplers:
+            self.samplers[key] = torch.Generator(device=self.lm.input_device).manual_seed(value)
+        return self.samplers[key]
 
     def run(self, prompts: list) -> Iterator[Event]:
         self.prompts = prompts
@@ -106,12 +118,13 @@ class DecodeEngine:
         return ([state.select(stay)] if stay else []) + groups
 
     def reprompt(self, state: DecodeState, where: list[int], mode: str) -> DecodeState:
-        """Rows ``where`` prompted in ``mode`` instead, before or after they answered: the cache is cropped to the
-        prompt prefix both modes share (copied out; any answer is dropped), only the rest of the prompt is
-        prefilled."""
+        """Rows ``where`` prompted in ``mode`` (another, or the same to answer again), before or after they answered:
+        the cache is cropped to the prompt prefix both prompts share (copied out; any answer is dropped), only the
+        rest of the prompt is prefilled."""
         rows = [state.rows[j] for j in where]
         targets = [self.prompt_ids(self.prompts[r.index], mode) for r in rows]
-        shared = [_common_prefix(r.ids[:r.prompt_len], t) for r, t in zip(rows, targets)]
+        # at least the prompt's last position is fed again: it gives the logits of the first answer token
+        shared = [min(_common_prefix(r.ids[:r.prompt_len], t), len(t) - 1) for r, t in zip(rows, targets)]
         lp = max(shared)
         cache = self.new_cache()
         for layer, (k, v) in enumerate(layer_kv(state.cache)):
@@ -134,24 +147,14 @@ class DecodeEngine:
         return new
 
     def pick(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
-        """The next token of each of ``rows``: greedy, or sampled as the config says (with each row's own generator
-        when the seed is a list)."""
+        """The next token of each of ``rows``: greedy, or drawn as the config says (``kvprobe.decoding.draw``, the
+        sampler capture uses) from each row's generator."""
         c = self.config
         if not c.do_sample:
             return logits.argmax(-1).tolist()
-        logits = logits / c.temperature
-        if c.top_k:
-            kth = logits.topk(min(c.top_k, logits.shape[-1]), -1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if c.top_p < 1.0:
-            sorted_logits, order = logits.sort(-1, descending=True)
-            before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass of the tokens ranked above
-            drop = (before >= c.top_p).scatter(-1, order, before >= c.top_p)
-            logits = logits.masked_fill(drop, float("-inf"))
-        probs = logits.softmax(-1)
-        if isinstance(self.samplers, dict):
-            return [int(torch.multinomial(probs[j], 1, generator=self.samplers[r.index])) for j, r in enumerate(rows)]
-        return torch.multinomial(probs, 1, generator=self.samplers).squeeze(1).tolist()
+        generators = [self.generator(r) for r in rows]
+        shared = generators[0] if all(g is generators[0] for g in generators) else generators
+        return draw(logits, shared, c.temperature, c.top_k, c.top_p).tolist()
 
     def decode(self, state: DecodeState) -> Iterator[Event]:
         """Decode every row of ``state`` to its end (eos, its mode's cap or a stop string)."""
@@ -191,7 +194,7 @@ class DecodeEngine:
             logits = self.forward(state, blocks, fed)
         yield from self._call("on_finish", state)
         for r in rows:
-            if r.done:
+            if r.done and not r.reported:
                 yield DoneEvent(r.index, r.result())
         for mode in MODES:  # rows a hook reopened: answered again from the cropped cache
             again = [j for j, r in enumerate(rows) if not r.done and r.mode == mode]

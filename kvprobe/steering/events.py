@@ -6,8 +6,20 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Sample:
+    """One sampled answer of a ``sample`` run."""
+
+    text: str
+    tokens: int  # decoded tokens
+    confidence: float | None  # the correctness probe's P(correct), from this sample's own cache
+    mean_max_prob: float  # mean max-probability of its tokens (DeepConf's token confidence)
+    answer: int  # its answer class (``answers[answer]``), -1 when no answer could be extracted
+
+
+@dataclass
 class GenerationResult:
-    """What happened for one prompt. ``tokens`` counts every decoded token per mode (the token decoded at a
+    """What happened for one prompt (under ``sample``: its samples together: the chosen answer's text and
+    confidence, every sample's tokens). ``tokens`` counts every decoded token per mode (the token decoded at a
     switch counts in the mode that decoded it); cue tokens are forced, not decoded, and counted apart: the ids fed at
     the switch beyond the decoded token (``cue_block``: the decoded token and the cue, tokenised as text)."""
 
@@ -26,6 +38,9 @@ class GenerationResult:
     reprompt_tokens: int = 0  # of prompt_tokens, those prefilled when the row moved to another mode (routed, escalated)
     escalated: bool = False  # a fast answer was checked, found likely wrong and answered again in slow mode
     verify_score: float | None = None  # the escalation score of the fast answer that was checked (``verify`` policies)
+    samples: list[Sample] | None = None  # ``sample``: every sample drawn, in drawing order (``text`` is the chosen one's)
+    answers: list[str] | None = None  # ``sample``: each answer class's answer (classes by the task's grader)
+    chosen: int | None = None  # ``sample``: the answer class the ``select`` rule picked (None: no sample answered)
     token_ids: list[int] = field(repr=False, default_factory=list)
     switch_trace: list[tuple[int, float]] = field(repr=False, default_factory=list)  # (decoded tokens, switch score)
 

@@ -2,6 +2,8 @@
 
     gen = KVProbeGenerator.from_pretrained("smollm2")     # a shipped alias (kvprobe/pretrained/) or a folder
     result = gen.generate("What is 17 * 3?", policy="route")    # or "route+verify": answer fast, check, escalate
+    best = gen.generate("What is 17 * 3 - 4?", policy="sample", samples=8, select="probe_vote", do_sample=True,
+                        temperature=0.7, top_p=0.95, seed=0)   # best.samples, best.answers, best.chosen
     for event in gen.stream(["What is 9 * 8 - 6?"], policy="route+switch"): ...
 
 A policy (``POLICIES``) is a list of hooks on the decode engine (``kvprobe.steering.policies``); the facade builds
@@ -11,6 +13,7 @@ it, checks the prompts, and collects the engine's events into one ``GenerationRe
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Iterator
 
@@ -20,11 +23,12 @@ from kvprobe.steering import folder
 from kvprobe.steering.config import GenerationConfig, SteeringSpec
 from kvprobe.steering.engine import DecodeEngine
 from kvprobe.steering.events import DoneEvent, Event, GenerationResult
-from kvprobe.steering.policies import Confidence, Escalate, FixedMode, GivenModes, OutputScores, Router, Switcher
+from kvprobe.steering.policies import Confidence, Escalate, FixedMode, GivenModes, OutputScores, Router, Sampler, Switcher
 from kvprobe.steering.state import Hook
 from kvprobe.tasks import Item
 
-POLICIES = ("fast", "slow", "route", "route+switch", "verify", "route+verify", "oracle")
+POLICIES = ("fast", "slow", "route", "route+switch", "verify", "route+verify", "sample", "oracle")
+STEERING_FIELDS = {f.name for f in dataclasses.fields(SteeringSpec)}
 LIVE_SOURCES = ("kv", "output")  # what a live correctness probe may read: the answer's KV and/or its output scores
 
 
@@ -134,7 +138,9 @@ class KVProbeGenerator:
                  oracle_modes: list[str] | None = None, **kwargs) -> GenerationResult | list[GenerationResult]:
         """Answer under ``policy``: one prompt (a string, an ``Item``, a chat) -> its ``GenerationResult``; a list of
         prompts -> a list of them. Decoding follows ``config`` and keyword overrides of its fields
-        (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_strings``)."""
+        (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_strings``); keyword
+        overrides of ``SteeringSpec`` fields (``samples``, ``select``, ``stop_at``, ``escalate_above``, ...) steer
+        this call only."""
         single = _is_single(prompts)
         results: dict[int, GenerationResult] = {}
         for event in self.stream([prompts] if single else prompts, policy, config, oracle_modes=oracle_modes, **kwargs):
@@ -151,7 +157,12 @@ class KVProbeGenerator:
         if not isinstance(batch, (list, tuple)) or not batch:
             raise ValueError(f"prompts: a string, a kvprobe Item, a chat (list of messages) or a non-empty list of these, not {prompts!r:.80}")
         batch = list(batch)
-        engine = self.engine(self.hooks(policy, len(batch), oracle_modes), config, **kwargs)
+        steering = {k: kwargs.pop(k) for k in list(kwargs) if k in STEERING_FIELDS}
+        steering = dataclasses.replace(self.steering, **steering) if steering else self.steering
+        engine = self.engine(self.hooks(policy, len(batch), oracle_modes, steering), config, **kwargs)
+        if policy == "sample" and not engine.config.do_sample:
+            raise ValueError("policy 'sample' draws several answers: it needs do_sample=True (greedy ones would all be "
+                             "the same)")
         self._check_context(batch, policy, engine.caps, oracle_modes)
         return engine.run(batch)
 
@@ -161,14 +172,21 @@ class KVProbeGenerator:
         config = GenerationConfig.make(config, kwargs)
         return DecodeEngine(self.lm, self.prompt_ids, hooks, config, config.caps(self.max_new_tokens))
 
-    def hooks(self, policy: str, n: int, oracle_modes: list[str] | None = None) -> list[Hook]:
-        """The hooks that make up ``policy`` for ``n`` prompts (plus ``Confidence`` when there are correctness probes)."""
+    def hooks(self, policy: str, n: int, oracle_modes: list[str] | None = None,
+              steering: SteeringSpec | None = None) -> list[Hook]:
+        """The hooks that make up ``policy`` for ``n`` prompts (plus ``Confidence`` when there are correctness probes),
+        steered by ``steering`` (default: the generator's)."""
+        s = steering or self.steering
         if policy not in POLICIES:
             raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
+        probe_rule = s.select in ("probe_vote", "probe_best") or (s.stop_on == "margin" and s.stop_at is not None)
+        if policy == "sample" and probe_rule and "slow" not in self.correctness:
+            raise ValueError(f"policy 'sample' with select {s.select!r} / stop_on {s.stop_on!r} needs a correctness probe "
+                             "trained on slow answers (this generator has none): use select 'vote' or add one")
         if policy.endswith("verify") and "fast" not in self.correctness:
             raise ValueError(f"policy {policy!r} needs a correctness probe trained on fast answers (kvprobe fit --config "
                              "configs/verifier.yaml, then kvprobe assemble ... --correctness_fast <folder>)")
-        if policy.endswith("verify") and self.steering.escalate_on == "gain" and (
+        if policy.endswith("verify") and s.escalate_on == "gain" and (
                 self.difficulty is None or self.difficulty.hparams.objective != "ce"):
             raise ValueError(f"policy {policy!r} with escalate_on 'gain' needs a four-class (objective 'ce') difficulty probe")
         if policy.startswith("route") and self.difficulty is None:
@@ -179,19 +197,21 @@ class KVProbeGenerator:
         if policy == "oracle" and (not isinstance(oracle_modes, (list, tuple)) or len(oracle_modes) != n
                                    or any(m not in ("fast", "slow") for m in oracle_modes)):
             raise ValueError(f"policy 'oracle' needs oracle_modes: one 'fast'/'slow' per prompt, not {oracle_modes!r}")
-        s = self.steering
         hooks: list[Hook] = {"fast": lambda: [FixedMode("fast")], "slow": lambda: [FixedMode("slow")],
                              "oracle": lambda: [GivenModes(oracle_modes)], "route": lambda: [self.router()],
                              "route+switch": lambda: [self.router(), Switcher(self._live_switch, self.switch_window, s)],
                              # escalating on gain needs the router's P(slow right | fast wrong); it routes nothing
                              "verify": lambda: [self.router(float("inf"), helps=True) if s.escalate_on == "gain" else FixedMode("fast")],
-                             "route+verify": lambda: [self.router(s.verify_route_threshold, helps=s.escalate_on == "gain")]}[policy]()
-        if not self.correctness:
-            return hooks
-        if any(p.hparams.source == "output" or p.hparams.get("output_inputs") for p in self.correctness.values()):
+                             "route+verify": lambda: [self.router(s.verify_route_threshold, helps=s.escalate_on == "gain")],
+                             "sample": lambda: []}[policy]()
+        reads_output = any(p.hparams.source == "output" or p.hparams.get("output_inputs") for p in self.correctness.values())
+        if reads_output or (policy == "sample" and s.select in ("confidence_vote", "max_prob_best")):
             hooks.append(OutputScores())
-        hooks.append(Confidence(self.correctness))  # before Escalate, which reads the confidence it sets
-        return hooks + ([Escalate(s.escalate_above, s.escalate_on)] if policy.endswith("verify") else [])
+        if self.correctness:
+            hooks.append(Confidence(self.correctness))  # before Escalate and Sampler, which read the confidence it sets
+        if policy.endswith("verify"):
+            hooks.append(Escalate(s.escalate_above, s.escalate_on))
+        return hooks + ([Sampler(s)] if policy == "sample" else [])
 
     def router(self, threshold: str | float | None = None, helps: bool = False) -> Router:
         """The router at ``threshold`` (a calibrated name or a number; ``None`` = the steering's ``threshold``);
@@ -206,7 +226,8 @@ class KVProbeGenerator:
         decode garbage there, with a confident score)."""
         limit = self.lm.shape.max_positions
         for i, prompt in enumerate(batch):
-            modes = [oracle_modes[i]] if policy == "oracle" else [policy] if policy in ("fast", "slow") else ["fast", "slow"]
+            modes = ([oracle_modes[i]] if policy == "oracle" else [policy] if policy in ("fast", "slow")
+                     else ["slow"] if policy == "sample" else ["fast", "slow"])
             for mode in modes:
                 n = len(self.prompt_ids(prompt, mode))
                 if limit and n + caps[mode] > limit:

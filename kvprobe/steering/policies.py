@@ -25,10 +25,16 @@
   re-encoded) and only the rest of the slow prompt is prefilled (``Row.reopen``);
 - ``route+verify``: ``Router`` (at ``verify_route_threshold``) sends clearly hard questions straight to slow mode,
   the rest go through ``verify``.
+- ``sample``: ``Sampler``: each prompt is prefilled once and its cache expanded to one row per sample (sample ``j``
+  seeded with the prompt's seed + ``j``); the samples decode as one batch, ``Confidence`` scores each from its own
+  cache, and the grader's answer classes and the ``select`` rule (``kvprobe.sampling``) pick the answer. With early
+  stopping the samples come in waves of ``wave``: after each, a prompt whose table is ``settled`` is done, the others
+  are answered again from the cropped prompt cache (only its last position is fed again).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import torch
@@ -37,7 +43,9 @@ from kvprobe.cache import layer_kv, newest_kv
 from kvprobe.cascade import escalation
 from kvprobe.features import pooled_positions, step_stats, window_kv
 from kvprobe.steering.config import SteeringSpec
-from kvprobe.steering.events import EscalateEvent, RouteEvent, SwitchEvent
+from kvprobe.sampling import VoteTable, answer_classes, settled
+from kvprobe.steering.events import DoneEvent, EscalateEvent, RouteEvent, Sample, SwitchEvent
+from kvprobe.tasks import Item
 from kvprobe.steering.state import DecodeState, Hook, timed
 
 
@@ -214,6 +222,69 @@ class Escalate(Hook):
                 r.escalated = True
                 r.reopen("slow")
                 yield EscalateEvent(r.index, r.verify_score, self.threshold, dropped)
+
+
+class Sampler(Hook):
+    """``sample``: ``SteeringSpec.samples`` answers per prompt in ``mode`` from one prefill, in waves when early
+    stopping; each prompt's ``DoneEvent`` carries its samples, answer classes and the chosen one (see the module
+    docstring). Runs after ``Confidence``, whose scores it reads."""
+
+    def __init__(self, steering: SteeringSpec, mode: str = "slow"):
+        self.s, self.mode = steering, mode
+        self.wave = min(steering.wave, steering.samples) if steering.early_stop else steering.samples
+        self.rows: dict[int, list] = {}  # prompt index -> its rows (a row answers one sample per wave)
+        self.drawn: dict[int, list[tuple[Sample, list[int]]]] = {}  # prompt index -> its samples and their token ids
+
+    def start_modes(self, prompts: list) -> list[str]:
+        return [self.mode] * len(prompts)
+
+    def on_prefill(self, engine, state: DecodeState) -> None:
+        state.expand(self.wave)
+        for r in state.rows:
+            self.rows.setdefault(r.index, []).append(r)
+
+    def on_finish(self, engine, state: DecodeState) -> Iterator[DoneEvent]:
+        for index in dict.fromkeys(r.index for r in state.rows):
+            rows = [r for r in state.rows if r.index == index]
+            drawn = self.drawn.setdefault(index, [])
+            drawn += [(Sample(r.text, len(r.out), r.confidence, _mean(r.step_stats)[0] if r.step_stats else None, -1),
+                       list(r.out)) for r in rows]
+            table, answers = self.table(engine.prompts[index], [d[0] for d in drawn])
+            left = self.s.samples - len(drawn)
+            if left > 0 and not settled(table, self.s.stop_on, self.s.stop_at or 0.0, self.wave):
+                for r in rows[: min(left, len(rows))]:
+                    r.reopen(self.mode)
+                    r.sample += len(rows)
+                for r in rows[left:]:
+                    r.reported = True  # not needed for the last wave
+                continue
+            for r in rows:
+                r.reported = True
+            yield DoneEvent(index, self.result(index, table, answers))
+
+    def table(self, prompt, samples: list[Sample]) -> tuple[VoteTable, list[str]]:
+        """The vote table of a prompt's samples so far (classes by the grader; grades unknown live)."""
+        item = prompt if isinstance(prompt, Item) else Item("live", prompt if isinstance(prompt, str) else "", "")
+        classes, answers = answer_classes(item, [x.text for x in samples])
+        for x, k in zip(samples, classes):
+            x.answer = k
+        table = VoteTable(classes, [x.confidence or 0.0 for x in samples],
+                          [x.mean_max_prob if x.mean_max_prob is not None else 0.0 for x in samples], [False] * len(samples))
+        return table, answers
+
+    def result(self, index: int, table: VoteTable, answers: list[str]):
+        """One result for the prompt: the chosen class's most confident sample's text and P(correct), every
+        sample's tokens and prefill."""
+        drawn, rows = self.drawn[index], self.rows[index]
+        chosen = table.choose(self.s.select, self.s.eta)
+        members = [i for i, k in enumerate(table.classes) if k == chosen] if chosen is not None else [0]
+        best = max(members, key=lambda i: (table.probe[i], -i))
+        lead = rows[0].result()
+        return dataclasses.replace(
+            lead, text=drawn[best][0].text, confidence=drawn[best][0].confidence, token_ids=drawn[best][1],
+            tokens={m: sum(r.tokens[m] for r in rows) for m in lead.tokens}, prompt_tokens=sum(r.prompt_tokens for r in rows),
+            reprompt_tokens=sum(r.reprompt_tokens for r in rows), probe_seconds=sum(r.probe_seconds for r in rows),
+            samples=[d[0] for d in drawn], answers=answers, chosen=chosen)
 
 
 def cue_block(tokenizer, fed: list[int], token: int, cue: str) -> list[int]:

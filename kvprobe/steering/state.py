@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
@@ -45,6 +47,8 @@ class Row:
     reprompt_tokens: int = 0
     escalated: bool = False
     verify_score: float | None = None
+    sample: int | None = None  # which of a prompt's samples this row is (``sample`` policy); None: its only answer
+    reported: bool = False  # a hook has already given this row's prompt its result (``DoneEvent``)
 
     def reopen(self, mode: str) -> None:
         """Answer again, in ``mode``, from the prompt: called by a hook's ``on_finish``, the engine then crops the
@@ -74,6 +78,16 @@ class DecodeState:
     answer_from: int = 0  # the column of the last prompt position (it emits the first answer token)
     row_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # hooks' per-row state, batch-first
     picked: list[bool] = field(default_factory=list)  # at ``on_token``: rows that chose a token from ``logits``
+
+    def expand(self, copies: int) -> None:
+        """Each row ``copies`` times in place, the cache too (copy ``j`` of a row is its sample ``j``; only the first
+        counts the prompt's prefill): one prefill serves a prompt's samples."""
+        index = torch.arange(len(self.rows)).repeat_interleave(copies)
+        self.cache.batch_select_indices(index)
+        self.rows = [dataclasses.replace(copy.deepcopy(r), sample=j, prompt_tokens=r.prompt_tokens if j == 0 else 0)
+                     for r in self.rows for j in range(copies)]
+        self.mask, self.logits = self.mask[index], self.logits[index]
+        self.row_tensors = {k: v[index.to(v.device)] for k, v in self.row_tensors.items()}
 
     def select(self, keep: list[int]) -> "DecodeState":
         """The state of rows ``keep`` only (the cache is cut in place)."""
