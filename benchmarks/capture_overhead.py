@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,29 +35,12 @@ from kvprobe.models import ModelSpec, last_logits_only, load_model
 from kvprobe.prompts import PromptSpec, prompt_ids
 from kvprobe.tasks import TaskSpec, load_items
 
-from common import emit
+from common import emit, peak_rss, reset_peak_rss, rss
 
 
 ROUTES = ("plain", "kvprobe", "hidden")
 
 
-def reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM) to its current size."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def load_capture_libraries() -> None:

@@ -70,3 +70,13 @@ def test_lm_head_slice_reduced(tiny_models, tmp_path):
                                           "--prompt-tokens", "5", "--repeats", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == figures and figures["same_next_tokens"]
     assert figures["lm_head_strided_slice_s"] > 0 and figures["prefill_last_logits_only_s"] > 0
+
+
+def test_sampling_throughput_reduced(tiny_models, tmp_path):
+    out = tmp_path / "sampling_throughput.json"
+    figures = load("sampling_throughput").main(["--model", str(tiny_models["llama"]), "--prompts", "2", "--samples", "3",
+                                                "--max-new-tokens", "4", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == figures
+    arms = figures["arms"]
+    assert arms["kvprobe_sample"]["tokens"] == arms["hf_num_return_sequences"]["tokens"] == 2 * 3 * 4  # random text: no eos
+    assert arms["kvprobe_greedy_loop"]["tokens"] == arms["hf_greedy"]["tokens"] and figures["sampling_over_hf"] > 0
