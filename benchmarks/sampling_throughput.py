@@ -60,7 +60,7 @@ def hf_generate(lm, ids: list[list[int]], max_new: int, sampling: dict | None, n
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generator", default="qwen2.5-coder-0.5b", help="a generator (alias or folder): its model and probes")
     p.add_argument("--model", default=None, help="a model instead of a generator: the sample arm runs without a probe")
     p.add_argument("--prompts", type=int, default=4)

@@ -182,7 +182,7 @@ def live_check(questions: list[Question], dm, steering: dict, limit: int, batch:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m reports.sampling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/sampling.md")
     parser.add_argument("--runs", default="runs/report")
     parser.add_argument("--live", type=int, default=24, help="test questions run live (0: none)")

@@ -102,3 +102,10 @@ def test_shipped_generator_steers_real_questions(smol):
         assert (r.switched_at is None) == (r.final_mode == r.mode) and r.probe_seconds < r.seconds
     r = gen.generate("What is 7 + 5?", policy="fast")
     assert "12" in r.text and r.tokens["slow"] == 0  # SmolLM2 knows this one without thinking
+    # README example: N samples from one prefill, chosen by the probe; the classes come from the grader
+    best = gen.generate("What is 9 * 8 - 6?", policy="sample", samples=4, select="probe_vote", do_sample=True,
+                        temperature=0.7, top_p=0.95, seed=0, max_new_tokens=48)
+    assert len(best.samples) == 4 and best.prompt_tokens == len(gen.prompt_ids("What is 9 * 8 - 6?", "slow"))
+    assert all(0.0 <= s.confidence <= 1.0 for s in best.samples) and best.decoded_tokens == sum(s.tokens for s in best.samples)
+    assert best.chosen is None or best.answers[best.chosen] in {best.answers[s.answer] for s in best.samples if s.answer >= 0}
+    assert best.text in {s.text for s in best.samples}

@@ -205,7 +205,7 @@ class DecodeEngine:
         """The row's text from its tokens; the new part as an event."""
         text = self.lm.tokenizer.decode(row.out, skip_special_tokens=True)
         if text != row.text:
-            yield TextEvent(row.index, text[len(row.text):])
+            yield TextEvent(row.index, text[len(row.text):], row.sample)
             row.text = text
 
     def _call(self, name: str, *args) -> Iterator[Event]:

@@ -65,9 +65,10 @@ class RouteEvent(Event):
 
 @dataclass
 class TextEvent(Event):
-    """New text of this prompt's answer."""
+    """New text of this prompt's answer (under ``sample``: of its sample ``sample``)."""
 
     text: str
+    sample: int | None = None
 
 
 @dataclass
