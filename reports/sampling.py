@@ -103,7 +103,9 @@ def early(qs: list[Question], stop_on: str, stop_at: float, wave: int, n: int = 
     rule = "probe_vote" if stop_on == "margin" else "vote"
     used = [stopped_at(q.tables[probe], n, wave, stop_on, stop_at) for q in qs]
     right = torch.tensor([float(q.tables[probe].head(m).is_right(rule)) for q, m in zip(qs, used)])
-    return right, torch.tensor([float(q.cost(m)) for q, m in zip(qs, used)]), torch.tensor(used, dtype=torch.float)
+    # a sample of a later wave re-feeds the prompt's last position (the live policy's reprompt): counted too
+    tokens = [float(q.cost(m) + max(0, m - wave)) for q, m in zip(qs, used)]
+    return right, torch.tensor(tokens), torch.tensor(used, dtype=torch.float)
 
 
 def mean_ci(x: torch.Tensor, n: int = 5000, seed: int = 0) -> tuple[float, float, float]:
