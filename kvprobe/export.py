@@ -135,7 +135,9 @@ class ProbeCard:
         config = {
             "probe_class": f"{type(probe).__module__}.{type(probe).__qualname__}", "probe_args": args,
             "calibration": probe.export_state(), "base_model": capture_spec["model"] | {"shape": capture_spec.get("shape")},
-            **{k: capture_spec[k] for k in ("features", "prompt", "task", "generation")},
+            **{k: capture_spec[k] for k in ("features", "prompt", "task")},
+            # the generation spec's own fields (a sampled capture's record also names its sampler, for its fingerprint)
+            "generation": {k: v for k, v in capture_spec["generation"].items() if k in {f.name for f in fields(GenerationSpec)}},
             **{k: capture_spec[k] for k in ("difficulty", "switch", "capture") if k in capture_spec},
             "metrics": metrics or {}, "versions": _versions(),
         }

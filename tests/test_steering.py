@@ -598,3 +598,23 @@ def test_early_stopping_draws_at_most_n_and_counts_every_token(gen):
     for bad, name in [({"select": "oracle"}, "select"), ({"samples": 0}, "samples"), ({"stop_on": "never"}, "stop_on")]:
         with pytest.raises(ValueError, match=name):
             gen.generate(QUESTIONS[0], policy="sample", **bad, **SAMPLING)
+
+
+def test_a_probe_fits_on_sampled_answers_split_by_question(trained, tmp_path):
+    """A sampled capture's rows keep their question and sample index; every split holds whole questions; a probe
+    fitted on them exports a card that loads (its generation spec records the samples)."""
+    from datamodules.kv_capture import SplitSpec, split_keys
+    from kvprobe.export import load_probe
+
+    args = common_args(trained["model"], tmp_path) + ["--data.capture.generation.do_sample", "true",
+                                                       "--data.capture.generation.samples", "3", "--data.capture.prompt.mode", "slow"]
+    main(["--config", "configs/coe.yaml", *args, "--export_dir", str(tmp_path / "probe")])
+    probe = load_probe(tmp_path / "probe")
+    assert probe.card.generation.samples == 3 and probe.card.generation.do_sample
+    capture = next(p for p in (tmp_path / "captures").iterdir() if p.name.startswith("arithmetic-slow"))
+    rows = CaptureStore(capture).open()[1].to_pylist()
+    assert len(rows) == 3 * 40 and [r["sample"] for r in rows[:6]] == [0, 1, 2, 0, 1, 2]
+    parts = SplitSpec().assign(split_keys(rows))
+    for name, where in parts.items():
+        others = {rows[i]["qid"] for n, w in parts.items() if n != name for i in w}
+        assert not {rows[i]["qid"] for i in where} & others
