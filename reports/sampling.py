@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from kvprobe.evaluate import load_data
 from kvprobe.export import load_probe
@@ -165,7 +166,7 @@ def live_check(questions: list[Question], dm, steering: dict, limit: int, batch:
     qs = questions[:limit]
     items = [Item(q.qid, rows[q.qid]["question"], rows[q.qid]["gold"]) for q in qs]
     results, t0 = [], time.perf_counter()
-    for start in range(0, len(items), batch):
+    for start in tqdm(range(0, len(items), batch), desc="live sample", unit="call"):
         results += gen.generate(items[start:start + batch], policy="sample", do_sample=True, temperature=capture.temperature,
                                 top_p=capture.top_p, seed=capture.seed, max_new_tokens=dict(capture.max_new_tokens), **steering)
     wall = time.perf_counter() - t0
@@ -179,7 +180,7 @@ def live_check(questions: list[Question], dm, steering: dict, limit: int, batch:
         "mean_tokens": sum(r.decoded_tokens + r.prompt_tokens for r in results) / len(qs),
         "offline_mean_tokens": float(offline_tokens.mean()),
         "samples_as_captured": same_samples / drawn, "probe_share": sum(r.probe_seconds for r in results) / wall,
-        "wall_seconds": wall, "tokens_per_second": sum(r.decoded_tokens for r in results) / wall,
+        "wall_seconds": wall, "tokens_per_second": sum(r.decoded_tokens for r in results) / wall, "batch": batch,
     }
 
 
@@ -187,8 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m reports.sampling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/sampling.md")
     parser.add_argument("--runs", default="runs/report")
-    parser.add_argument("--live", type=int, default=24, help="test questions run live (0: none)")
-    parser.add_argument("--live_batch", type=int, default=4, help="questions per live call (each expands to its samples)")
+    parser.add_argument("--live", type=int, default=24, help="the first test questions, run live (0: none)")
+    parser.add_argument("--live_batch", type=int, default=12, help="questions per live call (each expands to its samples)")
     parser.add_argument("--generator_out", default=None, help="write the shipped generator with the calibrated steering here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -233,12 +234,22 @@ def main(argv: list[str] | None = None) -> dict:
     vote8_right, vote8_tokens = rule_at(test, "vote", 8)
     vote8_sampled = float(vote8_tokens.mean()) - sum(q.prompt_tokens for q in test) / len(test)
     prompt_mean = sum(q.prompt_tokens for q in test) / len(test)
+    sampled_cal = calibrate(val, "margin", [(w, t) for w in WAVES for t in margins(val, "sampled")], probe="sampled")
     stops = {}
-    for name, cal, stop_on in (("probe margin", probe_cal, "margin"), ("ESC", esc_cal, "agree")):
-        right, tokens, used = early(test, stop_on, cal["stop_at"], cal["wave"])
+    for name, cal, stop_on, probe in (("probe margin", probe_cal, "margin", "greedy"), ("ESC", esc_cal, "agree", "greedy"),
+                                      ("probe margin (sampled-trained probe)", sampled_cal, "margin", "sampled")):
+        right, tokens, used = early(test, stop_on, cal["stop_at"], cal["wave"], probe=probe)
         stops[name] = {"calibrated": cal, "accuracy": mean_ci(right), "tokens": float(tokens.mean()),
                        "sampled_tokens": float(tokens.mean()) - prompt_mean, "samples": float(used.mean()),
                        "minus_vote8": paired(right, vote8_right)}
+    # the ceiling of any stopping rule that picks by probe_vote: stop at the first sample count whose pick is right
+    # (one sample when none is); no rule knows the grades, so none can do better
+    used = torch.tensor([float(next((m for m in range(1, 17) if q.tables["greedy"].head(m).is_right("probe_vote")), 1)) for q in test])
+    right = torch.tensor([float(q.tables["greedy"].head(int(m)).is_right("probe_vote")) for q, m in zip(test, used)])
+    tokens = torch.tensor([float(q.cost(int(m)) + m - 1) for q, m in zip(test, used)])
+    stops["oracle stopping (ceiling)"] = {"calibrated": {"wave": 1, "met_on_val": True}, "accuracy": mean_ci(right),
+                                          "tokens": float(tokens.mean()), "sampled_tokens": float(tokens.mean()) - prompt_mean,
+                                          "samples": float(used.mean()), "minus_vote8": paired(right, vote8_right)}
 
     # --- curves (descriptive: every setting on test; nothing chosen from them) --------------------------------------
     curves = {rule: [(float(rule_at(test, rule, n)[1].mean()), float(rule_at(test, rule, n)[0].mean())) for n in range(1, 17)]
@@ -272,6 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
         "early_stop_tokens_over_vote_n8": round(stops["probe margin"]["sampled_tokens"] / vote8_sampled, 4),
         "early_stop_mean_samples": round(stops["probe margin"]["samples"], 3),
         "esc_acc": round(stops["ESC"]["accuracy"][0], 4),
+        "early_stop_sampled_trained_acc": round(stops["probe margin (sampled-trained probe)"]["accuracy"][0], 4),
+        "early_stop_sampled_trained_tokens_over_vote_n8": round(stops["probe margin (sampled-trained probe)"]["sampled_tokens"] / vote8_sampled, 4),
+        "oracle_stop_acc": round(stops["oracle stopping (ceiling)"]["accuracy"][0], 4),
+        "oracle_stop_tokens_over_vote_n8": round(stops["oracle stopping (ceiling)"]["sampled_tokens"] / vote8_sampled, 4),
         "esc_tokens_over_vote_n8": round(stops["ESC"]["sampled_tokens"] / vote8_sampled, 4),
         "early_stop_curve_min_gap_to_vote": round(gap, 4),
         "within_question_auroc": round(wq["probe (greedy-trained)"][0], 4),
@@ -380,7 +395,7 @@ def _markdown(f, table, diffs, wq, pooled, stops, vote8_sampled, live, throughpu
     ]
     for name, s in stops.items():
         cal = s["calibrated"]
-        setting = f"wave {cal['wave']}" + (f", margin {cal['stop_at']:.3f}" if name == "probe margin" else "")
+        setting = f"wave {cal['wave']}" + (f", margin {cal['stop_at']:.3f}" if name.startswith("probe margin") else "")
         lines.append(f"| {name} | {setting}{'' if cal['met_on_val'] else ' (none met the target on val)'} | {pct(s['accuracy'])} | "
                      f"{s['samples']:.2f} | {s['sampled_tokens'] / vote8_sampled:.2f} | {pct(s['minus_vote8'])} |")
     lines += [
@@ -397,7 +412,7 @@ def _markdown(f, table, diffs, wq, pooled, stops, vote8_sampled, live, throughpu
             "## Live",
             "",
             f"`KVProbeGenerator.generate(..., policy='sample', {', '.join(f'{k}={v!r}' for k, v in steering.items())})` on the first "
-            f"{live['questions']} test questions (batches of 4 questions, each expanded to its samples), seeds as captured:",
+            f"{live['questions']} test questions ({live['batch']} questions per call, each expanded to its samples), seeds as captured:",
             "",
             "| | live | offline simulation |",
             "|---|---|---|",
