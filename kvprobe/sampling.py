@@ -13,7 +13,8 @@ math-verify makes ``0.5`` and ``\\frac{1}{2}`` one class), its probe score P(cor
 - ``oracle``: a right class whenever one was sampled (pass@N, the ceiling).
 
 Early stopping (``settled``, ``stopped_at``) draws samples in waves and stops once the table so far is settled: the
-probe's rule (``margin``: the leading class's summed P(correct) is ahead of the runner-up's by ``stop_at``) or ESC's
+probe's rule (``margin``: the leading class's summed P(correct) is ahead of the runner-up's by ``stop_at``), a
+label-free one (``votes``: the leading class is ahead by ``stop_at`` votes, as in Adaptive-Consistency) or ESC's
 (``agree``: the latest wave answered as one). The live ``sample`` policy and the offline simulation call the same
 functions.
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from kvprobe.tasks import Item, grade
 
 RULES = ("vote", "probe_best", "probe_vote", "confidence_vote", "max_prob_best", "oracle")
-STOP_ON = ("margin", "agree")
+STOP_ON = ("margin", "votes", "agree")
 
 
 def answer_classes(item: Item, responses: list[str]) -> tuple[list[int], list[str]]:
@@ -117,9 +118,11 @@ class VoteTable:
 
 def settled(table: VoteTable, stop_on: str, stop_at: float, window: int) -> bool:
     """Whether sampling may stop at ``table``: ``margin``: the leading class's summed probe P(correct) exceeds the
-    runner-up's (0 if none) by at least ``stop_at``; ``agree`` (ESC): the last ``window`` samples gave one answer."""
-    if stop_on == "margin":
-        ranked = sorted(table.totals(table.probe).values(), reverse=True) + [0.0, 0.0]
+    runner-up's (0 if none) by at least ``stop_at``; ``votes``: its count of samples does; ``agree`` (ESC): the last
+    ``window`` samples gave one answer."""
+    if stop_on in ("margin", "votes"):
+        weights = table.probe if stop_on == "margin" else [1.0] * len(table.classes)
+        ranked = sorted(table.totals(weights).values(), reverse=True) + [0.0, 0.0]
         return ranked[0] - ranked[1] >= stop_at
     if stop_on == "agree":
         last = table.classes[-window:]

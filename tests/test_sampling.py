@@ -44,6 +44,8 @@ def test_early_stopping_rules():
     # margin: after 2 samples class 0 leads 0.9 to 0.2; after 4, 0.9 to 0.7
     assert settled(t.head(2), "margin", 0.7, 2) and not settled(t.head(4), "margin", 0.7, 2)
     assert stopped_at(t, 6, 2, "margin", 0.7) == 2 and stopped_at(t, 6, 2, "margin", 1.0) == 6
+    # votes: after 4 samples class 1 leads 3 to 1; after 6 it is 3 to 3
+    assert stopped_at(t, 6, 2, "votes", 2) == 4 and stopped_at(t, 6, 1, "votes", 1) == 1 and not settled(t, "votes", 1, 2)
     # ESC: the first wave disagrees, the second agrees (1, 1)
     assert stopped_at(t, 6, 2, "agree", 0) == 4 and stopped_at(t, 5, 4, "agree", 0) == 5  # never more than n
     assert not settled(VoteTable([-1, -1], [0.9, 0.9], [0.5] * 2, [False] * 2), "agree", 0, 2)  # no answer is no agreement

@@ -591,6 +591,8 @@ def test_early_stopping_draws_at_most_n_and_counts_every_token(gen):
         results = gen.generate(QUESTIONS, policy="sample", samples=6, wave=2, stop_at=stop_at, **SAMPLING)
         for r in results:
             assert len(r.samples) == expect and r.decoded_tokens == sum(s.tokens for s in r.samples)
+    label_free = gen.generate(QUESTIONS[0], policy="sample", samples=4, wave=2, stop_on="votes", stop_at=1e9, select="vote", **SAMPLING)
+    assert len(label_free.samples) == 4
     odd = gen.generate(QUESTIONS[0], policy="sample", samples=5, wave=2, stop_at=1e9, **SAMPLING)
     assert len(odd.samples) == 5 and odd.reprompt_tokens == 3  # waves of 2, 2, then 1 (never more than n)
     with pytest.raises(ValueError, match="do_sample"):

@@ -41,9 +41,10 @@ class SteeringSpec:
         eta: ``confidence_vote``: the most confident share of the samples that votes (DeepConf's top-eta).
         wave: ``sample`` with early stopping: samples drawn at a time.
         stop_on: ``sample``: the early-stopping rule (``kvprobe.sampling.settled``): ``margin`` (the leading class's
-            summed P(correct) ahead of the runner-up's by ``stop_at``) or ``agree`` (ESC: a wave answers as one).
-        stop_at: ``margin``'s threshold; ``None`` = no early stopping for ``margin`` (all ``samples`` in one wave).
-            Calibrated on validation by ``python -m reports.sampling``.
+            summed P(correct) ahead of the runner-up's by ``stop_at``), ``votes`` (ahead by ``stop_at`` votes; no probe
+            needed) or ``agree`` (ESC: a wave answers as one).
+        stop_at: the threshold of ``margin`` or ``votes``; ``None`` = no early stopping for them (all ``samples`` in
+            one wave). ``margin``'s is calibrated on validation by ``python -m reports.sampling``.
     """
 
     threshold: str | float = "best_at_0.5x_slow"
