@@ -5,7 +5,8 @@ self-consistency, DeepConf-style confidence voting and ESC, on Qwen2.5-Coder-0.5
     python -m reports.sampling --generator_out kvprobe/pretrained/qwen2.5-coder-0.5b   # also ship the calibrated steering
 
 1. The capture: 16 samples (T=0.7, top-p 0.95, sample j seeded j) of each of 180 three-term arithmetic questions,
-   split by question: 30 train, 30 validation, 120 test (``configs/data/qwen_sampled.yaml``).
+   split by question: 30 train, 30 validation, 120 test (``configs/data/qwen_sampled.yaml``; ``--data`` names
+   another sampled data config, e.g. one of ASDiv, with ``--out`` another report).
 2. Every sample is scored by the shipped slow-answer correctness probe (trained on greedy answers of another
    question set) and by one fitted here on the 30 training questions' sampled answers.
 3. For N = 1..16 (the first N samples of each question) each rule of ``kvprobe.sampling`` picks an answer; accuracy
@@ -186,6 +187,7 @@ def live_check(questions: list[Question], dm, steering: dict, limit: int, batch:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m reports.sampling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=DATA, help="a data config over a sampled capture (16 samples per question)")
     parser.add_argument("--out", default="docs/sampling.md")
     parser.add_argument("--runs", default="runs/report")
     parser.add_argument("--live", type=int, default=24, help="the first test questions, run live (0: none)")
@@ -194,10 +196,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
-    dm = load_data(DATA)
+    dm = load_data(args.data)
     greedy = load_probe(Path(SHIPPED) / "correctness")
-    folder = Path(args.runs) / "sampled-correctness"
-    quiet_fit(["--config", "configs/coe.yaml", "--data", DATA], folder)
+    folder = Path(args.runs) / ("sampled-correctness" + ("" if args.data == DATA else "-" + Path(args.data).stem))
+    quiet_fit(["--config", "configs/coe.yaml", "--data", args.data], folder)
     sampled = load_probe(folder)
     split = {s: questions_of(dm, s, {"greedy": probe_scores(greedy, dm, s), "sampled": probe_scores(sampled, dm, s)})
              for s in ("val", "test")}
@@ -260,7 +262,12 @@ def main(argv: list[str] | None = None) -> dict:
     curves["early stop (ESC)"] = sorted((float(t.mean()), float(r.mean())) for w in ESC_WINDOWS
                                         for r, t, _ in [early(test, "agree", 0.0, w)])
     gap = min(acc - _interpolate(curves["vote"], tok) for tok, acc in margin_curve if tok <= curves["vote"][-1][0])
-    _plot(curves, Path(args.out).with_suffix(".png"))
+    c = dm.capture
+    setting = {"task": c.task.name, "params": c.task.params, "temperature": c.generation.temperature, "top_p": c.generation.top_p,
+               "cap": c.generation.max_new_tokens[c.prompt.mode], "samples": c.generation.samples, "model": c.model.name,
+               "train": len({dm.datasets["train"].rows[i]["qid"] for i in dm.datasets["train"].indices}), "data": args.data,
+               "out": args.out, "command": "python -m reports.sampling" + ("" if args.data == DATA else f" --data {args.data} --out {args.out}")}
+    _plot(curves, Path(args.out).with_suffix(".png"), setting)
 
     live = {}
     steering = {"samples": 16, "select": "probe_vote", "wave": probe_cal["wave"], "stop_on": "margin", "stop_at": probe_cal["stop_at"]}
@@ -300,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
         "test_questions_in_greedy_probe_training": len(overlap),
     }
     Path(args.out).with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
-    write_report(args.out, _markdown(figures, table, diffs, wq, pooled, stops, vote8_sampled, live, throughput, steering))
+    write_report(args.out, _markdown(figures, table, diffs, wq, pooled, stops, vote8_sampled, live, throughput, steering, setting))
     return figures
 
 
@@ -312,7 +319,7 @@ def _interpolate(curve: list[tuple[float, float]], x: float) -> float:
     return curve[0][1] if x < curve[0][0] else curve[-1][1]
 
 
-def _plot(curves: dict, out: Path) -> None:
+def _plot(curves: dict, out: Path, setting: dict) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, points in curves.items():
@@ -322,7 +329,7 @@ def _plot(curves: dict, out: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("mean tokens per question (sampled + prefill)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("Qwen2.5-Coder-0.5B, three-term arithmetic: N = 1..16 samples")
+    ax.set_title(f"{setting['model']}, {setting['task']}: N = 1..16 samples")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -340,18 +347,19 @@ def _ship(path: str, steering: dict) -> None:
     gen.save_pretrained(path)
 
 
-def _markdown(f, table, diffs, wq, pooled, stops, vote8_sampled, live, throughput, steering) -> str:
+def _markdown(f, table, diffs, wq, pooled, stops, vote8_sampled, live, throughput, steering, setting) -> str:
     pct = lambda ci: f"{ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]"
     lines = [
         "# Sampling with the correctness probe",
         "",
-        "Reproduce: `python -m reports.sampling` (the capture `configs/captures/qwen_sampled.yaml`, ~80 min on 2 CPU cores, "
-        "is made on first use; then ~5 min, most of it the live run). Throughput: `python benchmarks/sampling_throughput.py` first. "
-        "Figures for programs: `docs/sampling.json`.",
+        f"Reproduce: `{setting['command']}` (the sampled capture its data config reads, ~80 min on 2 CPU cores for the default, "
+        "is made on first use; then ~10 min, most of it the live run). Throughput: `python benchmarks/sampling_throughput.py` "
+        f"first. Figures for programs: `{Path(setting['out']).with_suffix('.json')}`.",
         "",
-        f"Qwen2.5-Coder-0.5B-Instruct (bf16), step by step, 16 samples per question (T=0.7, top-p 0.95, 192-token cap), "
-        f"{f['test_questions']} test questions (three-term arithmetic, operands of 1-2 digits); {f['val_questions']} validation "
-        "questions calibrate early stopping; 30 train the sampled-answer probe. Tokens: mean per question, every sampled token "
+        f"{setting['model']} (`{setting['data']}`), step by step, {setting['samples']} samples per question (T={setting['temperature']}, "
+        f"top-p {setting['top_p']}, {setting['cap']}-token cap), {f['test_questions']} test questions ({setting['task']} "
+        f"{json.dumps(setting['params'])}); {f['val_questions']} validation questions calibrate early stopping; "
+        f"{setting['train']} train the sampled-answer probe. Tokens: mean per question, every sampled token "
         "plus one prefill of the prompt. Intervals: 95% bootstrap over questions.",
         "",
         "## Accuracy at N samples",
