@@ -26,6 +26,7 @@ from kvprobe.steering import POLICIES, KVProbeGenerator
 from kvprobe.tasks import Item, grade
 
 PROBE_SHARE_BAR = 0.01  # the bar's limit on probe time as a share of wall time
+GREEDY_POLICIES = tuple(p for p in POLICIES if p != "sample")  # one greedy answer each; ``sample``: python -m reports.sampling
 
 
 def load_data(config: str):
@@ -84,7 +85,7 @@ def judge(results: dict) -> None:
                               and r["probe_share"] <= PROBE_SHARE_BAR)
 
 
-def evaluate(gen: KVProbeGenerator, dm, split: str = "test", policies=POLICIES, limit: int | None = None,
+def evaluate(gen: KVProbeGenerator, dm, split: str = "test", policies=GREEDY_POLICIES, limit: int | None = None,
              batch_size: int = 32) -> dict:
     """Every policy on the questions of ``dm``'s split (a difficulty data module: the oracle's modes come from its
     captured outcomes); per policy, its figures."""
@@ -117,7 +118,8 @@ def parser(prog: str = "kvprobe evaluate", description: str = __doc__):
     p.add_argument("--generator", type=str, default="qwen2.5-coder-0.5b", help="generator folder or shipped alias")
     p.add_argument("--data", type=str, default="configs/data/difficulty_mix.yaml", help="difficulty data config (both modes)")
     p.add_argument("--split", type=Literal["train", "val", "test"], default="test")
-    p.add_argument("--policies", type=list[Literal[POLICIES]], default=list(POLICIES), help="route+switch needs a switch probe")
+    p.add_argument("--policies", type=list[Literal[GREEDY_POLICIES]], default=list(GREEDY_POLICIES),
+                   help="route+switch needs a switch probe; sampling is evaluated by python -m reports.sampling")
     p.add_argument("--limit", type=int | None, default=None, help="first n questions of the split only")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--out", type=str | None, default=None, help="write every figure and per-question record as JSON here")

@@ -530,6 +530,18 @@ def test_evaluate_counts_every_decoded_token_of_both_attempts(gen):
     assert [row["text"] for row in r["rows"]] == [s.text for s in slow]
 
 
+def test_evaluate_runs_every_policy_it_offers(gen):
+    """``kvprobe evaluate``'s default policies each answer greedily (``sample`` needs sampling: reports.sampling)."""
+    from kvprobe.evaluate import parser, run_policy
+    from kvprobe.tasks import Item
+
+    policies = parser().parse_args([]).policies
+    assert "sample" not in policies and "verify" in policies
+    for policy in policies:
+        r = run_policy(gen, [Item("q0", QUESTIONS[0], "7")], policy, 1, ["slow"] if policy == "oracle" else None)
+        assert r["items"] == 1 and r["mean_tokens"] > 0
+
+
 SAMPLING = dict(do_sample=True, temperature=2.0, seed=11)
 
 
