@@ -13,7 +13,8 @@ the report fitted on sampled answers (runs/report/sampled-correctness).
 - ``logodds``: the lead in summed log-odds (+3) of P(correct).
 - ``lead_p``: the best P(correct) among the leading class's samples.
 
-Prints one line per statistic, probe and pick: test accuracy and sampled tokens over vote@8's.
+Prints where ``probe_vote`` departs from ``vote`` and ``confidence_vote`` at N=8 and 16 (questions each gets right
+that the other does not), then one line per statistic, probe and pick: test accuracy and sampled tokens over vote@8's.
 """
 
 import argparse
@@ -65,6 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     vote8 = sum(sum(q.tokens[:8]) for q in split["test"]) / len(split["test"])
     print(f"validation vote@8 {target + MATCH:.3f}; test vote@8 {float(rule_at(split['test'], 'vote', 8)[0].mean()):.3f} "
           f"at {vote8:.0f} sampled tokens")
+    for n in (8, 16):  # where probe_vote departs from vote and confidence_vote, and who is right
+        pv = rule_at(split["test"], "probe_vote", n)[0]
+        for other in ("vote", "confidence_vote"):
+            o = rule_at(split["test"], other, n)[0]
+            print(f"N={n}: probe_vote right where {other} is wrong on {int(((pv == 1) & (o == 0)).sum())} test questions, "
+                  f"wrong where it is right on {int(((pv == 0) & (o == 1)).sum())}")
     for kind, thresholds in STATISTICS.items():
         for probe in probes:
             for pick in ("probe_vote", "vote"):
