@@ -33,8 +33,6 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator | None] | torch.
     probs = (values - log_z).exp()
     covered = (probs.sum(-1) >= top_p) | (k <= CANDIDATES)  # the nucleus lies among the candidates
     probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # keep a token while the mass ranked above it is short of top_p
-    if bool(covered.all()):
-        return _multinomial(probs, order, generators, per_row)
     out = _multinomial(probs, order, generators, per_row)
     for i in torch.nonzero(~covered).flatten().tolist():  # rare: a flat distribution, sampled over the vocabulary
         out[i] = _multinomial(_nucleus(logits[i:i + 1], top_p), None, [generators[i]] if per_row else generators, per_row)[0]

@@ -34,10 +34,11 @@ RULES = ("vote", "probe_best", "probe_vote", "confidence_vote", "max_prob_best",
 STOP_ON = ("margin", "votes", "agree")
 
 
-def answer_classes(item: Item, responses: list[str]) -> tuple[list[int], list[str]]:
+def answer_classes(item: Item, responses: list[str], answers: list[str] | None = None) -> tuple[list[int], list[str]]:
     """Each response's answer class (-1: nothing extracted) and each class's answer, in order of appearance. Two
-    answers share a class when the task's grader, given one as the gold answer, accepts the other."""
-    classes, answers = [], []
+    answers share a class when the task's grader, given one as the gold answer, accepts the other. ``answers``: the
+    classes found so far (earlier samples'), which new responses join or extend; never changed in place."""
+    classes, answers = [], list(answers or [])
     for response in responses:
         prediction = grade(item, response)[0]
         if not prediction:
@@ -69,10 +70,10 @@ class VoteTable:
         """The table of the first ``m`` samples (classes keep their numbers: they are numbered by first appearance)."""
         return VoteTable(self.classes[:m], self.probe[:m], self.confidence[:m], self.correct[:m])
 
-    def totals(self, weights: list[float]) -> dict[int, float]:
-        """Each answered class's summed weight."""
+    def totals(self, weights: list[float], samples: list[int] | None = None) -> dict[int, float]:
+        """Each class's summed weight over ``samples`` (default: every answered one)."""
         out: dict[int, float] = {}
-        for i in self._answered():
+        for i in self._answered() if samples is None else samples:
             out[self.classes[i]] = out.get(self.classes[i], 0.0) + weights[i]
         return out
 
@@ -80,9 +81,7 @@ class VoteTable:
         return [i for i, k in enumerate(self.classes) if k >= 0]
 
     def _by_sum(self, weights: list[float], samples: list[int]) -> int | None:
-        totals: dict[int, float] = {}
-        for i in samples:
-            totals[self.classes[i]] = totals.get(self.classes[i], 0.0) + weights[i]
+        totals = self.totals(weights, samples)
         return max(totals, key=lambda k: (totals[k], -k)) if totals else None  # ties: the class seen first
 
     def _best(self, scores: list[float]) -> int | None:

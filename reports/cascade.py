@@ -35,7 +35,7 @@ from kvprobe.plots import pyplot
 from kvprobe.routing import Outcomes
 from kvprobe.steering import KVProbeGenerator, SteeringSpec
 from kvprobe.tasks import Item
-from reports.common import quiet_fit, split_columns, write_report
+from reports.common import quiet_fit, scores_of, split_columns, write_report
 
 VERIFIERS = {  # name -> (config, extra fit arguments)
     "fast: answer KV": ("configs/verifier.yaml", []),
@@ -47,16 +47,6 @@ VERIFIERS = {  # name -> (config, extra fit arguments)
 BUDGET = 0.5  # x always-slow's mean decoded tokens
 LOSSES = (0.02, 0.03)  # accuracy loss vs always-slow, the paper's headline form
 TEXT_ROUTER = "text-only router (char n-gram TF-IDF, logistic)"
-
-
-def scores_of(probe, loader, method: str = "predict") -> tuple[torch.Tensor, list[str]]:
-    """``probe.<method>`` (its calibrated score; ``slow_helps`` for a difficulty probe's P(slow right | fast wrong))
-    over ``loader`` in eval mode, and the question ids, in order."""
-    probe.eval()
-    with torch.no_grad():
-        out = torch.cat([getattr(probe, method)(batch).float().cpu() for batch in loader])
-    ds = loader.dataset
-    return out, [ds.rows[i]["qid"] for i in ds.indices]
 
 
 def grades_of(loader) -> torch.Tensor:

@@ -34,13 +34,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kvprobe.cascade import paired_bootstrap
 from kvprobe.evaluate import load_data
 from kvprobe.export import load_probe
 from kvprobe.metrics import auroc_or_nan
 from kvprobe.plots import pyplot
 from kvprobe.sampling import RULES, VoteTable, answer_classes, stopped_at
 from kvprobe.tasks import Item, grade, load_items
-from reports.common import quiet_fit, write_report
+from reports.common import quiet_fit, scores_of, write_report
 
 DATA = "configs/data/qwen_sampled.yaml"
 SHIPPED = "kvprobe/pretrained/qwen2.5-coder-0.5b"
@@ -88,10 +89,8 @@ def questions_of(dm, split: str, scores: dict[str, torch.Tensor]) -> list[Questi
 
 
 def probe_scores(probe, dm, split: str) -> torch.Tensor:
-    probe.eval()
-    loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
-    with torch.no_grad():
-        return torch.cat([probe.predict(batch).float().cpu() for batch in loader])
+    """The probe's P(correct) of every answer of the split, in its order."""
+    return scores_of(probe, dm.val_dataloader() if split == "val" else dm.test_dataloader())[0]
 
 
 def rule_at(qs: list[Question], rule: str, n: int, probe: str = "greedy") -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,14 +109,14 @@ def early(qs: list[Question], stop_on: str, stop_at: float, wave: int, n: int = 
     return right, torch.tensor(tokens), torch.tensor(used, dtype=torch.float)
 
 
-def mean_ci(x: torch.Tensor, n: int = 5000, seed: int = 0) -> tuple[float, float, float]:
-    idx = torch.randint(len(x), (n, len(x)), generator=torch.Generator().manual_seed(seed))
-    means = x.float()[idx].mean(1)
-    return float(x.float().mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
-
-
 def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    return mean_ci(a - b)
+    """Mean of ``a - b`` over questions with its 95% bootstrap interval (``kvprobe.cascade.paired_bootstrap``)."""
+    d = paired_bootstrap(a, b)
+    return d["diff"], d["lo"], d["hi"]
+
+
+def mean_ci(x: torch.Tensor) -> tuple[float, float, float]:
+    return paired(x, torch.zeros_like(x))
 
 
 def within_question_auroc(qs: list[Question], score) -> tuple[float, int]:
@@ -254,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
                                           "samples": float(used.mean()), "minus_vote8": paired(right, vote8_right)}
 
     # --- curves (descriptive: every setting on test; nothing chosen from them) --------------------------------------
-    curves = {rule: [(float(rule_at(test, rule, n)[1].mean()), float(rule_at(test, rule, n)[0].mean())) for n in range(1, 17)]
+    curves = {rule: [(float(tokens.mean()), float(right.mean())) for n in range(1, 17) for right, tokens in [rule_at(test, rule, n)]]
               for rule in ("vote", "probe_vote", "confidence_vote", "probe_best", "max_prob_best", "oracle")}
     margin_curve = sorted({(float(t.mean()), float(r.mean())) for t_at in margins(test, "greedy")[::3] + [math.inf]
                            for r, t, _ in [early(test, "margin", t_at, probe_cal["wave"])]})

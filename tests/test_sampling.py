@@ -10,6 +10,10 @@ def test_answer_classes_use_the_grader():
     classes, answers = answer_classes(Item("q", "What is 1/2?", "0.5"), [
         "Answer: 0.5", "Answer: $\\frac{1}{2}$", "Answer: 1/2", "Answer: 3", "no idea", "The answer is 3."])
     assert classes == [0, 0, 0, 1, -1, 1] and answers == ["0.5", "3"]  # 0.5 = \frac{1}{2} = 1/2; nothing extracted: -1
+    # in waves: later responses join the classes found so far, numbered as if classified together
+    first, known = answer_classes(Item("q", "What is 1/2?", "0.5"), ["Answer: 3", "Answer: 0.5"])
+    rest, grown = answer_classes(Item("q", "What is 1/2?", "0.5"), ["Answer: 1/2", "no idea", "Answer: 7"], known)
+    assert first + rest == [0, 1, 1, -1, 2] and known == ["3", "0.5"] and grown == ["3", "0.5", "7"]
     classes, answers = answer_classes(Item("q", "Pick one", "B", ("red", "blue", "green")), ["Answer: B", "The answer is (B)", "A", "no"])
     assert classes == [0, 0, 1, -1] and answers == ["B", "A"]
 

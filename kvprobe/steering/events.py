@@ -12,7 +12,7 @@ class Sample:
     text: str
     tokens: int  # decoded tokens
     confidence: float | None  # the correctness probe's P(correct), from this sample's own cache
-    mean_max_prob: float  # mean max-probability of its tokens (DeepConf's token confidence)
+    mean_max_prob: float | None  # mean max-probability of its tokens (DeepConf's token confidence); None: not kept
     answer: int  # its answer class (``answers[answer]``), -1 when no answer could be extracted
 
 

@@ -234,6 +234,7 @@ class Sampler(Hook):
         self.wave = min(steering.wave, steering.samples) if steering.early_stop else steering.samples
         self.rows: dict[int, list] = {}  # prompt index -> its rows (a row answers one sample per wave)
         self.drawn: dict[int, list[tuple[Sample, list[int]]]] = {}  # prompt index -> its samples and their token ids
+        self.answers: dict[int, list[str]] = {}  # prompt index -> its answer classes so far
 
     def start_modes(self, prompts: list) -> list[str]:
         return [self.mode] * len(prompts)
@@ -246,10 +247,16 @@ class Sampler(Hook):
     def on_finish(self, engine, state: DecodeState) -> Iterator[DoneEvent]:
         for index in dict.fromkeys(r.index for r in state.rows):
             rows = [r for r in state.rows if r.index == index]
+            prompt = engine.prompts[index]
+            item = prompt if isinstance(prompt, Item) else Item("live", prompt if isinstance(prompt, str) else "", "")
+            # only this wave's samples are graded: earlier ones keep their classes, which are numbered by appearance
+            classes, self.answers[index] = answer_classes(item, [r.text for r in rows], self.answers.get(index))
             drawn = self.drawn.setdefault(index, [])
-            drawn += [(Sample(r.text, len(r.out), r.confidence, _mean(r.step_stats)[0] if r.step_stats else None, -1),
-                       list(r.out)) for r in rows]
-            table, answers = self.table(engine.prompts[index], [d[0] for d in drawn])
+            drawn += [(Sample(r.text, len(r.out), r.confidence, _mean(r.step_stats)[0] if r.step_stats else None, k),
+                       list(r.out)) for r, k in zip(rows, classes)]
+            samples = [d[0] for d in drawn]
+            table = VoteTable([x.answer for x in samples], [x.confidence or 0.0 for x in samples],
+                              [x.mean_max_prob if x.mean_max_prob is not None else 0.0 for x in samples], [False] * len(samples))
             left = self.s.samples - len(drawn)
             if left > 0 and not settled(table, self.s.stop_on, self.s.stop_at or 0.0, self.wave):
                 for r in rows[: min(left, len(rows))]:
@@ -260,21 +267,11 @@ class Sampler(Hook):
                 continue
             for r in rows:
                 r.reported = True
-            yield DoneEvent(index, self.result(index, table, answers))
+            yield DoneEvent(index, self.result(index, table))
 
-    def table(self, prompt, samples: list[Sample]) -> tuple[VoteTable, list[str]]:
-        """The vote table of a prompt's samples so far (classes by the grader; grades unknown live)."""
-        item = prompt if isinstance(prompt, Item) else Item("live", prompt if isinstance(prompt, str) else "", "")
-        classes, answers = answer_classes(item, [x.text for x in samples])
-        for x, k in zip(samples, classes):
-            x.answer = k
-        table = VoteTable(classes, [x.confidence or 0.0 for x in samples],
-                          [x.mean_max_prob if x.mean_max_prob is not None else 0.0 for x in samples], [False] * len(samples))
-        return table, answers
-
-    def result(self, index: int, table: VoteTable, answers: list[str]):
-        """One result for the prompt: the chosen class's most confident sample's text and P(correct), every
-        sample's tokens and prefill."""
+    def result(self, index: int, table: VoteTable):
+        """One result for the prompt (its vote ``table``, grades unknown live): the chosen class's most confident
+        sample's text and P(correct), every sample's tokens and prefill."""
         drawn, rows = self.drawn[index], self.rows[index]
         chosen = table.choose(self.s.select, self.s.eta)
         members = [i for i, k in enumerate(table.classes) if k == chosen] if chosen is not None else [0]
@@ -284,7 +281,7 @@ class Sampler(Hook):
             lead, text=drawn[best][0].text, confidence=drawn[best][0].confidence, token_ids=drawn[best][1],
             tokens={m: sum(r.tokens[m] for r in rows) for m in lead.tokens}, prompt_tokens=sum(r.prompt_tokens for r in rows),
             reprompt_tokens=sum(r.reprompt_tokens for r in rows), probe_seconds=sum(r.probe_seconds for r in rows),
-            samples=[d[0] for d in drawn], answers=answers, chosen=chosen)
+            samples=[d[0] for d in drawn], answers=self.answers[index], chosen=chosen)
 
 
 def cue_block(tokenizer, fed: list[int], token: int, cue: str) -> list[int]:

@@ -82,12 +82,10 @@ class DecodeState:
     def expand(self, copies: int) -> None:
         """Each row ``copies`` times in place, the cache too (copy ``j`` of a row is its sample ``j``; only the first
         counts the prompt's prefill): one prefill serves a prompt's samples."""
-        index = torch.arange(len(self.rows)).repeat_interleave(copies)
-        self.cache.batch_select_indices(index)
-        self.rows = [dataclasses.replace(copy.deepcopy(r), sample=j, prompt_tokens=r.prompt_tokens if j == 0 else 0)
-                     for r in self.rows for j in range(copies)]
-        self.mask, self.logits = self.mask[index], self.logits[index]
-        self.row_tensors = {k: v[index.to(v.device)] for k, v in self.row_tensors.items()}
+        picked = self.select([i for i in range(len(self.rows)) for _ in range(copies)])  # rows repeated, cache included
+        self.rows = [dataclasses.replace(copy.deepcopy(r), sample=j % copies, prompt_tokens=r.prompt_tokens if j % copies == 0 else 0)
+                     for j, r in enumerate(picked.rows)]
+        self.mask, self.logits, self.row_tensors = picked.mask, picked.logits, picked.row_tensors
 
     def select(self, keep: list[int]) -> "DecodeState":
         """The state of rows ``keep`` only (the cache is cut in place)."""

@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     for kind, thresholds in STATISTICS.items():
         for probe in probes:
             for pick in ("probe_vote", "vote"):
-                ok = [(run(split["val"], kind, th, w, probe, pick)[1], w, th) for w in (1, 2, 4) for th in thresholds
-                      if run(split["val"], kind, th, w, probe, pick)[0] >= target - 1e-9]
+                ok = [(tokens, w, th) for w in (1, 2, 4) for th in thresholds
+                      for acc, tokens in [run(split["val"], kind, th, w, probe, pick)] if acc >= target - 1e-9]
                 if not ok:
                     print(f"{kind:8s} {probe:8s} {pick:10s} none within 1 point on validation")
                     continue
