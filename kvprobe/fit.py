@@ -142,11 +142,25 @@ def _log_wandb(logger: WandbLogger, probe: LightningModule, spec: dict, folder: 
         logger.experiment.finish()
 
 
+def whole_data(args: list[str]) -> list[str]:
+    """``args`` with every ``--data <config>`` replacing the data config before it rather than merging into it.
+    jsonargparse merges a config given again into the one it follows, so a field the new file leaves out would keep
+    the old file's value (``--config configs/coe.yaml --data <an ASDiv config>`` would ask ASDiv for arithmetic's
+    ``task.params``); a data config is a whole capture, so it is given on a clean slate (``--data null`` first).
+    Dotted overrides (``--data.capture.task.limit 32``) still merge."""
+    out = []
+    for a in args:
+        if a == "--data" or a.startswith("--data="):
+            out += ["--data", "null"]
+        out.append(a)
+    return out
+
+
 def make_cli(args: list[str] | None = None) -> FitCLI:
     """The parsed, instantiated CLI (probe, datamodule, trainer) without running anything."""
     argv = sys.argv
-    if args is not None:  # LightningCLI warns when it sees both ``args`` and a command line (pytest's, say)
-        sys.argv = argv[:1]
+    args = whole_data(argv[1:] if args is None else args)
+    sys.argv = argv[:1]  # LightningCLI warns when it sees both ``args`` and a command line (pytest's, say)
     try:
         return FitCLI(
             LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False, args=args,

@@ -161,3 +161,17 @@ def test_weight_decay_selection_length_inputs_and_the_length_warning(tiny_models
     assert config["metrics"]["warnings"] == results["warnings"]
     out = capsys.readouterr().out
     assert "weight decay by val/select" in out and "WARNING: on validation the probe does not beat" in out
+
+
+def test_a_data_config_on_the_command_line_replaces_the_one_before_it():
+    """configs/coe.yaml names arithmetic data; ``--data <an ASDiv config>`` must give that config's capture as written
+    (task.params empty), not one that keeps arithmetic's params where the ASDiv file is silent. Dotted overrides after
+    it still apply."""
+    from kvprobe.fit import make_cli
+
+    data = "configs/data/qwen_sampled_asdiv.yaml"
+    cli = make_cli(["--config", "configs/coe.yaml", "--data", data, "--data.capture.task.limit", "7", "--trainer.logger", "false"])
+    task = cli.datamodule.capture.task
+    assert (task.name, task.params, task.limit) == ("asdiv", {}, 7)
+    again = make_cli(["--config", "configs/coe.yaml", f"--data={data}", "--trainer.logger", "false"]).datamodule.capture
+    assert again.task.params == {} and again.task.limit == 180 and again.generation.samples == 16
