@@ -19,7 +19,8 @@ self-consistency, DeepConf-style confidence voting and ESC, on Qwen2.5-Coder-0.5
    the same questions; and the probe's share of its wall time.
 6. Throughput: ``benchmarks/sampling_throughput.py``'s result, when present (run it first).
 
-Writes docs/sampling.md, docs/sampling.json (headline figures) and docs/sampling.png. Nothing is tuned on test.
+Writes docs/sampling.md, docs/sampling.json (headline figures) and docs/sampling.png (``--out`` names others).
+Nothing is tuned on test.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ MATCH = 0.01  # early stopping must come within this of vote@8's accuracy (on va
 WAVES = (1, 2, 4)
 ESC_WINDOWS = (2, 3, 4, 5, 6, 8)
 THROUGHPUT = Path("benchmarks/results/sampling_throughput.json")
+LIVE = 24  # test questions run live by default
 
 
 @dataclass
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default=DATA, help="a data config over a sampled capture (16 samples per question)")
     parser.add_argument("--out", default="docs/sampling.md")
     parser.add_argument("--runs", default="runs/report")
-    parser.add_argument("--live", type=int, default=24, help="the first test questions, run live (0: none)")
+    parser.add_argument("--live", type=int, default=LIVE, help="the first test questions, run live (0: none)")
     parser.add_argument("--live_batch", type=int, default=12, help="questions per live call (each expands to its samples)")
     parser.add_argument("--generator_out", default=None, help="write the shipped generator with the calibrated steering here")
     args = parser.parse_args(argv)
@@ -265,7 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
     setting = {"task": c.task.name, "params": c.task.params, "temperature": c.generation.temperature, "top_p": c.generation.top_p,
                "cap": c.generation.max_new_tokens[c.prompt.mode], "samples": c.generation.samples, "model": c.model.name,
                "train": len({dm.datasets["train"].rows[i]["qid"] for i in dm.datasets["train"].indices}), "data": args.data,
-               "out": args.out, "command": "python -m reports.sampling" + ("" if args.data == DATA else f" --data {args.data} --out {args.out}")}
+               "out": args.out, "live": args.live,
+               "command": "python -m reports.sampling" + ("" if args.data == DATA else f" --data {args.data} --out {args.out}")
+               + ("" if args.live == LIVE else f" --live {args.live}")}
     _plot(curves, Path(args.out).with_suffix(".png"), setting)
 
     live = {}
@@ -348,11 +352,13 @@ def _ship(path: str, steering: dict) -> None:
 
 def _markdown(f, table, diffs, wq, pooled, stops, vote8_sampled, live, throughput, steering, setting) -> str:
     pct = lambda ci: f"{ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]"
+    png = str(Path(setting["out"]).with_suffix(".png"))
     lines = [
         "# Sampling with the correctness probe",
         "",
-        f"Reproduce: `{setting['command']}` (the sampled capture its data config reads, ~80 min on 2 CPU cores for the default, "
-        "is made on first use; then ~10 min, most of it the live run). Throughput: `python benchmarks/sampling_throughput.py` "
+        f"Reproduce: `{setting['command']}` (the sampled capture its data config reads is made on first use: 73 min on 2 CPU "
+        "cores for the default, 85 min for ASDiv's; then ~3 min" + (", and ~7 min for the live run" if setting["live"] else "")
+        + "). Throughput: `python benchmarks/sampling_throughput.py` "
         f"first. Figures for programs: `{Path(setting['out']).with_suffix('.json')}`.",
         "",
         f"{setting['model']} (`{setting['data']}`), step by step, {setting['samples']} samples per question (T={setting['temperature']}, "
@@ -407,11 +413,11 @@ def _markdown(f, table, diffs, wq, pooled, stops, vote8_sampled, live, throughpu
                      f"{s['samples']:.2f} | {s['sampled_tokens'] / vote8_sampled:.2f} | {pct(s['minus_vote8'])} |")
     lines += [
         "",
-        f"vote@8 samples {vote8_sampled:.0f} tokens per question. Over the whole curve (every margin, `docs/sampling.png`) "
+        f"vote@8 samples {vote8_sampled:.0f} tokens per question. Over the whole curve (every margin, `{png}`) "
         f"the probe's early stopping lies at least {f['early_stop_curve_min_gap_to_vote']:+.3f} from vote@N's accuracy at "
         "equal tokens (negative: below it somewhere).",
         "",
-        "![accuracy vs tokens](sampling.png)",
+        f"![accuracy vs tokens]({Path(png).name})",
         "",
     ]
     if live:
