@@ -254,8 +254,19 @@ def main(argv: list[str] | None = None) -> dict:
           f"{e['samples']:.2f} samples (wave {e['wave']}, threshold {e['stop_at']}, met on validation: {e['met_on_val']})")
     print(f"vote@8 {results['vote_acc_n8']:.3f} @16 {results['vote_acc_n16']:.3f}; confidence_vote@8 "
           f"{results['confidence_vote_acc_n8']:.3f} @16 {results['confidence_vote_acc_n16']:.3f}")
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(_rounded(results), indent=1) + "\n")
     return results
+
+
+def _rounded(x):
+    """``x`` with every float to 4 decimals (the JSON is read by people too)."""
+    if isinstance(x, float):
+        return round(x, 4)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v) for v in x]
+    return x
 
 
 if __name__ == "__main__":
