@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from kvprobe.tasks import Item, grade
 
@@ -132,7 +133,13 @@ def settled(table: VoteTable, stop_on: str, stop_at: float, window: int) -> bool
 def stopped_at(table: VoteTable, n: int, wave: int, stop_on: str, stop_at: float) -> int:
     """How many of a question's samples (``table``, in drawing order) early stopping draws: waves of ``wave``, up to
     ``n``, until ``settled``."""
+    return first_settled(table, n, wave, lambda so_far: settled(so_far, stop_on, stop_at, wave))
+
+
+def first_settled(table: VoteTable, n: int, wave: int, settle: Callable[[VoteTable], bool]) -> int:
+    """How many of ``table``'s samples drawing waves of ``wave``, up to ``n``, takes until ``settle(table so far)``
+    (``stopped_at``'s loop, for any stopping test)."""
     m = min(wave, n)
-    while m < n and not settled(table.head(m), stop_on, stop_at, wave):
+    while m < n and not settle(table.head(m)):
         m = min(m + wave, n)
     return m

@@ -103,9 +103,15 @@ def rule_at(qs: list[Question], rule: str, n: int, probe: str = "greedy") -> tup
 
 def early(qs: list[Question], stop_on: str, stop_at: float, wave: int, n: int = 16, probe: str = "greedy"):
     """Per question under early stopping: right (probe_vote for the probe's rule, vote for ESC), tokens, samples."""
-    rule = "probe_vote" if stop_on == "margin" else "vote"
-    used = [stopped_at(q.tables[probe], n, wave, stop_on, stop_at) for q in qs]
-    right = torch.tensor([float(q.tables[probe].head(m).is_right(rule)) for q, m in zip(qs, used)])
+    return waves(qs, probe, wave, "probe_vote" if stop_on == "margin" else "vote",
+                 lambda t: stopped_at(t, n, wave, stop_on, stop_at))
+
+
+def waves(qs: list[Question], probe: str, wave: int, pick: str, samples_of) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per question, when sampling in waves of ``wave`` draws ``samples_of(its table)`` samples and ``pick`` chooses
+    among them: whether it is right, the tokens it costs, the samples."""
+    used = [samples_of(q.tables[probe]) for q in qs]
+    right = torch.tensor([float(q.tables[probe].head(m).is_right(pick)) for q, m in zip(qs, used)])
     # a sample of a later wave re-feeds the prompt's last position (the live policy's reprompt): counted too
     tokens = [float(q.cost(m) + max(0, m - wave)) for q, m in zip(qs, used)]
     return right, torch.tensor(tokens), torch.tensor(used, dtype=torch.float)
@@ -122,13 +128,18 @@ def mean_ci(x: torch.Tensor) -> tuple[float, float, float]:
 
 
 def within_question_auroc(qs: list[Question], score) -> tuple[float, int]:
-    """Mean AUROC among one question's samples, over questions with right and wrong ones."""
-    values = []
-    for q in qs:
-        t = q.tables["greedy"]
-        labels = torch.tensor([float(c) for c in t.correct])
-        if 0 < labels.sum() < len(labels):
-            values.append(auroc_or_nan(torch.tensor(score(q)), labels))
+    """Mean AUROC among one question's samples (``score(question)``), over questions with right and wrong ones."""
+    return grouped_auroc(torch.tensor([x for q in qs for x in score(q)]),
+                         torch.tensor([float(c) for q in qs for c in q.tables["greedy"].correct]),
+                         [q.qid for q in qs for _ in q.tokens])
+
+
+def grouped_auroc(scores: torch.Tensor, labels: torch.Tensor, groups: list[str]) -> tuple[float, int]:
+    """Mean AUROC within each group (one question's samples) over the groups with both labels, and their number."""
+    where: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        where.setdefault(g, []).append(i)
+    values = [auroc_or_nan(scores[i], labels[i]) for i in map(torch.tensor, where.values()) if 0 < labels[i].sum() < len(i)]
     return sum(values) / len(values), len(values)
 
 
@@ -145,12 +156,17 @@ def margins(qs: list[Question], probe: str) -> list[float]:
 
 
 def calibrate(val: list[Question], stop_on: str, settings: list[tuple[int, float]], probe: str = "greedy") -> dict:
-    """The setting (wave, stop_at) with the fewest validation tokens within ``MATCH`` of validation's vote@8
-    (or, if none is, the most accurate)."""
+    """The setting (wave, stop_at) of ``early`` with the fewest validation tokens within ``MATCH`` of validation's
+    vote@8 (or, if none is, the most accurate)."""
+    return cheapest(val, settings, lambda qs, wave, stop_at: early(qs, stop_on, stop_at, wave, probe=probe))
+
+
+def cheapest(val: list[Question], settings: list[tuple[int, float]], run) -> dict:
+    """``calibrate`` for any stopping simulation ``run(questions, wave, stop_at)`` (returning what ``early`` does)."""
     target = float(rule_at(val, "vote", 8)[0].mean()) - MATCH
     rows = []
     for wave, stop_at in settings:
-        right, tokens, used = early(val, stop_on, stop_at, wave, probe=probe)
+        right, tokens, used = run(val, wave, stop_at)
         rows.append({"wave": wave, "stop_at": stop_at, "accuracy": float(right.mean()), "tokens": float(tokens.mean())})
     ok = [r for r in rows if r["accuracy"] >= target - 1e-9]
     best = min(ok, key=lambda r: (r["tokens"], -r["accuracy"])) if ok else max(rows, key=lambda r: (r["accuracy"], -r["tokens"]))

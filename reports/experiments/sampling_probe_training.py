@@ -40,8 +40,9 @@ from kvprobe.export import load_probe
 from kvprobe.metrics import auroc_or_nan
 from kvprobe.probes import CorrectnessProbe
 from reports.common import quiet_fit, scores_of
-from reports.sampling import (DATA, SHIPPED, WAVES, calibrate, early, margins, paired, questions_of, rule_at,
-                              within_question_auroc)
+from kvprobe.sampling import first_settled
+from reports.sampling import (DATA, SHIPPED, WAVES, calibrate, cheapest, early, grouped_auroc, margins, paired,
+                              questions_of, rule_at, waves, within_question_auroc)
 
 MORE = "configs/data/qwen_sampled_more.yaml"
 L2 = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -94,16 +95,6 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, qids: list[str], objective: str
     return coef.detach()
 
 
-def within(scores: torch.Tensor, y: torch.Tensor, qids: list[str]) -> float:
-    """Mean AUROC among one question's samples, over questions with right and wrong ones."""
-    values = []
-    for q in dict.fromkeys(qids):
-        m = torch.tensor([k == q for k in qids])
-        if 0 < y[m].sum() < m.sum():
-            values.append(auroc_or_nan(scores[m], y[m]))
-    return sum(values) / len(values)
-
-
 def own_probe(train, splits: dict, objective: str) -> tuple[dict[str, torch.Tensor], dict]:
     """P(correct) of every split's samples under a linear head fitted on ``train`` (L2 chosen on ``splits["val"]``)."""
     xt, yt, qt = train
@@ -111,7 +102,7 @@ def own_probe(train, splits: dict, objective: str) -> tuple[dict[str, torch.Tens
     xs = {s: (x - mean) / std for s, (x, _, _) in splits.items()}
     _, yv, qv = splits["val"]
     fits = {l2: fit_linear((xt - mean) / std, yt, qt, objective, l2) for l2 in L2}
-    chosen = {l2: within(xs["val"] @ c[:-1] + c[-1], yv, qv) for l2, c in fits.items()}
+    chosen = {l2: grouped_auroc(xs["val"] @ c[:-1] + c[-1], yv, qv)[0] for l2, c in fits.items()}
     l2 = max(chosen, key=chosen.get)
     c = fits[l2]
     raw = {s: x @ c[:-1] + c[-1] for s, x in xs.items()}
@@ -129,7 +120,7 @@ def stop_statistics(t) -> list[float]:
             probe[0] / max(1e-9, sum(probe)), sum(t.probe) / m]
 
 
-def learned_stop(train, val, test, probe: str, vote8_val: float) -> dict:
+def learned_stop(train, val, test, probe: str) -> dict:
     """The learned stopping rule (see the module's text): fitted on ``train``, threshold and wave from ``val``."""
     x, y = [], []
     for q in train:
@@ -143,26 +134,17 @@ def learned_stop(train, val, test, probe: str, vote8_val: float) -> dict:
     coef = calibration.fit_logistic((x - mean) / std, torch.tensor(y))
 
     def run(qs, wave: int, threshold: float):
-        right, tokens, used = [], [], []
-        for q in qs:
-            t, m = q.tables[probe], wave
-            while m < 16:
-                z = (torch.tensor(stop_statistics(t.head(m))) - mean) / std
-                if float(torch.sigmoid(z @ coef[:-1] + coef[-1])) >= threshold:
-                    break
-                m = min(m + wave, 16)
-            right.append(float(t.head(m).is_right("probe_vote")))
-            tokens.append(float(q.cost(m) + max(0, m - wave)))
-            used.append(float(m))
-        return torch.tensor(right), torch.tensor(tokens), torch.tensor(used)
+        def settle(so_far) -> bool:
+            z = (torch.tensor(stop_statistics(so_far)) - mean) / std
+            return float(torch.sigmoid(z @ coef[:-1] + coef[-1])) >= threshold
+
+        return waves(qs, probe, wave, "probe_vote", lambda t: first_settled(t, 16, wave, settle))
 
     grid = [(w, th) for w in WAVES for th in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.01)]
-    rows = [(float(r.mean()), float(tk.mean()), w, th) for w, th in grid for r, tk, _ in [run(val, w, th)]]
-    ok = [row for row in rows if row[0] >= vote8_val - 0.01 - 1e-9]
-    _, _, wave, threshold = min(ok, key=lambda row: (row[1], -row[0])) if ok else max(rows)
-    right, tokens, used = run(test, wave, threshold)
-    return {"wave": wave, "stop_at": threshold, "met_on_val": bool(ok), "coef": [round(float(c), 4) for c in coef],
-            "right": right, "tokens": tokens, "samples": float(used.mean())}
+    cal = cheapest(val, grid, run)
+    right, tokens, used = run(test, cal["wave"], cal["stop_at"])
+    return {"wave": cal["wave"], "stop_at": cal["stop_at"], "met_on_val": cal["met_on_val"],
+            "coef": [round(float(c), 4) for c in coef], "right": right, "tokens": tokens, "used": used}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -207,6 +189,17 @@ def main(argv: list[str] | None = None) -> dict:
     t = qs["test"]
     vote8, prompt_mean = rule_at(t, "vote", 8), sum(q.prompt_tokens for q in t) / len(t)
     vote8_sampled = float(vote8[1].mean()) - prompt_mean
+
+    def figures(right, tokens, used) -> dict:
+        """A stopping rule's test figures: accuracy, samples, sampled tokens over vote@8's, difference to vote@8."""
+        return {"accuracy": float(right.mean()), "samples": float(used.mean()),
+                "tokens_over_vote_n8": (float(tokens.mean()) - prompt_mean) / vote8_sampled, "minus_vote_n8": paired(right, vote8[0])}
+
+    def margin_stop(val: list, name: str) -> dict:
+        """The probe ``name``'s margin rule calibrated on ``val``, run on test."""
+        cal = calibrate(val, "margin", [(w, s) for w in WAVES for s in margins(val, name)], probe=name)
+        return {k: cal[k] for k in ("wave", "stop_at", "met_on_val")} | figures(*early(t, "margin", cal["stop_at"], cal["wave"], probe=name))
+
     results = {"train_questions": {"30": len(first), "90": len(set(full[2]))}, "test_questions": len(t),
                "vote_acc_n8_val": float(rule_at(qs["val"], "vote", 8)[0].mean()),
                "vote_acc_n8_extra": float(rule_at(extra, "vote", 8)[0].mean()),
@@ -222,19 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
             r[f"probe_vote_acc_n{n}"] = float(pv.mean())
             r[f"minus_vote_n{n}"] = paired(pv, rule_at(t, "vote", n)[0])
             r[f"minus_confidence_vote_n{n}"] = paired(pv, rule_at(t, "confidence_vote", n)[0])
-        cal = calibrate(qs["val"], "margin", [(w, s) for w in WAVES for s in margins(qs["val"], name)], probe=name)
-        right, tokens, used = early(t, "margin", cal["stop_at"], cal["wave"], probe=name)
-        r["early_stop"] = {"wave": cal["wave"], "stop_at": cal["stop_at"], "met_on_val": cal["met_on_val"],
-                           "accuracy": float(right.mean()), "samples": float(used.mean()),
-                           "tokens_over_vote_n8": (float(tokens.mean()) - prompt_mean) / vote8_sampled,
-                           "minus_vote_n8": paired(right, vote8[0])}
+        r["early_stop"] = margin_stop(qs["val"], name)
         if not name.endswith("90"):  # the threshold from 90 validation questions: the 30 and the extra 60
-            cal = calibrate(qs["val"] + extra, "margin", [(w, s) for w in WAVES for s in margins(qs["val"] + extra, name)], probe=name)
-            right, tokens, used = early(t, "margin", cal["stop_at"], cal["wave"], probe=name)
-            r["early_stop_val90"] = {"wave": cal["wave"], "stop_at": cal["stop_at"], "met_on_val": cal["met_on_val"],
-                                     "accuracy": float(right.mean()), "samples": float(used.mean()),
-                                     "tokens_over_vote_n8": (float(tokens.mean()) - prompt_mean) / vote8_sampled,
-                                     "minus_vote_n8": paired(right, vote8[0])}
+            r["early_stop_val90"] = margin_stop(qs["val"] + extra, name)
         r |= notes.get(name, {})
         results["probes"][name] = r
         e = r["early_stop"]
@@ -245,10 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{e['accuracy']:.3f} at {e['tokens_over_vote_n8']:.2f}x (wave {e['wave']})" + (
                   f"; calibrated on 90: {r['early_stop_val90']['accuracy']:.3f} at {r['early_stop_val90']['tokens_over_vote_n8']:.2f}x"
                   if "early_stop_val90" in r else ""), flush=True)
-    learned = learned_stop(qs["train"], qs["val"], t, "greedy", results["vote_acc_n8_val"])
-    results["learned_stop"] = {k: v for k, v in learned.items() if k not in ("right", "tokens")} | {
-        "accuracy": float(learned["right"].mean()), "tokens_over_vote_n8": (float(learned["tokens"].mean()) - prompt_mean) / vote8_sampled,
-        "minus_vote_n8": paired(learned["right"], vote8[0])}
+    learned = learned_stop(qs["train"], qs["val"], t, "greedy")
+    results["learned_stop"] = {k: v for k, v in learned.items() if k not in ("right", "tokens", "used")} | figures(
+        learned["right"], learned["tokens"], learned["used"])
     e = results["learned_stop"]
     print(f"learned stop (greedy probe): {e['accuracy']:.3f} at {e['tokens_over_vote_n8']:.2f}x vote@8's sampled tokens, "
           f"{e['samples']:.2f} samples (wave {e['wave']}, threshold {e['stop_at']}, met on validation: {e['met_on_val']})")

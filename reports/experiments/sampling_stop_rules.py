@@ -23,7 +23,8 @@ from pathlib import Path
 
 from kvprobe.evaluate import load_data
 from kvprobe.export import load_probe
-from reports.sampling import DATA, MATCH, SHIPPED, probe_scores, questions_of, rule_at
+from kvprobe.sampling import first_settled
+from reports.sampling import DATA, MATCH, SHIPPED, probe_scores, questions_of, rule_at, waves
 
 STATISTICS = {"share": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99), "votes": (1, 2, 3, 4, 5),
               "logodds": (1, 2, 3, 4, 5, 6, 8, 10, 12), "lead_p": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)}
@@ -44,14 +45,8 @@ def statistic(t, kind: str) -> float:
 
 def run(qs, kind: str, threshold: float, wave: int, probe: str, pick: str) -> tuple[float, float]:
     """Accuracy and mean sampled tokens (with the re-fed prompt position of each later-wave sample)."""
-    right, tokens = 0.0, 0.0
-    for q in qs:
-        t, m = q.tables[probe], wave
-        while m < 16 and statistic(t.head(m), kind) < threshold:
-            m = min(m + wave, 16)
-        right += t.head(m).is_right(pick)
-        tokens += sum(q.tokens[:m]) + max(0, m - wave)
-    return right / len(qs), tokens / len(qs)
+    right, tokens, _ = waves(qs, probe, wave, pick, lambda t: first_settled(t, 16, wave, lambda h: statistic(h, kind) >= threshold))
+    return float(right.mean()), float(tokens.mean()) - sum(q.prompt_tokens for q in qs) / len(qs)
 
 
 def main(argv: list[str] | None = None) -> None:
