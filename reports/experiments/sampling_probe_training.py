@@ -39,8 +39,8 @@ from kvprobe.evaluate import load_data
 from kvprobe.export import load_probe
 from kvprobe.metrics import auroc_or_nan
 from kvprobe.probes import CorrectnessProbe
-from reports.common import quiet_fit, scores_of
 from kvprobe.sampling import first_settled
+from reports.common import quiet_fit, scores_of
 from reports.sampling import (DATA, SHIPPED, WAVES, calibrate, cheapest, early, grouped_auroc, margins, paired,
                               questions_of, rule_at, waves, within_question_auroc)
 
@@ -101,7 +101,8 @@ def own_probe(train, splits: dict, objective: str) -> tuple[dict[str, torch.Tens
     mean, std = xt.mean(0), xt.std(0).clamp_min(1e-6)
     xs = {s: (x - mean) / std for s, (x, _, _) in splits.items()}
     _, yv, qv = splits["val"]
-    fits = {l2: fit_linear((xt - mean) / std, yt, qt, objective, l2) for l2 in L2}
+    standard = (xt - mean) / std
+    fits = {l2: fit_linear(standard, yt, qt, objective, l2) for l2 in L2}
     chosen = {l2: grouped_auroc(xs["val"] @ c[:-1] + c[-1], yv, qv)[0] for l2, c in fits.items()}
     l2 = max(chosen, key=chosen.get)
     c = fits[l2]
