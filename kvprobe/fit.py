@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 import torch
@@ -156,18 +157,29 @@ def whole_data(args: list[str]) -> list[str]:
     return out
 
 
+def own_checkpoints(trainer) -> None:
+    """Give this run's checkpoint file a name no other run can write (time, process, random), so that two fits at
+    once in one folder never reload each other's weights: ``best.ckpt`` would be rewritten by whichever run saved
+    last, and the other would export it under its own card."""
+    callback = trainer.checkpoint_callback
+    if callback is not None:
+        callback.filename = f"{callback.filename or 'best'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def make_cli(args: list[str] | None = None) -> FitCLI:
     """The parsed, instantiated CLI (probe, datamodule, trainer) without running anything."""
     argv = sys.argv
     args = whole_data(argv[1:] if args is None else args)
     sys.argv = argv[:1]  # LightningCLI warns when it sees both ``args`` and a command line (pytest's, say)
     try:
-        return FitCLI(
+        cli = FitCLI(
             LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False, args=args,
             save_config_kwargs={"overwrite": True}, parser_kwargs={"description": __doc__},
         )
     finally:
         sys.argv = argv
+    own_checkpoints(cli.trainer)
+    return cli
 
 
 def main(args: list[str] | None = None) -> dict:

@@ -175,3 +175,37 @@ def test_a_data_config_on_the_command_line_replaces_the_one_before_it():
     assert (task.name, task.params, task.limit) == ("asdiv", {}, 7)
     again = make_cli(["--config", "configs/coe.yaml", f"--data={data}", "--trainer.logger", "false"]).datamodule.capture
     assert again.task.params == {} and again.task.limit == 180 and again.generation.samples == 16
+
+
+def test_concurrent_fits_in_one_folder_keep_their_own_checkpoints(tiny_models, tmp_path):
+    """Two fits started at once with the same checkpoint folder and root (as two runs in one project would) each
+    export the weights of their own training, equal to the same fit run alone: a run never reloads a checkpoint
+    that another run wrote (both once wrote ``best.ckpt`` and each reloaded whichever came last)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    def args(wd, export, shared):
+        return [*fit_args(tiny_models["llama"], shared, "--trainer.logger", "false", "--trainer.max_epochs", "12",
+                          "--trainer.enable_progress_bar", "false", "--model.init_args.weight_decay", str(wd)),
+                "--export_dir", str(export)]
+
+    shared = tmp_path / "shared"
+    for wd in (0.01, 100):  # alone, one after the other (the first also captures, for every later run)
+        main(args(wd, tmp_path / f"solo-{wd}", shared))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path("tests").resolve()), os.environ.get("PYTHONPATH", "")])}
+    runs = [subprocess.Popen([sys.executable, "-m", "kvprobe.fit", *args(wd, tmp_path / f"together-{wd}", shared)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for wd in (0.01, 100)]
+    for run in runs:
+        assert run.wait(timeout=600) == 0, run.stderr.read()[-2000:]
+    weights = {name: load_file(tmp_path / name / "probe.safetensors") for name in
+               ("solo-0.01", "solo-100", "together-0.01", "together-100")}
+    for wd in ("0.01", "100"):
+        for key, value in weights[f"solo-{wd}"].items():
+            torch.testing.assert_close(weights[f"together-{wd}"][key], value)
+    differ = [k for k, v in weights["solo-0.01"].items() if v.shape == weights["solo-100"][k].shape
+              and not torch.allclose(v, weights["solo-100"][k])]
+    assert differ  # the two weight decays train different probes, so a swap would show

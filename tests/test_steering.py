@@ -632,3 +632,42 @@ def test_a_probe_fits_on_sampled_answers_split_by_question(trained, tmp_path):
     for name, where in parts.items():
         others = {rows[i]["qid"] for n, w in parts.items() if n != name for i in w}
         assert not {rows[i]["qid"] for i in where} & others
+
+
+def test_per_call_steering_overrides_apply_like_the_constructor(gen):
+    """A steering setting given to one call steers that call exactly as the same setting given to the constructor
+    (the route threshold was once read from the generator's own spec, so a per-call threshold was ignored)."""
+    q = QUESTIONS[0]
+    for threshold, mode in ((-1e9, "slow"), (1e9, "fast")):
+        built = KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.switch, SteeringSpec(threshold=threshold))
+        assert built.generate(q, policy="route", max_new_tokens=3).mode == mode
+        assert gen.generate(q, policy="route", threshold=threshold, max_new_tokens=3).mode == mode
+        assert gen.generate(q, policy="route+switch", threshold=threshold, max_new_tokens=3).mode == mode
+        # route+verify sends a question straight to slow on verify_route_threshold, else on threshold
+        r = gen.generate(q, policy="route+verify", threshold=threshold, escalate_above=1e9, max_new_tokens=3)
+        assert r.mode == mode and not r.escalated
+    r = gen.generate(q, policy="route+verify", threshold=-1e9, verify_route_threshold=1e9, escalate_above=1e9, max_new_tokens=3)
+    assert r.mode == "fast"
+
+
+@pytest.mark.parametrize("override", [
+    {"switch_low": "abc"}, {"switch_high": [1]}, {"probe_every": 0}, {"min_tokens": -1}, {"answer_cue": None},
+    {"answer_cue": ""}, {"escalate_above": "x"}, {"verify_route_threshold": "bogus"}, {"threshold": [1, 2]},
+    {"threshold": "high"}, {"threshold": True}, {"threshold": float("nan")}, {"stop_at": "soon"}, {"eta": "all"},
+])
+def test_bad_per_call_steering_is_refused_up_front(gen, override):
+    """Every per-call steering value goes through the constructor's checks before any model work: one named
+    ValueError, never a TypeError / ZeroDivisionError / KeyError mid-decode."""
+    (name, value), = override.items()
+    policy = "route+switch" if name in ("switch_low", "switch_high", "probe_every", "min_tokens", "answer_cue") else "route+verify"
+    with pytest.raises(ValueError, match=name):
+        gen.generate(QUESTIONS[0], policy=policy, max_new_tokens=3, **override)
+    with pytest.raises(ValueError, match=name):
+        KVProbeGenerator(gen.lm, gen.difficulty, gen.correctness, gen.switch, SteeringSpec(**override))
+    assert gen.generate(QUESTIONS[0], policy=policy, max_new_tokens=3).text is not None  # the generator still answers
+
+
+def test_steering_must_be_a_spec(gen, trained, tmp_path):
+    gen.save_pretrained(tmp_path / "g")
+    with pytest.raises(ValueError, match="SteeringSpec"):
+        KVProbeGenerator.from_pretrained(tmp_path / "g", model=gen.lm, steering="fast")

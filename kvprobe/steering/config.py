@@ -13,6 +13,11 @@ from kvprobe.prompts import MODES, check_token_caps
 LIVE_RULES = tuple(r for r in RULES if r != "oracle")  # the oracle needs the gold answer
 
 
+def _is_number(value) -> bool:
+    """A real number that is not a bool (``True`` is an ``int`` to Python, never a threshold to a user)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
 @dataclass
 class SteeringSpec:
     """How a generator steers; saved in ``generator.json`` beside its probes.
@@ -64,6 +69,24 @@ class SteeringSpec:
     stop_at: float | None = None
 
     def __post_init__(self):
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"steering {name} must be {what}, not {getattr(self, name)!r}")
+
+        need(_is_number(self.threshold) or (isinstance(self.threshold, str) and bool(self.threshold)), "threshold",
+             "a number or the name of one of the difficulty probe's calibrated thresholds")
+        need(self.verify_route_threshold is None or _is_number(self.verify_route_threshold)
+             or (isinstance(self.verify_route_threshold, str) and bool(self.verify_route_threshold)),
+             "verify_route_threshold", "None, a number or the name of a calibrated threshold")
+        for name in ("switch_low", "switch_high", "stop_at"):
+            need(getattr(self, name) is None or _is_number(getattr(self, name)), name, "None or a number")
+        need(_is_number(self.escalate_above), "escalate_above", "a number")
+        need(self.probe_every is None or (type(self.probe_every) is int and self.probe_every >= 1), "probe_every",
+             "None or a whole number >= 1")
+        need(self.min_tokens is None or (type(self.min_tokens) is int and self.min_tokens >= 0), "min_tokens",
+             "None or a whole number >= 0")
+        need(isinstance(self.answer_cue, str) and bool(self.answer_cue), "answer_cue", "a non-empty string")
+        need(_is_number(self.eta), "eta", "a number in (0, 1]")
         if self.escalate_on not in ESCALATE_ON:
             raise ValueError(f"escalate_on {self.escalate_on!r} is not one of {ESCALATE_ON}")
         for name in ("samples", "wave"):

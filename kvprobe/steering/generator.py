@@ -65,19 +65,26 @@ class KVProbeGenerator:
         self.max_new_tokens = dict(main.generation.max_new_tokens)
         self.route_on = main.route_on
         self.window_layers = main.features.layer_ids(lm.shape.layers)
-        for name in ("threshold", "verify_route_threshold"):
-            threshold = getattr(self.steering, name)
-            if difficulty is not None and isinstance(threshold, str) and threshold not in difficulty.thresholds:
-                raise ValueError(f"{name} {threshold!r} is neither a number nor among the probe's calibrated thresholds "
-                                 f"{sorted(difficulty.thresholds)}")
+        self._check_thresholds(self.steering)
         self.switch_window = switch.card.window if switch is not None else 0
         for probe in (difficulty, switch, *correctness):  # probes read the cache where the model's inputs live
             if probe is not None:
                 probe.to(lm.input_device)
         self._live_switch = switch.live(self.switch_window).to(lm.input_device) if switch is not None else None
 
+    def _check_thresholds(self, spec: SteeringSpec) -> None:
+        """Threshold names must be among the difficulty probe's calibrated ones (checked at construction and per call)."""
+        for name in ("threshold", "verify_route_threshold"):
+            threshold = getattr(spec, name)
+            if self.difficulty is not None and isinstance(threshold, str) and threshold not in self.difficulty.thresholds:
+                raise ValueError(f"{name} {threshold!r} is neither a number nor among the probe's calibrated thresholds "
+                                 f"{sorted(self.difficulty.thresholds)}")
+
     def _steering(self, spec: SteeringSpec) -> SteeringSpec:
         """``spec`` with its unset switch settings taken from the switch probe's export (calibrated on validation)."""
+        if not isinstance(spec, SteeringSpec):
+            raise ValueError(f"steering must be a kvprobe SteeringSpec (kvprobe.steering.SteeringSpec(...)), not {spec!r:.80}; "
+                             "a policy is chosen per call: generate(..., policy='fast')")
         spec = copy.deepcopy(spec)
         if self.switch is not None:
             hp, calibrated = self.switch.hparams, self.switch.thresholds
@@ -158,7 +165,11 @@ class KVProbeGenerator:
             raise ValueError(f"prompts: a string, a kvprobe Item, a chat (list of messages) or a non-empty list of these, not {prompts!r:.80}")
         batch = list(batch)
         steering = {k: kwargs.pop(k) for k in list(kwargs) if k in STEERING_FIELDS}
-        steering = dataclasses.replace(self.steering, **steering) if steering else self.steering
+        if steering:  # the same checks as the constructor's, before any model work
+            steering = dataclasses.replace(self.steering, **steering)
+            self._check_thresholds(steering)
+        else:
+            steering = self.steering
         engine = self.engine(self.hooks(policy, len(batch), oracle_modes, steering), config, **kwargs)
         if policy == "sample" and not engine.config.do_sample:
             raise ValueError("policy 'sample' draws several answers: it needs do_sample=True (greedy ones would all be "
@@ -198,11 +209,12 @@ class KVProbeGenerator:
                                    or any(m not in ("fast", "slow") for m in oracle_modes)):
             raise ValueError(f"policy 'oracle' needs oracle_modes: one 'fast'/'slow' per prompt, not {oracle_modes!r}")
         hooks: list[Hook] = {"fast": lambda: [FixedMode("fast")], "slow": lambda: [FixedMode("slow")],
-                             "oracle": lambda: [GivenModes(oracle_modes)], "route": lambda: [self.router()],
-                             "route+switch": lambda: [self.router(), Switcher(self._live_switch, self.switch_window, s)],
+                             "oracle": lambda: [GivenModes(oracle_modes)], "route": lambda: [self.router(s.threshold)],
+                             "route+switch": lambda: [self.router(s.threshold), Switcher(self._live_switch, self.switch_window, s)],
                              # escalating on gain needs the router's P(slow right | fast wrong); it routes nothing
                              "verify": lambda: [self.router(float("inf"), helps=True) if s.escalate_on == "gain" else FixedMode("fast")],
-                             "route+verify": lambda: [self.router(s.verify_route_threshold, helps=s.escalate_on == "gain")],
+                             "route+verify": lambda: [self.router(s.threshold if s.verify_route_threshold is None else s.verify_route_threshold,
+                                                                 helps=s.escalate_on == "gain")],
                              "sample": lambda: []}[policy]()
         reads_output = any(p.hparams.source == "output" or p.hparams.get("output_inputs") for p in self.correctness.values())
         if reads_output or (policy == "sample" and s.select in ("confidence_vote", "max_prob_best")):
