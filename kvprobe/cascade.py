@@ -91,18 +91,25 @@ def candidates(policy: str, signals: Signals, points: int) -> list[tuple[float, 
 
 
 def calibrate(policy: str, signals: Signals, outcomes: Outcomes, *, token_ratio: float | None = None,
-              max_loss: float | None = None, points: int = 41) -> dict:
+              max_loss: float | None = None, points: int = 41, spend: float = 0.0) -> dict:
     """Thresholds for ``policy`` from these (validation) questions alone: the most accurate within ``token_ratio`` x
     always-slow's mean tokens (ties: fewer tokens), or the cheapest within ``max_loss`` accuracy of always-slow
-    (ties: more accurate). Returns the thresholds and what they reached here; ``fits`` False when no choice meets
-    the budget (then the cheapest, or the most accurate, is returned)."""
+    (ties: more accurate). ``spend`` > 0: within a token budget, only choices that use at least that share of it
+    compete (where any does), so that a budget is spent rather than undershot on validation noise (a small
+    validation set often peaks early, and the same threshold then leaves most of the budget unused on test).
+    Returns the thresholds and what they reached here; ``fits`` False when no choice meets the budget (then the
+    cheapest, or the most accurate, is returned)."""
     if (token_ratio is None) == (max_loss is None):
         raise ValueError("give token_ratio or max_loss")
     slow_tokens, slow_acc = float(outcomes.slow_tokens.mean()), float(outcomes.slow_correct.mean())
     tried = [(t, summary(outcome(outcomes, *decide(policy, signals, t)), slow_tokens)) for t in candidates(policy, signals, points)]
     if token_ratio is not None:
-        fits = lambda r: r["mean_tokens"] <= token_ratio * slow_tokens + 1e-9
-        key = lambda r: (fits(r), r["accuracy"], -r["mean_tokens"]) if fits(r) else (False, -r["mean_tokens"], r["accuracy"])
+        budget = token_ratio * slow_tokens
+        fits = lambda r: r["mean_tokens"] <= budget + 1e-9
+        spent = lambda r: r["mean_tokens"] >= spend * budget - 1e-9
+        if not any(fits(r) and spent(r) for _, r in tried):
+            spent = lambda r: True
+        key = lambda r: (fits(r), spent(r), r["accuracy"], -r["mean_tokens"]) if fits(r) else (False, False, -r["mean_tokens"], r["accuracy"])
     else:
         fits = lambda r: r["accuracy"] >= slow_acc - max_loss - 1e-9
         key = lambda r: (fits(r), -r["mean_tokens"], r["accuracy"]) if fits(r) else (False, r["accuracy"], -r["mean_tokens"])

@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from kvprobe.assets import as_created
 from kvprobe.export import check_replaceable, save_probe
+from kvprobe.plots import pyplot
 
 
 class FitCLI(LightningCLI):
@@ -98,6 +99,8 @@ def run(cli: LightningCLI, export_dir: str | Path | None = None, selection: dict
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             _log_wandb(logger, probe, spec, folder, fig)
+    if fig is not None:  # pyplot keeps every figure until closed; a study fits a dozen probes in one process
+        pyplot().close(fig)
     return results
 
 
@@ -182,15 +185,20 @@ def make_cli(args: list[str] | None = None) -> FitCLI:
     return cli
 
 
-def main(args: list[str] | None = None) -> dict:
-    args = sys.argv[1:] if args is None else args
+def fit(args: list[str]) -> tuple[dict, FitCLI]:
+    """One ``kvprobe fit`` run of ``args`` (weight decay selection included): its results and the CLI that ran,
+    holding the fitted probe (``cli.model``) and its data (``cli.datamodule``)."""
     cli = make_cli(args)
     grid = cli.config["select_weight_decay"]
     if not grid:
-        return run(cli, cli.config["export_dir"])
+        return run(cli, cli.config["export_dir"]), cli
     selection = select_weight_decay(args, grid)
-    cli = make_cli([*(args or []), "--select_weight_decay", "null", "--model.init_args.weight_decay", str(selection["weight_decay"])])
-    return run(cli, cli.config["export_dir"], selection)
+    cli = make_cli([*args, "--select_weight_decay", "null", "--model.init_args.weight_decay", str(selection["weight_decay"])])
+    return run(cli, cli.config["export_dir"], selection), cli
+
+
+def main(args: list[str] | None = None) -> dict:
+    return fit(sys.argv[1:] if args is None else list(args))[0]
 
 
 if __name__ == "__main__":

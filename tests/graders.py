@@ -28,3 +28,12 @@ def by_text(item, response, mode):
 def halfway(response, prediction, token_ends):
     """A switch label for text that never writes a result: half of each answer counts as settled."""
     return len(token_ends) // 2 or None
+
+
+FLIPPED: set[str] = set()  # question ids whose grade ``flipped`` inverts (a test fills it)
+
+
+def flipped(item, response, mode):
+    """``by_number_mod4``, inverted for the ids in ``FLIPPED``: the same answers with other labels."""
+    prediction, correct = by_number_mod4(item, response, mode)
+    return prediction, correct != (item.qid in FLIPPED)

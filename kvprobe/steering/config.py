@@ -11,6 +11,7 @@ from kvprobe.prompts import MODES, check_token_caps
 
 
 LIVE_RULES = tuple(r for r in RULES if r != "oracle")  # the oracle needs the gold answer
+POLICIES = ("fast", "slow", "route", "route+switch", "verify", "route+verify", "sample", "oracle")
 
 
 def _is_number(value) -> bool:
@@ -23,6 +24,8 @@ class SteeringSpec:
     """How a generator steers; saved in ``generator.json`` beside its probes.
 
     Args:
+        policy: what ``generate`` does when a call names no policy (one of ``POLICIES``): ``kvprobe study`` saves
+            the policy it chose on validation here.
         threshold: the difficulty score above which a question goes to slow mode: the name of one of the probe's
             calibrated thresholds (see its export), or a number.
         switch_low: ``route+switch``: an armed slow answer whose switch score drops below this stops reasoning;
@@ -52,6 +55,7 @@ class SteeringSpec:
             one wave). ``margin``'s is calibrated on validation by ``python -m reports.sampling``.
     """
 
+    policy: str = "route"
     threshold: str | float = "best_at_0.5x_slow"
     switch_low: float | None = None
     switch_high: float | None = None
@@ -73,6 +77,7 @@ class SteeringSpec:
             if not ok:
                 raise ValueError(f"steering {name} must be {what}, not {getattr(self, name)!r}")
 
+        need(self.policy in POLICIES and self.policy != "oracle", "policy", f"one of {POLICIES[:-1]}")
         need(_is_number(self.threshold) or (isinstance(self.threshold, str) and bool(self.threshold)), "threshold",
              "a number or the name of one of the difficulty probe's calibrated thresholds")
         need(self.verify_route_threshold is None or _is_number(self.verify_route_threshold)

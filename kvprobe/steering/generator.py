@@ -20,14 +20,13 @@ from typing import Iterator
 from kvprobe.models import LoadedModel
 from kvprobe.prompts import chat_ids, prompt_ids, with_instruction
 from kvprobe.steering import folder
-from kvprobe.steering.config import GenerationConfig, SteeringSpec
+from kvprobe.steering.config import POLICIES, GenerationConfig, SteeringSpec
 from kvprobe.steering.engine import DecodeEngine
 from kvprobe.steering.events import DoneEvent, Event, GenerationResult
 from kvprobe.steering.policies import Confidence, Escalate, FixedMode, GivenModes, OutputScores, Router, Sampler, Switcher
 from kvprobe.steering.state import Hook
 from kvprobe.tasks import Item
 
-POLICIES = ("fast", "slow", "route", "route+switch", "verify", "route+verify", "sample", "oracle")
 STEERING_FIELDS = {f.name for f in dataclasses.fields(SteeringSpec)}
 LIVE_SOURCES = ("kv", "output")  # what a live correctness probe may read: the answer's KV and/or its output scores
 
@@ -141,9 +140,9 @@ class KVProbeGenerator:
         raise ValueError(f"a prompt is a string, a kvprobe Item or a list of chat messages, not {type(prompt).__name__}")
 
     # --- generation ---------------------------------------------------------------------------------------------------
-    def generate(self, prompts, policy: str = "route", config: GenerationConfig | None = None, *,
+    def generate(self, prompts, policy: str | None = None, config: GenerationConfig | None = None, *,
                  oracle_modes: list[str] | None = None, **kwargs) -> GenerationResult | list[GenerationResult]:
-        """Answer under ``policy``: one prompt (a string, an ``Item``, a chat) -> its ``GenerationResult``; a list of
+        """Answer under ``policy`` (``None``: the steering's, saved with the folder; ``route`` by default): one prompt (a string, an ``Item``, a chat) -> its ``GenerationResult``; a list of
         prompts -> a list of them. Decoding follows ``config`` and keyword overrides of its fields
         (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_strings``); keyword
         overrides of ``SteeringSpec`` fields (``samples``, ``select``, ``stop_at``, ``escalate_above``, ...) steer
@@ -156,7 +155,7 @@ class KVProbeGenerator:
         out = [results[i] for i in range(len(results))]
         return out[0] if single else out
 
-    def stream(self, prompts, policy: str = "route", config: GenerationConfig | None = None, *,
+    def stream(self, prompts, policy: str | None = None, config: GenerationConfig | None = None, *,
                oracle_modes: list[str] | None = None, **kwargs) -> Iterator[Event]:
         """``generate``'s work as typed events (``kvprobe.steering.events``: route, text, switch, done), each naming
         its prompt (``row``), as they happen. The arguments are checked before the first event."""
@@ -170,6 +169,7 @@ class KVProbeGenerator:
             self._check_thresholds(steering)
         else:
             steering = self.steering
+        policy = steering.policy if policy is None else policy
         engine = self.engine(self.hooks(policy, len(batch), oracle_modes, steering), config, **kwargs)
         if policy == "sample" and not engine.config.do_sample:
             raise ValueError("policy 'sample' draws several answers: it needs do_sample=True (greedy ones would all be "
