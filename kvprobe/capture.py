@@ -411,6 +411,8 @@ def main(argv: list[str] | None = None) -> list[CaptureResult]:
     parser.add_argument("--cache_dir", type=str | None, default=None, help="null = $KVPROBE_CACHE/captures")
     parser.add_argument("--devices", type=int, default=1, help="data-parallel processes (gloo on CPU, one GPU each on CUDA)")
     cfg = parser.parse_args(argv)
+    if cfg.devices < 1:
+        raise ValueError(f"--devices must be a number of processes >= 1, not {cfg.devices}")
     spec = parser.instantiate(cfg).capture
     specs = [spec.in_mode(m) for m in cfg.modes or [spec.prompt.mode]]
     if cfg.devices > 1:

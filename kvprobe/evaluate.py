@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvprobe.metrics import auroc_or_nan
+from kvprobe.paths import writable_file, write_json_or_keep
 from kvprobe.routing import Outcomes
 from kvprobe.steering import POLICIES, KVProbeGenerator
 from kvprobe.tasks import Item, grade
@@ -128,10 +129,16 @@ def parser(prog: str = "kvprobe evaluate", description: str = __doc__):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a number of questions >= 1 (or left out: all), not {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, not {args.batch_size}")
+    if args.out:  # before any model work: a folder, or a path that cannot be written, is named now
+        writable_file(args.out, "--out")
     results = evaluate(KVProbeGenerator.from_pretrained(args.generator), load_data(args.data), args.split, args.policies,
                        args.limit, args.batch_size)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        write_json_or_keep(args.out, results)
         print(f"[kvprobe] results written to {args.out}")
     return results
 

@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from kvprobe.assets import as_created
 from kvprobe.export import check_replaceable, save_probe
+from kvprobe.paths import writable_folder
 from kvprobe.plots import pyplot
 
 
@@ -71,8 +72,10 @@ def select_weight_decay(args: list[str] | None, grid: list[float]) -> dict:
 
 def run(cli: LightningCLI, export_dir: str | Path | None = None, selection: dict | None = None) -> dict:
     trainer, probe, dm = cli.trainer, cli.model, cli.datamodule
-    if export_dir:  # before any work: a folder that must not be replaced is refused now, not after training
-        check_replaceable(export_dir)
+    folder = Path(export_dir or default_export_dir(trainer.default_root_dir, probe, dm.capture.task.name))
+    # before any work: a folder that must not be replaced, or that cannot be written, is refused now, not after training
+    check_replaceable(folder)
+    writable_folder(folder.parent, "the export folder's parent")
     for logger in trainer.loggers:  # the whole resolved config, not only the probe's arguments
         logger.log_hyperparams({"config": cli.config.as_dict()})
     trainer.fit(probe, dm)
@@ -88,7 +91,6 @@ def run(cli: LightningCLI, export_dir: str | Path | None = None, selection: dict
                "val_select": None if score is None else float(score), "validation": validation,
                "warnings": _warnings(validation), **({"selection": selection} if selection else {}),
                "capture": str(dm.path), "items": {k: len(v) for k, v in dm.datasets.items()}}
-    folder = Path(export_dir or default_export_dir(trainer.default_root_dir, probe, spec["task"]["name"]))
     card = {k: results[k] for k in ("validation", "warnings", "selection") if k in results}
     save_probe(probe, folder, spec, metrics=card, results=results)
     print(f"[kvprobe] probe exported to {folder}; test: {probe.headline()}")

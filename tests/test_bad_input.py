@@ -2,11 +2,13 @@
 damaged files name themselves and lose nothing already computed; the cache is shared the way the umask says."""
 
 import json
+import re
 import os
 import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -355,3 +357,47 @@ def test_the_source_never_unpickles_nor_runs_remote_code():
                 if func in ("torch.load", "load"):
                     safe = keywords.get("weights_only")
                     assert isinstance(safe, ast.Constant) and safe.value is True, f"{file}:{node.lineno}: torch.load without weights_only=True"
+
+
+# --- destinations are checked before any model work ---------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--limit", "0"], "--limit must be"), (["--limit", "-1"], "--limit must be"), (["--batch_size", "0"], "--batch_size must be"),
+])
+def test_evaluate_refuses_bad_counts_before_loading_anything(argv, message, monkeypatch):
+    from kvprobe import evaluate
+
+    monkeypatch.setattr(evaluate.KVProbeGenerator, "from_pretrained", lambda *a, **k: pytest.fail("model work before the check"))
+    with pytest.raises(ValueError, match=message):
+        evaluate.main(argv)
+
+
+def test_evaluate_and_capture_destinations_are_checked_first(tmp_path, monkeypatch, capsys):
+    from kvprobe import evaluate
+    from kvprobe.cli import main as cli_main
+    from kvprobe.paths import write_json_or_keep
+
+    monkeypatch.setattr(evaluate.KVProbeGenerator, "from_pretrained", lambda *a, **k: pytest.fail("model work before the check"))
+    with pytest.raises(OSError, match="is a folder"):
+        evaluate.main(["--out", str(tmp_path)])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="cannot be written"):
+        evaluate.main(["--out", str(blocker / "sub" / "live.json")])
+    assert cli_main(["capture", "--devices", "-1"]) == 2 and "--devices must be" in capsys.readouterr().err
+    with pytest.raises(OSError, match="kept in (.+json)") as err:  # a write that fails after all keeps the results
+        write_json_or_keep(blocker / "live.json", {"accuracy": 0.5})
+    kept = re.search(r"kept in (\S+json)", str(err.value)).group(1)
+    assert json.loads(Path(kept).read_text()) == {"accuracy": 0.5}
+
+
+def test_fit_refuses_an_export_folder_it_cannot_write_before_capture(tiny, tmp_path):
+    from kvprobe.fit import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = ["--config", "configs/coe.yaml", "--data.capture.model.name", str(tiny), "--data.capture.task.params", '{"n": 8}',
+            "--data.cache_dir", str(tmp_path / "captures"), "--trainer.logger", "false", "--export_dir", str(blocker / "probe")]
+    with pytest.raises(OSError, match="is a file, not a folder|cannot be written"):
+        main(args)
+    assert not (tmp_path / "captures").exists()  # nothing was captured

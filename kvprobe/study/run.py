@@ -35,6 +35,7 @@ from kvprobe.capture import capture as run_capture
 from kvprobe.cascade import ESCALATE_ON, paired_bootstrap
 from kvprobe.export import load_probe
 from kvprobe.metrics import auroc_or_nan
+from kvprobe.paths import writable_folder
 from kvprobe.prompts import MODES
 from kvprobe.resources import configs_dir
 from kvprobe.routing import Outcomes
@@ -60,19 +61,6 @@ def estimate(spec: StudySpec) -> dict:
           f"are read, not decoded); at most {sum(est['max_tokens'].values()):,} tokens (fast cap {caps['fast']}, slow cap "
           f"{caps['slow']})", flush=True)
     return est
-
-
-def writable(folder: Path) -> Path:
-    """``folder``, created and checked writable before any model work (a failure after hours of capture loses less
-    than one now, but still loses)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".kvprobe-write-check"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise OSError(f"the study's output folder {folder} cannot be written ({err}); name another with --out") from None
-    return folder
 
 
 def data_config(spec: StudySpec, mode: str | None = None) -> dict:
@@ -162,8 +150,8 @@ def run(spec: StudySpec, command: str | None = None) -> dict:
     """The whole study (see the module's docstring); returns what ``study.json`` holds. ``command``: how it was
     started, written into ``study.md`` as its reproduce command."""
     start = time.perf_counter()
-    writable(Path(spec.out))
-    writable(spec.report_path.parent)
+    writable_folder(spec.out, "the study's output folder (--out)")
+    writable_folder(spec.report_path.parent, "the study's report folder (--report)")
     estimate(spec)
 
     # --- 1-2. both modes captured; outcomes per split, the same questions for every part ---
