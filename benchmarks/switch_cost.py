@@ -71,7 +71,7 @@ def post_hoc(gen: KVProbeGenerator, question: str, caps: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generator", default="smollm2", help="generator folder or shipped alias (kvprobe/pretrained/)")
+    parser.add_argument("--generator", default="smollm2", help="generator folder or shipped alias (checkpoints/)")
     parser.add_argument("--n", type=int, default=16, help="questions (seeded arithmetic)")
     parser.add_argument("--at", type=int, default=24, help="arm the switch after this many slow tokens (it fires at the next)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "switch_cost.json"))

@@ -1,6 +1,6 @@
 """Files that ship with kvprobe: the default generator folders and the YAML configs.
 
-In a source checkout they are ``kvprobe/pretrained/`` and the repo's ``configs/``; an installed wheel carries the
+In a source checkout they are ``checkpoints/`` and the repo's ``configs/``; an installed wheel carries the
 configs as ``kvprobe/configs/`` (pyproject.toml maps them there), so a user outside the repo can copy them out
 with ``kvprobe configs DEST``.
 """
@@ -12,7 +12,16 @@ import warnings
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
-PRETRAINED = PACKAGE / "pretrained"
+
+
+def _pretrained() -> Path:
+    """The shipped generator folders: ``kvprobe/pretrained/`` in an installed wheel (pyproject.toml maps the repo's
+    ``checkpoints/`` there), the repo's ``checkpoints/`` in a source checkout or an editable install."""
+    installed = PACKAGE / "pretrained"
+    return installed if installed.is_dir() else PACKAGE.parent / "checkpoints"
+
+
+PRETRAINED = _pretrained()
 
 
 def import_function(path: str, name: str):

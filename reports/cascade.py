@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--probes", default="runs/report", help="where the report's probes are exported")
     parser.add_argument("--generator_out", default="runs/report/cascade-generator",
                         help="where the generator with the chosen verifier and thresholds is saved (the shipped one: "
-                             "kvprobe/pretrained/qwen2.5-coder-0.5b)")
+                             "checkpoints/qwen2.5-coder-0.5b)")
     parser.add_argument("--no_live", action="store_true", help="offline only")
     args = parser.parse_args(argv)
     root, out = Path(args.probes), Path(args.out)

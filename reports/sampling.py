@@ -2,7 +2,7 @@
 self-consistency, DeepConf-style confidence voting and ESC, on Qwen2.5-Coder-0.5B's sampled answers.
 
     python -m reports.sampling                      # the capture (configs/captures/qwen_sampled.yaml) takes ~80 min
-    python -m reports.sampling --generator_out kvprobe/pretrained/qwen2.5-coder-0.5b   # also ship the calibrated steering
+    python -m reports.sampling --generator_out checkpoints/qwen2.5-coder-0.5b   # also ship the calibrated steering
 
 1. The capture: 16 samples (T=0.7, top-p 0.95, sample j seeded j) of each of 180 three-term arithmetic questions,
    split by question: 30 train, 30 validation, 120 test (``configs/data/qwen_sampled.yaml``; ``--data`` names
@@ -45,7 +45,7 @@ from kvprobe.tasks import Item, grade, load_items
 from reports.common import quiet_fit, scores_of, write_report
 
 DATA = "configs/data/qwen_sampled.yaml"
-SHIPPED = "kvprobe/pretrained/qwen2.5-coder-0.5b"
+SHIPPED = "checkpoints/qwen2.5-coder-0.5b"
 NS = (1, 2, 4, 8, 16)
 MATCH = 0.01  # early stopping must come within this of vote@8's accuracy (on validation when calibrating)
 WAVES = (1, 2, 4)

@@ -88,7 +88,7 @@ def test_fit_on_real_model_small_slice_one_epoch(tmp_path):
 
 
 def test_shipped_generator_steers_real_questions(smol):
-    """README example: the probe set shipped in kvprobe/pretrained/smollm2 routes, switches and scores real answers."""
+    """README example: the probe set shipped in checkpoints/smollm2 routes, switches and scores real answers."""
     from kvprobe.steering import KVProbeGenerator
 
     gen = KVProbeGenerator.from_pretrained("smollm2", model=smol)

@@ -35,6 +35,26 @@ def test_the_kvprobe_command(tmp_path, capsys):
     assert cli.main(["train"]) == 2 and "unknown command 'train'" in capsys.readouterr().err
     assert cli.main(["configs", str(tmp_path / "cfg")]) == 0 and (tmp_path / "cfg" / "coe.yaml").is_file()
     assert cli.main(["configs", str(tmp_path / "cfg")]) == 2 and "not empty" in capsys.readouterr().err
-    for name in ("fit", "capture", "assemble", "evaluate"):  # each job answers --help through the command
+    for name in ("fit", "capture", "study", "assemble", "evaluate"):  # each job answers --help through the command
         done = subprocess.run([sys.executable, "-m", "kvprobe.cli", name, "--help"], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0 and f"kvprobe {name}" in done.stdout, (name, done.stderr[-2000:])
+
+
+def test_python_m_kvprobe_is_the_kvprobe_command():
+    """``python -m kvprobe`` prints the same usage as ``kvprobe`` (the console script calls the same main)."""
+    done = subprocess.run([sys.executable, "-m", "kvprobe", "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout == cli.usage() + "\n"
+
+
+def test_the_top_level_is_the_design_cards():
+    """The repository's top level: the card's rooms plus the project's tooling folders, nothing else."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("needs a git checkout")
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    top = {name.split("/")[0] for name in tracked}
+    assert top == {"kvprobe", "datamodules", "configs", "tests", "checkpoints", "pyproject.toml", "README.md",
+                   "docs", "reports", "benchmarks", "scripts", ".ci", ".gitignore"}

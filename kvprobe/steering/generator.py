@@ -1,6 +1,6 @@
 """KVProbeGenerator: a frozen causal LM and its trained probes, steering generation live.
 
-    gen = KVProbeGenerator.from_pretrained("smollm2")     # a shipped alias (kvprobe/pretrained/) or a folder
+    gen = KVProbeGenerator.from_pretrained("smollm2")     # a shipped alias (checkpoints/) or a folder
     result = gen.generate("What is 17 * 3?", policy="route")    # or "route+verify": answer fast, check, escalate
     best = gen.generate("What is 17 * 3 - 4?", policy="sample", samples=8, select="probe_vote", do_sample=True,
                         temperature=0.7, top_p=0.95, seed=0)   # best.samples, best.answers, best.chosen
