@@ -40,7 +40,7 @@ from kvprobe.prompts import MODES
 from kvprobe.resources import configs_dir
 from kvprobe.routing import Outcomes
 from kvprobe.store import CaptureStore
-from kvprobe.study import peers
+from kvprobe.study import levers, peers
 from kvprobe.study.policies import OTHER, PEER, PROBE, Policy, best_at, budget_key, by_segment, fixed, score_all, strip
 from kvprobe.study.spec import StudySpec
 from kvprobe.tasks import Item, default_caps, load_items
@@ -105,32 +105,21 @@ def split_scores(entry: dict, qids: dict[str, list[str]], method: str = "predict
     return {s: scores(probe, loader, qids[s], method) for s, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader()))}
 
 
-def levers(layers: int, weight_decays: list[float]) -> dict[str, list[str]]:
-    """The slow-answer correctness probe's variants (``kvprobe fit`` arguments), each chosen or not on validation."""
-    third = max(1, layers // 3)
-    return {
-        "answer KV": [],
-        "answer KV, weight decay by validation": ["--select_weight_decay", json.dumps(weight_decays)],
-        "answer KV, last third of layers": ["--model.init_args.layers", json.dumps(list(range(-third, 0)))],
-        "answer KV, middle third of layers": ["--model.init_args.layers", json.dumps(list(range(third, 2 * third)))],
-        "answer KV + KV-CoE scores (token trajectory)": ["--model.init_args.coe_features", "true"],
-        "answer KV + output scores": ["--model.init_args.output_inputs", "true"],
-        "answer KV, MLP head": ["--model.init_args.head", "mlp", "--model.init_args.dropout", "0.1"],
-    }
-
-
 def live(entry: dict) -> bool:
     """Whether the live generator can score answers with this correctness probe."""
     hp = entry["cli"].model.hparams
     return hp.source in LIVE_SOURCES and not hp.coe_features and not hp.get("length_inputs")
 
 
-def correctness(spec: StudySpec, mode: str, variants: dict[str, list[str]], qids: dict, grades: dict) -> dict:
-    """Each variant fitted on ``mode``'s answers, with its validation and test AUROC."""
+def correctness(spec: StudySpec, mode: str, variants: dict[str, list[str]], qids: dict, grades: dict, refit: bool = False) -> dict:
+    """Each variant fitted on ``mode``'s answers (``refit``: also the plain one as a logistic solved to convergence),
+    with its validation and test AUROC."""
     config = "verifier.yaml" if mode == "fast" else "coe.yaml"
+    fitted = {name: fit_probe(spec, config, data_config(spec, mode), f"{mode} {name}", extra) for name, extra in variants.items()}
+    if refit:
+        fitted[levers.LBFGS] = levers.lbfgs(fitted["answer KV"], Path(spec.out) / "probes" / slug(f"{mode} {levers.LBFGS}"))
     out = {}
-    for name, extra in variants.items():
-        entry = fit_probe(spec, config, data_config(spec, mode), f"{mode} {name}", extra)
+    for name, entry in fitted.items():
         entry["scores"] = split_scores(entry, qids)
         entry |= {f"{s}_auroc": auroc_or_nan(entry["scores"][s], grades[s]) for s in ("val", "test")}
         entry["live"] = live(entry)
@@ -176,8 +165,8 @@ def run(spec: StudySpec, command: str | None = None) -> dict:
     grades = {mode: {s: getattr(outcomes[s], f"{mode}_correct") for s in ("val", "test")} for mode in MODES}
     verifiers = correctness(spec, "fast", {"answer KV": [], "answer KV + output scores": ["--model.init_args.output_inputs", "true"]},
                             qids, grades["fast"])
-    slow_probes = correctness(spec, "slow", levers(shape["layers"], spec.weight_decays) if spec.levers else {"answer KV": []},
-                              qids, grades["slow"])
+    slow_probes = correctness(spec, "slow", levers.variants(shape["layers"], spec.weight_decays) if spec.levers else {"answer KV": []},
+                              qids, grades["slow"], refit=spec.levers)
     verifier_name, slow_name = chosen(verifiers), chosen(slow_probes, where=lambda e: True)
     live_slow_name = chosen(slow_probes, where=live)
     fast_conf = verifiers[verifier_name]["scores"]
@@ -247,11 +236,11 @@ def run(spec: StudySpec, command: str | None = None) -> dict:
 
 def plan(routers, router, verifiers, verifier_name, slow_probes, slow_name, live_slow_name, peer_settings, results, best) -> dict:
     """Every choice the study made, all on validation: what a test must find unchanged when test labels change."""
-    selection = lambda e: e["results"].get("selection", {}).get("weight_decay")
+    selection = lambda e: {k: v for k, v in e["results"].get("selection", {}).items() if k in ("weight_decay", "C")} or None
     return {
         "router": router, "router_weight_decay": {n: selection(e) for n, e in routers.items()},
         "verifier": verifier_name, "correctness": slow_name, "correctness_live": live_slow_name,
-        "correctness_weight_decay": {n: selection(e) for n, e in slow_probes.items()},
+        "correctness_selection": {n: selection(e) for n, e in slow_probes.items()},
         "val_auroc": {f"fast {n}": e["val_auroc"] for n, e in verifiers.items()} | {f"slow {n}": e["val_auroc"] for n, e in slow_probes.items()},
         "peers": peer_settings,
         "thresholds": {label: {k: r["thresholds"] for k, r in by_key.items() if k != "frontier"} for label, by_key in results.items()},
