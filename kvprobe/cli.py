@@ -48,6 +48,10 @@ def guarded(run: Callable[[], object], prog: str, argv: list[str]) -> int:
     saved, sys.argv = sys.argv, [prog, *(a for a in argv if a != "--debug")]
     try:
         run()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; everything finished is kept (captured shards, exports written whole), and the same "
+              "command resumes from there", file=sys.stderr)
+        return 130
     except (ValueError, OSError, CorruptCapture, AssetError) as err:
         if debug:
             raise

@@ -484,9 +484,17 @@ def grader_of(spec: TaskSpec) -> Callable[[Item, str, str], tuple[str, bool]]:
     from kvprobe.resources import import_function
 
     try:
-        return import_function(spec.grader, "task.grader")
+        function = import_function(spec.grader, "task.grader")
     except ValueError as err:
         raise TaskError(str(err)) from None
+    try:  # its signature, before any model work (a wrong one would fail after the first batch)
+        inspect.signature(function).bind(Item("x", "q", "a"), "response", "slow")
+    except TypeError as err:
+        raise TaskError(f"task.grader {spec.grader!r} must take (item, response, mode) and return (prediction, correct); "
+                        f"its signature {inspect.signature(function)} does not ({err})") from None
+    except ValueError:  # a builtin without a signature: called as it is
+        pass
+    return function
 
 
 def grade(item: Item, response: str) -> tuple[str, bool]:

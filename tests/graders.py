@@ -37,3 +37,8 @@ def flipped(item, response, mode):
     """``by_number_mod4``, inverted for the ids in ``FLIPPED``: the same answers with other labels."""
     prediction, correct = by_number_mod4(item, response, mode)
     return prediction, correct != (item.qid in FLIPPED)
+
+
+def two_arguments(item, response):
+    """A grader with the wrong signature (no mode)."""
+    return "", True

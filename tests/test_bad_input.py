@@ -401,3 +401,34 @@ def test_fit_refuses_an_export_folder_it_cannot_write_before_capture(tiny, tmp_p
     with pytest.raises(OSError, match="is a file, not a folder|cannot be written"):
         main(args)
     assert not (tmp_path / "captures").exists()  # nothing was captured
+
+
+def test_a_grader_with_the_wrong_signature_is_named_before_model_work():
+    from kvprobe.tasks import grader_of
+
+    with pytest.raises(TaskError, match=r"must take \(item, response, mode\).*\(item, response\)"):
+        grader_of(TaskSpec(grader="graders.two_arguments"))
+    assert grader_of(TaskSpec(grader="graders.parity")) is not None
+
+
+def test_ctrl_c_during_a_capture_prints_one_line_and_a_rerun_resumes(tiny_models, tmp_path):
+    """SIGINT once the first shard is on disk: exit 130, one line saying what is kept, no traceback; the same
+    command then finishes the capture from the kept shards."""
+    import signal
+
+    cmd = [sys.executable, "-m", "kvprobe", "capture", "--capture.model.name", str(tiny_models["llama"]), "--capture.task.params", '{"n": 64}',
+           "--capture.generation.shard_size", "8", "--capture.generation.batch_size", "8",
+           "--capture.generation.max_new_tokens", '{"fast": 4, "slow": 24}', "--cache_dir", str(tmp_path / "c")]
+    env = {k: v for k, v in os.environ.items() if k != "KVPROBE_DEBUG"}
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while not list((tmp_path / "c").rglob("shard-00000.done.json")) and time.time() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "kvprobe capture: interrupted; everything finished is kept" in err
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    store = next((tmp_path / "c").iterdir())
+    assert CaptureStore(store).complete

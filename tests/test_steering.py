@@ -671,3 +671,9 @@ def test_steering_must_be_a_spec(gen, trained, tmp_path):
     gen.save_pretrained(tmp_path / "g")
     with pytest.raises(ValueError, match="SteeringSpec"):
         KVProbeGenerator.from_pretrained(tmp_path / "g", model=gen.lm, steering="fast")
+
+
+def test_an_empty_prompt_is_refused(gen):
+    for empty in ("", "   \n"):
+        with pytest.raises(ValueError, match="prompt is empty"):
+            gen.generate(empty, policy="fast", max_new_tokens=2)

@@ -132,6 +132,8 @@ class KVProbeGenerator:
         spec = copy.deepcopy(self.prompt)
         spec.mode = mode
         if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("a prompt is empty (or only whitespace): there is no question to answer")
             prompt = Item("live", prompt, "")
         if isinstance(prompt, Item):
             return prompt_ids(prompt, spec, self.lm.tokenizer)
