@@ -99,6 +99,8 @@ class SplitLoaders:
     ``self.shuffle_seed``, ``self.batch_size`` items each, ``self.num_workers`` workers."""
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if name not in self.datasets:
+            raise RuntimeError(f"the {name} split is not set up yet: call prepare_data() then setup() first (a Trainer does both)")
         return DataLoader(
             self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.shuffle_seed) if shuffle else None,
@@ -133,6 +135,10 @@ class KVCaptureDataModule(SplitLoaders, L.LightningDataModule):
     def __init__(self, capture: CaptureSpec | None = None, split: SplitSpec | None = None, cache_dir: str | None = None,
                  batch_size: int = 64, num_workers: int = 0, extra_train: TaskSpec | None = None, mode: str | None = None):
         super().__init__()
+        for name, value, kind in (("capture", capture, CaptureSpec), ("split", split, SplitSpec), ("extra_train", extra_train, TaskSpec)):
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"{name} must be a {kind.__name__} (a YAML file is read by a config: kvprobe fit --data "
+                                 f"FILE, or jsonargparse), not {type(value).__name__} {value!r:.80}")
         # copies: config overrides mutate specs, and a caller's spec must stay as it was
         self.capture, self.split = copy.deepcopy(capture or CaptureSpec()), copy.deepcopy(split or SplitSpec())
         if mode is not None:

@@ -178,6 +178,8 @@ def replace_folder(folder: str | Path, marker: str, known: set[str]) -> Iterator
     other folder is refused, so that a mistyped export path never deletes a user's files. On error the staging
     folder is removed and ``folder`` is left as it was.
     """
+    if not str(folder).strip() or Path(folder).expanduser().resolve() == Path.cwd().resolve():
+        raise ValueError(f"the destination {str(folder)!r} names no folder (the working directory itself); name a new folder")
     folder = Path(folder).expanduser()
     check_replaceable(folder, marker, known)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -153,6 +153,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     source, digest = locate(spec)
     kwargs = {"dtype": DTYPES[spec.dtype]}
     if spec.device_map is not None:
+        if "cuda" in str(spec.device_map) and not torch.cuda.is_available():
+            raise ValueError(f"device_map {spec.device_map!r} asks for CUDA, which this machine does not have; use null "
+                             "(CPU) or 'auto'")
         kwargs["device_map"] = spec.device_map
     with torch.random.fork_rng():  # weights (and a LoRA adapter) may be initialised before loading: the caller's RNG stays
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

@@ -158,6 +158,9 @@ def _asdiv() -> list[Item]:
     return items
 
 
+ARITHMETIC_MAX = 1_000_000  # questions one arithmetic task may hold
+
+
 def _arithmetic(n: int = 240, seed: int = 0, terms: int = 2, digits: int = 1, operators: str = "+-*",
                 min_digits: int | None = None) -> list[Item]:
     """Seeded, distinct expressions like ``7 + 3 * 4`` with exact integer answers (usual precedence).
@@ -168,6 +171,9 @@ def _arithmetic(n: int = 240, seed: int = 0, terms: int = 2, digits: int = 1, op
     for ``digits`` <= 2 (then 90% of them have two digits) and in ``10**(digits - 2)..10**digits - 1`` beyond.
     Expressions never repeat: a repeated question would sit in train and test at once and leak its label.
     """
+    if type(n) is not int or not 1 <= n <= ARITHMETIC_MAX:
+        raise TaskError(f"arithmetic n must be a whole number in 1..{ARITHMETIC_MAX:,} (every item is built before "
+                        f"offset and limit apply), not {n!r}")
     if terms < 2 or digits < 1 or not operators or set(operators) - set("+-*"):
         raise TaskError(f"arithmetic needs terms >= 2, digits >= 1 and operators from '+-*', got {terms}, {digits}, {operators!r}")
     if min_digits is not None and not 1 <= min_digits <= digits:

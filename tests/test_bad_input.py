@@ -432,3 +432,30 @@ def test_ctrl_c_during_a_capture_prints_one_line_and_a_rerun_resumes(tiny_models
     assert done.returncode == 0, done.stderr[-2000:]
     store = next((tmp_path / "c").iterdir())
     assert CaptureStore(store).complete
+
+
+def test_small_misuses_get_named_errors(tmp_path, monkeypatch):
+    """Issue 28's loose ends: a datamodule given a path string, a dataloader before setup, an unbounded arithmetic
+    task, CUDA asked for without CUDA, and a save to the empty path (which once left a stray folder)."""
+    import torch
+
+    from datamodules import KVCaptureDataModule
+    from kvprobe.export import replace_folder
+    from kvprobe.models import load_model
+
+    with pytest.raises(ValueError, match="capture must be a CaptureSpec"):
+        KVCaptureDataModule("configs/captures/arithmetic.yaml")
+    with pytest.raises(RuntimeError, match="not set up yet"):
+        KVCaptureDataModule().train_dataloader()
+    for n in (0, 10**9):
+        with pytest.raises(TaskError, match="arithmetic n must be"):
+            load_items(TaskSpec("arithmetic", params={"n": n}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="asks for CUDA"):
+        load_model(ModelSpec(name="smollm2", device_map="cuda:0"))
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", ".", "  "):
+        with pytest.raises(ValueError, match="names no folder"):
+            with replace_folder(empty, "probe.json", {"probe.json"}):
+                pass
+    assert list(tmp_path.iterdir()) == []
