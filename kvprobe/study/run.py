@@ -210,7 +210,8 @@ def run(spec: StudySpec, command: str | None = None) -> dict:
     for k in keys:
         probe_q, peer_q = (results[best[k][f]][k]["per_question"]["correct"] for f in (PROBE, PEER))
         comparisons[k] = {"minus_slow": paired_bootstrap(probe_q, slow_correct), "minus_non_probe": paired_bootstrap(probe_q, peer_q)}
-    segment = torch.tensor([r["index"] * spec.segments // len(load_items(spec.capture.task)) for r in rows["test"]])
+    n_items = len(load_items(spec.capture.task))
+    segment = torch.tensor([r["index"] * spec.segments // n_items for r in rows["test"]])
     slow_rows = {r["qid"]: r for r in captures["slow"].open()[1].to_pylist()}
     segments = {"truncated_slow": by_segment({"correct": torch.tensor([float(not slow_rows[q]["finished"]) for q in qids["test"]]),
                                               "tokens": outcomes["test"].slow_tokens}, segment, outcomes["test"].slow_tokens, spec.segments)}
