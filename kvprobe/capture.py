@@ -29,6 +29,7 @@ from kvprobe.models import LoadedModel, ModelSpec, eos_ids, last_logits_only, le
 from kvprobe.prompts import PromptSpec, check_token_caps, prompt_ids
 from kvprobe.store import CaptureStore, spec_digest
 from kvprobe.tasks import GRADING_VERSION, Item, TaskError, TaskSpec, default_caps, grader_of, load_items
+from kvprobe.typecheck import check_fields
 
 
 @dataclass
@@ -60,6 +61,7 @@ class GenerationSpec:
     samples: int = 1
 
     def __post_init__(self) -> None:
+        check_fields(self, "generation")
         if self.max_new_tokens is not None:
             self.max_new_tokens = check_token_caps(self.max_new_tokens, "generation.max_new_tokens")
         for name in ("batch_size", "shard_size", "samples"):

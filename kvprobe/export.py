@@ -10,6 +10,7 @@ leaves the previous export as it was, never new weights beside old results.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -29,6 +30,7 @@ from kvprobe.capture import GenerationSpec
 from kvprobe.features import FeatureSpec
 from kvprobe.prompts import PromptSpec
 from kvprobe.tasks import TaskSpec
+from kvprobe.typecheck import check_fields
 
 PROBE_FILES = ("probe.safetensors", "probe.json", "results.json", "test.png")
 REQUIRED_KEYS = ("probe_class", "probe_args", "base_model", "features", "prompt", "generation", "task")
@@ -49,6 +51,9 @@ class BaseModel:
     dtype: str = "float32"
     shape: dict | None = None
 
+    def __post_init__(self) -> None:
+        check_fields(self, "base_model")
+
 
 @dataclass
 class ProbeCard:
@@ -68,6 +73,7 @@ class ProbeCard:
         capture: the capture's summary (items, accuracy, unfinished answers, cap share).
         metrics: what the export records about its quality (validation checks, warnings).
         versions: the package versions that made it.
+        weights_sha256: the sha256 of ``probe.safetensors``, checked on load (a damaged file is refused, not scored).
     """
 
     probe_class: str
@@ -83,6 +89,7 @@ class ProbeCard:
     capture: dict | None = None
     metrics: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
+    weights_sha256: str | None = None
 
     @property
     def kind(self) -> str:
@@ -117,8 +124,19 @@ class ProbeCard:
             missing = ["base_model.name/fingerprint"]
         if missing:
             raise ValueError(f"{where} lacks {', '.join(missing)}: not a complete kvprobe probe; re-export it")
-        if config["probe_class"] not in ALLOWED_CLASSES:
+        if not isinstance(config["probe_class"], str) or config["probe_class"] not in ALLOWED_CLASSES:
             raise ValueError(f"{where}: unknown probe class {config['probe_class']!r}")
+        for key in ("probe_args", "features", "prompt", "generation", "task", "calibration", "metrics", "versions"):
+            if key in config and not isinstance(config[key], dict):
+                raise ValueError(f"{where}: '{key}' must be an object, not {type(config[key]).__name__}; re-export the probe")
+        for key in ("difficulty", "switch", "capture"):
+            if config.get(key) is not None and not isinstance(config[key], dict):
+                raise ValueError(f"{where}: '{key}' must be an object or absent, not {type(config[key]).__name__}; re-export the probe")
+        route_on = (config.get("difficulty") or {}).get("route_on", "fast")
+        if route_on not in ("fast", "slow"):
+            raise ValueError(f"{where}: difficulty.route_on must be 'fast' or 'slow', not {route_on!r}; re-export the probe")
+        if config.get("weights_sha256") is not None and not isinstance(config["weights_sha256"], str):
+            raise ValueError(f"{where}: 'weights_sha256' must be a hex string; re-export the probe")
         known = {f.name for f in fields(cls)}
         try:
             typed = {"base_model": BaseModel(**{k: v for k, v in config["base_model"].items() if k in {f.name for f in fields(BaseModel)}}),
@@ -159,11 +177,20 @@ def save_probe(probe: torch.nn.Module, folder: str | Path, capture_spec: dict, m
     return write_probe(probe, folder, results)
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_probe(probe: torch.nn.Module, folder: str | Path, results: dict | None = None) -> Path:
     """Weights as safetensors and ``probe.card`` as probe.json (its calibration refreshed from the probe), all at once."""
     probe.card.calibration = probe.export_state()
     with replace_folder(folder, "probe.json", set(PROBE_FILES)) as staging:
         save_file({k: v.detach().contiguous().cpu() for k, v in probe.state_dict().items()}, staging / "probe.safetensors")
+        probe.card.weights_sha256 = sha256_of(staging / "probe.safetensors")
         (staging / "probe.json").write_text(json.dumps(probe.card.to_dict(), indent=1, default=str))
         if results is not None:
             (staging / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -239,20 +266,49 @@ def load_probe(folder: str | Path, model=None) -> torch.nn.Module:
     card = read_card(folder)
     module, name = card.probe_class.rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)
+    weights = Path(folder) / "probe.safetensors"
+    if card.weights_sha256 is not None and weights.is_file() and sha256_of(weights) != card.weights_sha256:
+        raise ValueError(f"{weights} does not match the sha256 its probe.json records (damaged, or another probe's "
+                         "weights); re-export the probe")
     try:  # safetensors parses a header and raw arrays: nothing in the file is ever executed
-        state = load_file(Path(folder) / "probe.safetensors")
+        state = load_file(weights)
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: say which file and what to do
-        raise ValueError(f"{Path(folder) / 'probe.safetensors'} is not a readable safetensors file ({err}); re-export the probe") from None
+        raise ValueError(f"{weights} is not a readable safetensors file ({err}); re-export the probe") from None
     fingerprint, shape, model_name = _model_stamp(card.base_model.name if model is None else model)
     check_model(card, fingerprint, shape, str(folder), model_name)
-    probe = cls(**card.probe_args)
+    fix = f"{Path(folder) / 'probe.json'} does not describe {weights.name}"
+    try:
+        probe = cls(**card.probe_args)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"{Path(folder) / 'probe.json'}: probe_args do not build a {name} ({type(err).__name__}: {err}); "
+                         "re-export the probe") from None
+    _check_layers(card, probe, folder)
     for key in ("iso_x", "iso_y"):  # variable-length calibration buffers take the saved size
         if key in state:
             setattr(probe, key, torch.empty_like(state[key]))
-    probe.load_state_dict(state)
-    probe.load_export_state(card.calibration)
+    try:
+        probe.load_state_dict(state)
+        probe.load_export_state(card.calibration)
+    except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as err:
+        raise ValueError(f"{fix} ({type(err).__name__}: {' '.join(str(err).split())[:300]}); re-export the probe") from None
     probe.card = card
     return probe.eval()
+
+
+def _check_layers(card: ProbeCard, probe, folder) -> None:
+    """Layer ids a probe reads must exist in its base model (a tampered card would fail mid-decode)."""
+    layers = (card.base_model.shape or {}).get("layers") if isinstance(card.base_model.shape, dict) else None
+    chosen = probe.hparams.get("layers")
+    ids = chosen if isinstance(chosen, (list, tuple)) else [chosen] if isinstance(chosen, int) and not isinstance(chosen, bool) else []
+    if chosen is not None and not ids or any(type(i) is not int for i in ids):
+        raise ValueError(f"{Path(folder) / 'probe.json'}: probe_args.layers must be null, a whole number or a list of "
+                         f"layer ids, not {chosen!r}; re-export the probe")
+    if layers and isinstance(chosen, (list, tuple)) and any(not -layers <= i < layers for i in ids):
+        raise ValueError(f"{Path(folder) / 'probe.json'}: probe_args.layers {chosen} are not all layers of a "
+                         f"{layers}-layer model; re-export the probe")
+    if layers and isinstance(chosen, int) and not 1 <= chosen <= layers:
+        raise ValueError(f"{Path(folder) / 'probe.json'}: probe_args.layers {chosen} (the last n) is not in 1..{layers}; "
+                         "re-export the probe")
 
 
 def _model_stamp(model) -> tuple[str, dict, str]:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kvprobe.cache import KV
+from kvprobe.typecheck import check_fields
 
 
 @dataclass
@@ -36,6 +37,11 @@ class FeatureSpec:
     token_trajectory: bool = True
     hidden_states: bool = False
     output_stats: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self, "features")
+        if self.prompt_window < 0:
+            raise ValueError(f"features.prompt_window must be >= 0 (0 stores none), not {self.prompt_window}")
 
     def to_dict(self) -> dict:
         return asdict(self)

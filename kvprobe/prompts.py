@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from kvprobe.tasks import LETTERS, Item
+from kvprobe.typecheck import check_fields
 
 MODES = ("fast", "slow")
 
@@ -40,6 +41,7 @@ class PromptSpec:
     thinking_switch: str = "auto"
 
     def __post_init__(self):
+        check_fields(self, "prompt")
         if self.mode not in MODES:
             raise ValueError(f"prompt mode {self.mode!r} is not one of {MODES}")
         if self.thinking_switch not in ("auto", "template", "instruction"):

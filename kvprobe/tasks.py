@@ -12,13 +12,13 @@ import json
 import logging
 import random
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from kvprobe.assets import package_dir
+from kvprobe.typecheck import describe, matches
 
 LETTERS = "ABCDEFGHIJ"
 GRADING_VERSION = 4  # part of every capture's fingerprint: bump when grading changes; the stored answers are regraded
@@ -61,6 +61,8 @@ class TaskSpec:
     grader: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TaskError(f"task.name must be a registered task's name, not {self.name!r}")
         if self.limit is not None and (type(self.limit) is not int or self.limit < 1):
             raise TaskError(f"task.limit must be a positive number of items or null (all), not {self.limit!r}")
         if type(self.offset) is not int or self.offset < 0:
@@ -369,26 +371,8 @@ def _check_options(name: str, params: dict) -> None:
                         f"its options: {', '.join(options) if options else 'none'}")
     hints = typing.get_type_hints(TASKS[name])
     for key, value in params.items():
-        if key in hints and not _matches(value, hints[key]):
-            raise TaskError(f"task {name!r} option {key!r} must be {_describe(hints[key])}, not {value!r}")
-
-
-def _matches(value, hint) -> bool:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is int:
-        return type(value) is int  # not a bool
-    if hint is float:
-        return type(value) in (int, float)
-    return isinstance(value, typing.get_origin(hint) or hint)
-
-
-def _describe(hint) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
-    return "null" if hint is type(None) else getattr(typing.get_origin(hint) or hint, "__name__", str(hint))
+        if key in hints and not matches(value, hints[key]):
+            raise TaskError(f"task {name!r} option {key!r} must be {describe(hints[key])}, not {value!r}")
 
 
 def default_caps(spec: TaskSpec) -> dict[str, int]:

@@ -31,13 +31,20 @@ def load(path: str | Path, model=None, tokenizer=None, device_map: str | None = 
     steering = None
     if (where / GENERATOR_FILE).is_file():
         meta = read_generator(where / GENERATOR_FILE)
-        folders = {name: where / sub for name, sub in meta["probes"].items()}
+        folders = {name: contained(where, sub, name) for name, sub in meta["probes"].items()}
         steering = steering_spec(meta.get("steering", {}), where / GENERATOR_FILE)
     elif (where / "probe.json").is_file():
         folders = {slot(read_card(where)): where}
     else:
         raise FileNotFoundError(f"{path} holds neither {GENERATOR_FILE} nor probe.json: not a kvprobe generator or probe")
     cards = {name: read_card(p) for name, p in folders.items()}
+    for name, card in cards.items():
+        if name in SLOTS and slot(card) != name:
+            raise ValueError(f"{folders[name]} holds a {slot(card)} probe but sits in the {name!r} slot of "
+                             f"{where / GENERATOR_FILE}; name each probe under its own slot")
+        if card.kind == "switch" and not {"switch_low", "switch_high"} <= set(card.thresholds):
+            raise ValueError(f"{folders[name] / 'probe.json'} lacks its calibrated switch thresholds (calibration.thresholds."
+                             "switch_low / switch_high); re-export the switch probe")
     if not set(cards) - {"switch"}:
         raise ValueError(f"{path}: a switch probe alone cannot steer; pair it with a difficulty probe (generator.json)")
     base = next(iter(cards.values())).base_model
@@ -76,13 +83,29 @@ def save(path: str | Path, probes: dict, steering: SteeringSpec) -> Path:
     return Path(path)
 
 
+def contained(where: Path, sub, name: str) -> Path:
+    """The subfolder ``sub`` of generator folder ``where`` for slot ``name``: a relative path inside the folder, no
+    link leading out of it (a tampered generator.json could otherwise load any probe on the disk)."""
+    if not isinstance(sub, str) or not sub.strip():
+        raise ValueError(f"{where / GENERATOR_FILE}: probes.{name} must name a subfolder, not {sub!r}")
+    path = where / sub
+    if Path(sub).is_absolute() or not path.resolve().is_relative_to(where.resolve()) or path.is_symlink():
+        raise ValueError(f"{where / GENERATOR_FILE}: probes.{name} = {sub!r} leads outside the generator folder {where}; "
+                         "a generator's probes must sit in its own subfolders (copy the probe in, or kvprobe assemble)")
+    return path
+
+
 def steering_spec(saved: dict, where: Path) -> SteeringSpec:
-    """The steering settings a generator folder saved; unknown keys (another kvprobe version's) are named."""
+    """The steering settings a generator folder saved; unknown keys (another kvprobe version's) and bad values are
+    named with the file."""
     known = {f.name for f in fields(SteeringSpec)}
     if unknown := sorted(set(saved) - known):
         raise ValueError(f"{where}: steering settings {unknown} are not SteeringSpec fields {sorted(known)}; this folder "
                          "was written by another kvprobe version: reassemble it with kvprobe assemble")
-    return SteeringSpec(**saved)
+    try:
+        return SteeringSpec(**saved)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {err}; fix the steering settings or reassemble the folder with kvprobe assemble") from None
 
 
 def read_generator(path: Path) -> dict:
