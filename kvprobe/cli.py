@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 COMMANDS = {  # name: (module whose main() runs it, what it does)
@@ -38,6 +39,28 @@ def configs(argv: list[str]) -> None:
     print(f"[kvprobe] configs copied to {dest}; run: kvprobe fit --config {dest / 'coe.yaml'}")
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Every YAML file named on the command line (``--config F``, or any ``--opt F.yaml``) exists, is UTF-8 and holds
+    something: jsonargparse would otherwise say "Unexpected config" or raise a bare decode error without the file."""
+    for i, arg in enumerate(argv):
+        flag, _, value = arg.partition("=")
+        if not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        if not flag.startswith("--") or not (flag == "--config" or value.endswith((".yaml", ".yml"))):
+            continue
+        path = Path(value).expanduser()
+        if flag == "--config" and not path.is_file():
+            raise FileNotFoundError(f"--config {value}: no such file")
+        if not path.is_file():
+            continue  # a path relative to an including config: jsonargparse resolves it
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 (byte {err.start}); save the file as UTF-8") from None
+        if not any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines()):
+            raise ValueError(f"{path} is empty (or only comments): a config needs at least one setting")
+
+
 def guarded(run: Callable[[], object], prog: str, argv: list[str]) -> int:
     """Run a command; a user's error (bad input, a missing or damaged file, another model's probe) becomes one line
     that names it, with the traceback behind ``--debug`` or ``KVPROBE_DEBUG=1``."""
@@ -47,6 +70,7 @@ def guarded(run: Callable[[], object], prog: str, argv: list[str]) -> int:
     debug = "--debug" in argv or os.environ.get("KVPROBE_DEBUG", "") not in ("", "0")
     saved, sys.argv = sys.argv, [prog, *(a for a in argv if a != "--debug")]
     try:
+        check_config_files(argv)
         run()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; everything finished is kept (captured shards, exports written whole), and the same "

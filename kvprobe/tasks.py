@@ -327,7 +327,21 @@ def _rows_to_items(rows, prefix: str, where: Callable[[int], str], question_fiel
             if row[name] is None or not str(row[name]).strip():
                 raise TaskError(f"{where(i)}: field {name!r} is {'null' if row[name] is None else 'empty'}; "
                                 "fill it in or remove the row (an empty question asks nothing, an empty answer grades every answer wrong)")
-        qid = f"{prefix}/{row[id_field]}" if id_field and id_field in row else f"{prefix}/{i}"
+        if not isinstance(row[question_field], str):
+            raise TaskError(f"{where(i)}: field {question_field!r} must be text, not {type(row[question_field]).__name__} "
+                            f"{row[question_field]!r:.60}")
+        if isinstance(row[answer_field], (bool, list, dict)):
+            raise TaskError(f"{where(i)}: field {answer_field!r} must be text or a number, not {type(row[answer_field]).__name__} "
+                            f"{row[answer_field]!r:.60}")
+        if id_field and id_field not in row:
+            raise TaskError(f"{where(i)}: no id field {id_field!r} (params.id_field); present: {sorted(row)}")
+        for name in (question_field, answer_field):
+            try:
+                str(row[name]).encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise TaskError(f"{where(i)}: field {name!r} holds a lone surrogate (character {err.start}, "
+                                f"{str(row[name])[err.start]!r}) that is not valid text; fix that character") from None
+        qid = f"{prefix}/{row[id_field]}" if id_field else f"{prefix}/{i}"
         gold = str(row[answer_field]).strip()
         choices = None
         if choices_field:

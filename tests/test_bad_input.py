@@ -459,3 +459,36 @@ def test_small_misuses_get_named_errors(tmp_path, monkeypatch):
             with replace_folder(empty, "probe.json", {"probe.json"}):
                 pass
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": {"q": 1}, "answer": "3"}, "'question' must be text"),
+    ({"question": "2+1?", "answer": [3]}, "'answer' must be text or a number"),
+    ({"question": "2+1?", "answer": True}, "'answer' must be text or a number"),
+    ({"question": "2+1?", "answer": "3", "idd": 7}, "no id field 'id'"),
+])
+def test_jsonl_fields_of_the_wrong_type_or_a_misspelt_id_field_are_named(tmp_path, row, message):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(TaskError, match=message):
+        load_items(TaskSpec("jsonl", params={"path": str(path), "id_field": "id"} if "idd" in row else {"path": str(path)}))
+
+
+def test_a_lone_surrogate_is_named_with_its_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question": "ok?", "answer": "1"}\n{"question": "bad \\ud800 text", "answer": "2"}\n')
+    with pytest.raises(TaskError, match=r"q.jsonl:2: field 'question' holds a lone surrogate"):
+        load_items(TaskSpec("jsonl", params={"path": str(path)}))
+
+
+@pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"# only a comment\n", "is empty"),
+                                              (b"\xff\xfe model: x", "not UTF-8")])
+def test_an_empty_or_undecodable_config_names_its_file(tmp_path, capsys, content, message):
+    from kvprobe.cli import main as cli_main
+
+    config = tmp_path / "c.yaml"
+    config.write_bytes(content)
+    for command in ("fit", "capture", "study"):
+        assert cli_main([command, "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert str(config) in err and message in err

@@ -677,3 +677,8 @@ def test_an_empty_prompt_is_refused(gen):
     for empty in ("", "   \n"):
         with pytest.raises(ValueError, match="prompt is empty"):
             gen.generate(empty, policy="fast", max_new_tokens=2)
+
+
+def test_a_prompt_with_a_lone_surrogate_is_named(gen):
+    with pytest.raises(ValueError, match="lone surrogate at character 5"):
+        gen.generate("What \ud800 is 2?", policy="fast", max_new_tokens=2)

@@ -134,6 +134,11 @@ class KVProbeGenerator:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError("a prompt is empty (or only whitespace): there is no question to answer")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"the prompt holds a lone surrogate at character {err.start} ({prompt[err.start]!r}), "
+                                 "which is not valid text; fix that character") from None
             prompt = Item("live", prompt, "")
         if isinstance(prompt, Item):
             return prompt_ids(prompt, spec, self.lm.tokenizer)
