@@ -173,6 +173,32 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 DEFAULT_MODEL = "smollm2"
 
 
+CONVERSION_MARKER = "kvprobe-conversion.json"
+
+
+def conversion_digest(folder: Path) -> str:
+    """The GGUF sha256 a converted folder was made from, once its files are checked against what the conversion
+    recorded (names, sizes, and sha256s memoised by size and mtime: a file is hashed again only when it changed).
+    AssetError when the record is damaged, lacks its file list (an older kvprobe's), or a file does not match:
+    a truncated weight file, or a forged marker beside someone else's files."""
+    marker = folder / CONVERSION_MARKER
+    try:
+        record = json.loads(marker.read_text())
+        if isinstance(record, dict) and "sha256" in record and "files" not in record:
+            raise AssetError(f"{marker} lists no files (an older kvprobe's conversion, which cannot be checked)")
+        sha256, files = record["sha256"], record["files"]
+        if not isinstance(sha256, str) or not isinstance(files, dict) or not files:
+            raise TypeError("sha256 or files of the wrong type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise AssetError(f"{marker} is not a complete conversion record ({type(err).__name__}: {err})") from None
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != want.get("size") or file_sha256(path) != want.get("sha256"):
+            raise AssetError(f"the converted model in {folder} does not match its record ({name} is missing, truncated "
+                             "or changed)")
+    return sha256
+
+
 def converted_gguf(gguf: Path, sha256: str | None = None) -> Path:
     """A plain HF folder converted from ``gguf`` (dequantized), cached by the file's sha256.
 
@@ -181,9 +207,13 @@ def converted_gguf(gguf: Path, sha256: str | None = None) -> Path:
     """
     sha256 = sha256 or sha256_file(gguf)
     target = cache_dir() / "models" / f"{gguf.stem}-{sha256[:16]}"
-    marker = target / "kvprobe-conversion.json"
+    marker = target / CONVERSION_MARKER
     if marker.is_file():
-        return target
+        try:
+            conversion_digest(target)
+            return target
+        except AssetError as err:
+            print(f"[kvprobe] {err}: converting {gguf.name} again", flush=True)
     import torch
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -208,8 +238,9 @@ def _convert(gguf: Path, sha256: str, target: Path) -> None:
         plain.load_state_dict(quantized.state_dict())
         plain.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        record = {"source": str(gguf), "sha256": sha256, "conversion_version": CONVERSION_VERSION}
-        (tmp / "kvprobe-conversion.json").write_text(json.dumps(record, indent=1))
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+        record = {"source": str(gguf), "sha256": sha256, "conversion_version": CONVERSION_VERSION, "files": files}
+        (tmp / CONVERSION_MARKER).write_text(json.dumps(record, indent=1))
         if target.exists():  # a stale folder without marker: an earlier conversion died after the rename
             shutil.rmtree(target)
         for path in [tmp, *tmp.rglob("*")]:  # save_pretrained writes its shards through 0600 temp files

@@ -274,7 +274,7 @@ def load_probe(folder: str | Path, model=None) -> torch.nn.Module:
         state = load_file(weights)
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: say which file and what to do
         raise ValueError(f"{weights} is not a readable safetensors file ({err}); re-export the probe") from None
-    fingerprint, shape, model_name = _model_stamp(card.base_model.name if model is None else model)
+    fingerprint, shape, model_name = _model_stamp(card.base_model.name if model is None else model, card)
     check_model(card, fingerprint, shape, str(folder), model_name)
     fix = f"{Path(folder) / 'probe.json'} does not describe {weights.name}"
     try:
@@ -311,14 +311,18 @@ def _check_layers(card: ProbeCard, probe, folder) -> None:
                          "re-export the probe")
 
 
-def _model_stamp(model) -> tuple[str, dict, str]:
-    """(fingerprint, shape, name) of a LoadedModel, a ModelSpec or a model name, without loading weights."""
+def _model_stamp(model, card: ProbeCard) -> tuple[str, dict | None, str]:
+    """(fingerprint, shape, name) of a LoadedModel, a ModelSpec or a model name, without loading weights; for an
+    embedded alias whose fingerprint already differs from ``card``'s, without converting it either (shape None)."""
     from transformers import AutoConfig
 
-    from kvprobe.models import LoadedModel, ModelSpec, locate, model_shape
+    from kvprobe.models import LoadedModel, ModelSpec, known_fingerprint, locate, model_shape
 
     if isinstance(model, LoadedModel):
         return model.fingerprint, asdict(model.shape), model.spec.name
     spec = model if isinstance(model, ModelSpec) else ModelSpec(name=str(model))
+    known = known_fingerprint(spec.name) if not spec.adapter else None
+    if known is not None and known != card.base_model.fingerprint:  # refuse before converting a model it cannot use
+        return known, None, spec.name
     source, digest = locate(spec)
     return digest, asdict(model_shape(AutoConfig.from_pretrained(source))), spec.name

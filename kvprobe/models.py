@@ -84,9 +84,12 @@ def _folder_fingerprint(folder: Path) -> str:
     A weight file's sha256 is memoised by path, size and mtime (``assets.file_sha256``), so each version of a
     file is read once (Qwen2.5-0.5B's 2 GB: docs/capture.md); any edit, even one matrix in the middle, changes it.
     """
-    conversion = folder / "kvprobe-conversion.json"
-    if conversion.is_file():
-        return "gguf:" + json.loads(conversion.read_text())["sha256"]
+    if (folder / assets.CONVERSION_MARKER).is_file():  # checked: a forged marker must not borrow a model's fingerprint
+        try:
+            return "gguf:" + assets.conversion_digest(folder)
+        except assets.AssetError as err:
+            raise assets.AssetError(f"{err}; delete {folder / assets.CONVERSION_MARKER} to use the folder as a plain HF "
+                                    "model, or convert the GGUF again") from None
     digest = hashlib.sha256()
     for f in sorted(p for p in folder.iterdir() if p.is_file()):
         digest.update(f.name.encode())
@@ -95,6 +98,11 @@ def _folder_fingerprint(folder: Path) -> str:
         elif f.suffix in {".safetensors", ".bin", ".pt", ".gguf"}:
             digest.update(assets.file_sha256(f).encode())
     return digest.hexdigest()
+
+
+def known_fingerprint(name: str) -> str | None:
+    """The fingerprint of an embedded alias, known without converting its GGUF (None for any other name)."""
+    return "gguf:" + assets.EMBEDDED[name].sha256 if name in assets.EMBEDDED else None
 
 
 def resolve(name: str) -> tuple[str, str]:

@@ -5,7 +5,11 @@ import sys
 
 import pytest
 
+from conftest import real_assets_available
 from kvprobe import assets
+from kvprobe.resources import PRETRAINED
+
+PRETRAINED_SMOLLM2 = PRETRAINED / "smollm2"
 
 
 @pytest.fixture
@@ -80,3 +84,67 @@ def test_conversion_leaves_the_callers_random_state_alone(fake_packages, monkeyp
     after = torch.rand(3)
     torch.manual_seed(7)
     assert torch.equal(after, torch.rand(3))
+
+
+def _converted_copy(tmp_path, monkeypatch):
+    """The embedded SmolLM2's converted folder, copied into a fresh cache (so the test damages only its copy)."""
+    import shutil
+
+    from kvprobe import assets
+
+    entry = assets.EMBEDDED["smollm2"]
+    source = assets.converted_gguf(entry.gguf(), entry.sha256)
+    monkeypatch.setenv("KVPROBE_CACHE", str(tmp_path / "cache"))
+    target = assets.cache_dir() / "models" / source.name
+    shutil.copytree(source, target)
+    return entry, target
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not real_assets_available(), reason="needs the embedded SmolLM2 (scripts/setup.sh)")
+def test_a_damaged_converted_model_is_converted_again(tmp_path, monkeypatch, capsys):
+    """A truncated model.safetensors in the cache once gave a raw SafetensorError at the next capture: it is now
+    checked against what the conversion recorded, and converted again."""
+    from kvprobe import assets
+
+    entry, target = _converted_copy(tmp_path, monkeypatch)
+    weights = target / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    assert assets.converted_gguf(entry.gguf(), entry.sha256) == target
+    assert "does not match its record" in capsys.readouterr().out
+    assert weights.stat().st_size == size and assets.conversion_digest(target) == entry.sha256
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not real_assets_available(), reason="needs the embedded SmolLM2 (scripts/setup.sh)")
+def test_a_forged_or_partial_conversion_marker_is_named(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from kvprobe import assets
+    from kvprobe.models import resolve
+
+    entry, target = _converted_copy(tmp_path, monkeypatch)
+    marker = target / assets.CONVERSION_MARKER
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({k: v for k, v in record.items() if k != "sha256"}))  # no sha256: once a raw KeyError
+    with pytest.raises(assets.AssetError, match="not a complete conversion record"):
+        assets.conversion_digest(target)
+    forged = tmp_path / "forged"  # config.json and a copied marker: it must not get the shipped model's fingerprint
+    forged.mkdir()
+    shutil.copy(target / "config.json", forged / "config.json")
+    (forged / assets.CONVERSION_MARKER).write_text(json.dumps(record))
+    with pytest.raises(assets.AssetError, match="does not match its record.*delete"):
+        resolve(str(forged))
+
+
+def test_a_probe_for_another_model_is_refused_before_that_model_is_converted(tmp_path, monkeypatch):
+    """Checking an embedded alias's fingerprint needs no conversion: a mismatched probe is refused at once."""
+    from kvprobe import assets
+    from kvprobe.export import ProbeMismatch, load_probe
+
+    monkeypatch.setattr(assets, "converted_gguf", lambda *a, **k: pytest.fail("converted a model only to refuse the probe"))
+    with pytest.raises(ProbeMismatch, match="not on 'qwen2.5-coder-0.5b'"):
+        load_probe(PRETRAINED_SMOLLM2 / "difficulty", "qwen2.5-coder-0.5b")
