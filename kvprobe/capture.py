@@ -61,13 +61,13 @@ class GenerationSpec:
     samples: int = 1
 
     def __post_init__(self) -> None:
-        check_fields(self, "generation")
         if self.max_new_tokens is not None:
             self.max_new_tokens = check_token_caps(self.max_new_tokens, "generation.max_new_tokens")
         for name in ("batch_size", "shard_size", "samples"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"generation.{name} must be a whole number >= 1, not {value!r}")
+        check_fields(self, "generation")  # the other fields' types, named as they are read
         if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, not {self.temperature!r}, {self.top_p!r}")
         if self.samples > 1 and not self.do_sample:

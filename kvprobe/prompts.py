@@ -41,11 +41,11 @@ class PromptSpec:
     thinking_switch: str = "auto"
 
     def __post_init__(self):
-        check_fields(self, "prompt")
         if self.mode not in MODES:
             raise ValueError(f"prompt mode {self.mode!r} is not one of {MODES}")
         if self.thinking_switch not in ("auto", "template", "instruction"):
             raise ValueError(f"thinking_switch {self.thinking_switch!r} is not auto, template or instruction")
+        check_fields(self, "prompt")
 
     def to_dict(self) -> dict:
         return asdict(self)

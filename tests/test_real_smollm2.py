@@ -3,6 +3,8 @@
 import re
 
 import pyarrow.parquet as pq
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -83,7 +85,9 @@ def test_fit_on_real_model_small_slice_one_epoch(tmp_path):
     assert probe["auroc_lo"] <= probe["auroc"] <= probe["auroc_hi"] and "kv_coe_c_token" in results["test"]
     card = read_card(tmp_path / "export")  # the real model's stamp: its alias and the embedded weights' fingerprint
     assert card.base_model.name == "smollm2" and card.base_model.shape["layers"] == 30 and card.task.params["n"] == 40
-    assert (tmp_path / "export" / "probe.safetensors").is_file() and (tmp_path / "ckpt" / "best.ckpt").is_file()
+    best = Path(results["best_checkpoint"])  # this run's own checkpoint, under a name no other run writes
+    assert (tmp_path / "export" / "probe.safetensors").is_file() and best.parent == tmp_path / "ckpt" and best.is_file()
+    assert best.name.startswith("best-") and best.name != "best.ckpt"
     assert list((tmp_path / "runs" / "wandb").glob("offline-run-*/files/results.json"))
 
 

@@ -141,7 +141,7 @@ def apply(data: dict, path: list[str], action: str, value) -> None:
             parent[path[-1]] = value
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(mutations())
 def test_mutated_generator_folders_load_or_name_the_problem(lm, mutation):
     file, path, action, value = mutation
