@@ -94,4 +94,9 @@ def bucketed_auroc(scores: dict[str, torch.Tensor], labels: torch.Tensor, by: to
 def auroc_or_nan(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """AUROC of ``scores`` for binary ``labels``; NaN when only one class is present (tiny or degenerate splits)."""
     labels = labels.long()
-    return float(binary_auroc(scores.float(), labels)) if labels.min() != labels.max() else float("nan")
+    if labels.min() == labels.max():
+        return float("nan")
+    # as dense ranks in [0, 1]: torchmetrics passes scores outside [0, 1] through a sigmoid, which saturates raw
+    # scores such as token counts (every one becomes 1.0: a tie, AUROC 0.5); ranks keep the order and the ties
+    values, ranks = torch.unique(scores.float(), return_inverse=True)
+    return float(binary_auroc(ranks.float() / max(len(values) - 1, 1), labels))

@@ -85,3 +85,14 @@ def test_paired_bootstrap_and_length_buckets_separate_information_from_length():
     rows = bucketed_auroc({"probe": probe, "length": length_only}, labels, length, buckets=4)
     assert [r["n"] for r in rows[:-1]] == [100] * 4 and rows[-1]["n"] == 400
     assert rows[-1]["probe"] > 0.8 and rows[-1]["length"] < 0.7  # within a bucket, length explains little
+
+
+def test_auroc_of_raw_scores_is_not_saturated():
+    """Token counts (or any score far outside [0, 1]) rank like any score: torchmetrics' sigmoid once made them ties."""
+    import torch
+
+    from kvprobe.metrics import auroc_or_nan
+
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    lengths = torch.tensor([60.0, 75.0, 120.0, 200.0, 75.0])
+    assert auroc_or_nan(lengths, labels) == auroc_or_nan(lengths / 1000, labels) == pytest.approx(5.5 / 6)
