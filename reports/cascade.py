@@ -34,6 +34,7 @@ from kvprobe.models import left_pad
 from kvprobe.plots import pyplot
 from kvprobe.routing import Outcomes
 from kvprobe.steering import KVProbeGenerator, SteeringSpec
+from kvprobe.study.peers import logistic_router
 from kvprobe.tasks import Item
 from reports.common import quiet_fit, scores_of, split_columns, write_report
 
@@ -92,22 +93,6 @@ def old_confidence(verifiers: dict) -> float:
     return auroc_or_nan(scores_of(probe, loader)[0], grades_of(loader))
 
 
-def logistic_router(train_x, train_y, val_x, val: Outcomes, grid: list[float], scale: bool):
-    """A scikit-learn logistic regression on ``train_x`` -> P(slow needed); C chosen by validation routing gain."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    best = None
-    for c in grid:
-        model = make_pipeline(*([StandardScaler()] if scale else []), LogisticRegression(C=c, max_iter=3000))
-        model.fit(train_x, train_y)
-        gain = val.route_gain(torch.tensor(model.predict_proba(val_x)[:, 1]))
-        if best is None or gain > best[0]:
-            best = (gain, c, model)
-    return best[2], {"C": best[1], "val_route_gain": best[0]}
-
-
 def prompt_hidden(gen: KVProbeGenerator, rows: list[dict], window: int, batch_size: int = 32) -> torch.Tensor:
     """Per question: each layer's hidden state averaged over the fast prompt's last ``window`` positions (the same
     positions the KV router reads): (n, layers + 1, hidden)."""
@@ -136,14 +121,14 @@ def routers(gen: KVProbeGenerator, dm, val: Outcomes, rows: dict[str, list[dict]
     vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True).fit(text["train"])
     x = {s: vec.transform(t) for s, t in text.items()}
     model, settings = {}, {}
-    model["text"], settings[TEXT_ROUTER] = logistic_router(x["train"], train_y, x["val"], val, [0.1, 1.0, 10.0, 100.0], scale=False)
+    model["text"], settings[TEXT_ROUTER] = logistic_router(x["train"], train_y, x["val"], val, scale=False, grid=[0.1, 1.0, 10.0, 100.0])
     scores[TEXT_ROUTER] = {s: torch.tensor(model["text"].predict_proba(x[s])[:, 1]) for s in ("val", "test")}
     window = probe.hparams.window
     hidden = {s: prompt_hidden(gen, rows[s], window).flatten(1).numpy() for s in rows}
     kv = {s: torch.stack([dm.datasets[s][i]["prompt_kv"][..., -window:, :].mean(-2).flatten() for i in range(len(dm.datasets[s]))]).numpy()
           for s in rows}
     for name, feats in (("hidden-state router (logistic)", hidden), ("KV router (logistic, same model as the hidden-state one)", kv)):
-        m, settings[name] = logistic_router(feats["train"], train_y, feats["val"], val, [0.001, 0.01, 0.1, 1.0], scale=True)
+        m, settings[name] = logistic_router(feats["train"], train_y, feats["val"], val, scale=True, grid=[0.001, 0.01, 0.1, 1.0])
         scores[name] = {s: torch.tensor(m.predict_proba(feats[s])[:, 1]) for s in ("val", "test")}
     for s, seed in (("val", 1), ("test", 2)):  # ties broken by a seeded jitter under one token (reports.difficulty)
         jitter = torch.rand(len(rows[s]), generator=torch.Generator().manual_seed(seed)) * 0.5

@@ -15,9 +15,9 @@ from kvprobe.tasks import Item
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
-def logistic_router(train_x, train_y: list[int], val_x, val: Outcomes, scale: bool):
-    """A logistic regression predicting "only slow mode answers it right"; its inverse L2 strength C chosen by the
-    validation routing gain (``Outcomes.route_gain``). Returns the model and what was chosen."""
+def logistic_router(train_x, train_y: list[int], val_x, val: Outcomes, scale: bool, grid=C_GRID):
+    """A logistic regression predicting "only slow mode answers it right"; its inverse L2 strength C chosen among
+    ``grid`` by the validation routing gain (``Outcomes.route_gain``). Returns the model and what was chosen."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -26,7 +26,7 @@ def logistic_router(train_x, train_y: list[int], val_x, val: Outcomes, scale: bo
         raise ValueError("the training questions hold one difficulty class only (slow mode never, or always, "
                          "needed): no router can be trained; use more questions")
     best = None
-    for c in C_GRID:
+    for c in grid:
         model = make_pipeline(*([StandardScaler()] if scale else []), LogisticRegression(C=c, max_iter=3000))
         model.fit(train_x, train_y)
         gain = val.route_gain(torch.tensor(model.predict_proba(val_x)[:, 1]))
