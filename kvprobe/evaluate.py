@@ -13,9 +13,7 @@ fixed mode - 1 point, at most half of always-slow's tokens, probe time at most 1
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm

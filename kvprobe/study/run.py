@@ -31,9 +31,7 @@ import torch
 
 from datamodules.kv_capture import SPLITS
 from kvprobe import fit
-from kvprobe.capture import capture as run_capture
 from kvprobe.cascade import ESCALATE_ON, paired_bootstrap
-from kvprobe.export import load_probe
 from kvprobe.metrics import auroc_or_nan
 from kvprobe.paths import writable_folder
 from kvprobe.prompts import MODES
@@ -41,7 +39,7 @@ from kvprobe.resources import configs_dir
 from kvprobe.routing import Outcomes
 from kvprobe.store import CaptureStore
 from kvprobe.study import levers, peers
-from kvprobe.study.policies import OTHER, PEER, PROBE, Policy, best_at, budget_key, by_segment, fixed, score_all, strip
+from kvprobe.study.policies import OTHER, PEER, PROBE, Policy, best_at, budget_key, by_segment, fixed, score_all
 from kvprobe.study.spec import StudySpec
 from kvprobe.tasks import Item, default_caps, load_items
 

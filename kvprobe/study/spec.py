@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from datamodules.kv_capture import SplitSpec
 from kvprobe.capture import CaptureSpec
@@ -75,10 +76,8 @@ class StudySpec:
             raise ValueError("the routers read the prompt window: set capture.features.prompt_window > 0")
 
     @property
-    def report_path(self) -> "Path":
+    def report_path(self) -> Path:
         """The report's path without suffix: ``.md``, ``.json`` and ``.png`` are added."""
-        from pathlib import Path
-
         return Path(self.report) if self.report else Path(self.out) / "study"
 
     @property
