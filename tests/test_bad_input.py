@@ -416,9 +416,11 @@ def test_ctrl_c_during_a_capture_prints_one_line_and_a_rerun_resumes(tiny_models
     command then finishes the capture from the kept shards."""
     import signal
 
-    cmd = [sys.executable, "-m", "kvprobe", "capture", "--capture.model.name", str(tiny_models["llama"]), "--capture.task.params", '{"n": 64}',
-           "--capture.generation.shard_size", "8", "--capture.generation.batch_size", "8",
-           "--capture.generation.max_new_tokens", '{"fast": 4, "slow": 24}', "--cache_dir", str(tmp_path / "c")]
+    # long enough (400 answers of 48 tokens, ~20 s) that the signal lands mid-capture on a fast machine too
+    cmd = [sys.executable, "-m", "kvprobe", "capture", "--capture.model.name", str(tiny_models["llama"]),
+           "--capture.task.params", '{"n": 400, "digits": 2}', "--capture.generation.shard_size", "8",
+           "--capture.generation.batch_size", "8", "--capture.generation.max_new_tokens", '{"fast": 4, "slow": 48}',
+           "--cache_dir", str(tmp_path / "c")]
     env = {k: v for k, v in os.environ.items() if k != "KVPROBE_DEBUG"}
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 240
