@@ -422,7 +422,9 @@ def test_ctrl_c_during_a_capture_prints_one_line_and_a_rerun_resumes(tiny_models
            "--capture.generation.batch_size", "8", "--capture.generation.max_new_tokens", '{"fast": 4, "slow": 48}',
            "--cache_dir", str(tmp_path / "c")]
     env = {k: v for k, v in os.environ.items() if k != "KVPROBE_DEBUG"}
-    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a child of a background job inherits SIGINT ignored (POSIX), and Python then keeps it ignored: restore it
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not list((tmp_path / "c").rglob("shard-00000.done.json")) and time.time() < deadline and run.poll() is None:
         time.sleep(0.2)
