@@ -11,17 +11,14 @@ from kvprobe import fit, routing
 from kvprobe.capture import GenerationSpec, generate_batch
 from kvprobe.features import FeatureSpec
 from kvprobe.models import LoadedModel
+from kvprobe.study.report import with_notes
 from kvprobe.prompts import PromptSpec, prompt_ids
 from kvprobe.tasks import DEFAULT_CAPS, Item, grade
-
-NOTES = "<!-- notes: everything below this line is hand-written and kept when the tables are regenerated -->"
-
 
 def write_report(out: str | Path, text: str) -> Path:
     """Write ``text`` to ``out``, keeping everything below the notes marker of the file it replaces; prints it."""
     out = Path(out)
-    if out.is_file() and NOTES in out.read_text():
-        text = text.rstrip("\n") + "\n\n" + NOTES + out.read_text().split(NOTES, 1)[1]
+    text = with_notes(out, text)
     out.write_text(text)
     print(text)
     return out

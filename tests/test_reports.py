@@ -8,7 +8,8 @@ import pytest
 
 import reports
 import reports.experiments
-from reports.common import NOTES, write_report
+from kvprobe.study.report import NOTES
+from reports.common import write_report
 
 MODULES = [f"reports.{m.name}" for m in pkgutil.iter_modules(reports.__path__) if m.name not in ("common", "experiments")] + \
           [f"reports.experiments.{m.name}" for m in pkgutil.iter_modules(reports.experiments.__path__)]

@@ -10,7 +10,15 @@ from pathlib import Path
 from kvprobe.plots import pyplot
 from kvprobe.study.policies import OTHER, PEER, PROBE, budget_key, strip
 
-NOTES = "<!-- notes: everything below this line is hand-written and kept when the study is run again -->"
+NOTES = "<!-- notes: everything below this line is hand-written and kept when the tables are regenerated -->"
+
+
+def with_notes(path: Path, text: str) -> str:
+    """``text`` followed by the hand-written notes below ``NOTES`` in the file at ``path`` it replaces (the marker the
+    reports in docs/ share, so a report the study takes over keeps its notes)."""
+    if path.is_file() and NOTES in path.read_text():
+        return text.rstrip("\n") + "\n\n" + NOTES + path.read_text().split(NOTES, 1)[1]
+    return text
 
 
 def headline(spec, study: dict, results: dict, fixed: dict, best: dict, comparisons: dict, verifiers: dict,
@@ -63,9 +71,7 @@ def write(spec, study: dict, policies, results, fixed, best, comparisons, verifi
     pyplot().close(fig)
     text = markdown(spec, study, policies, results, fixed, best, head, base.with_suffix(".png").name)
     path = base.with_suffix(".md")
-    if path.is_file() and NOTES in path.read_text():
-        text = text.rstrip("\n") + "\n\n" + NOTES + path.read_text().split(NOTES, 1)[1]
-    atomic(path, text)
+    atomic(path, with_notes(path, text))
     h = study["headline"]
     a = h["at_half"]
     print(f"[kvprobe] study written to {path}: at {a['budget']}x always-slow's tokens the best probe policy "
