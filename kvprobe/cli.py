@@ -17,6 +17,7 @@ COMMANDS = {  # name: (module whose main() runs it, what it does)
     "capture": ("kvprobe.capture", "generate, grade and store the KV features of a task (--config configs/capture.yaml)"),
     "assemble": ("kvprobe.steering.assemble", "assemble a generator folder from exported probes"),
     "study": ("kvprobe.study.run", "capture a task in both modes, train the probes and their peers, and report what they pay off (--config configs/study.yaml)"),
+    "serve": ("kvprobe.serve.run", "serve a generator folder over the OpenAI API (kvprobe serve smollm2 --port 8000)"),
     "evaluate": ("kvprobe.evaluate", "run the steering policies live on a data split and write the report"),
     "configs": ("kvprobe.cli", "copy the shipped YAML configs into a new folder: kvprobe configs DEST"),
 }

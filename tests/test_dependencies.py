@@ -1,7 +1,8 @@
 """Every third-party module the source imports is a declared dependency of the part of the tree that imports it.
 
-kvprobe/ and datamodules/ may import only `[project].dependencies`; benchmarks/ and reports/ also the `bench`
-extra; tests/ also `test` and `bench` (the suite runs the benchmarks reduced). Imports inside functions count:
+kvprobe/ and datamodules/ may import only `[project].dependencies`, kvprobe/serve/ also the `serve` extra;
+benchmarks/ and reports/ also the `bench` extra; tests/ also `test`, `bench` and `serve` (the suite runs the
+benchmarks reduced). A part's subfolder that is a part of its own follows its own rule. Imports inside functions count:
 that is where a missing one hides until a user reaches it (matplotlib did, in the test figure).
 """
 
@@ -15,7 +16,8 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = {"kvprobe": (), "datamodules": (), "benchmarks": ("bench",), "reports": ("bench",), "tests": ("test", "bench")}
+PARTS = {"kvprobe": (), "kvprobe/serve": ("serve",), "datamodules": (), "benchmarks": ("bench", "serve"),
+         "reports": ("bench",), "tests": ("test", "bench", "serve")}
 
 
 def _norm(name: str) -> str:
@@ -63,7 +65,8 @@ def undeclared(root: Path, parts: dict[str, tuple[str, ...]]) -> list[str]:
     problems = []
     for part, extras in parts.items():
         allowed = deps[""].union(*(deps.get(e, set()) for e in extras))
-        for file in sorted((root / part).rglob("*.py")):
+        inner = [root / p for p in parts if p.startswith(part + "/")]
+        for file in sorted(f for f in (root / part).rglob("*.py") if not any(f.is_relative_to(i) for i in inner)):
             siblings = {p.stem for p in file.parent.glob("*.py")}  # scripts import their neighbours (benchmarks' common)
             for module, line in imported_modules(file):
                 if module in sys.stdlib_module_names or module in local or module in siblings:

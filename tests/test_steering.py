@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import real_assets_available
+from conftest import common_args, real_assets_available
 from kvprobe.features import window_kv
 from kvprobe import switching
 from kvprobe.export import ProbeMismatch
@@ -16,32 +16,6 @@ from kvprobe.steering import (DecodeEngine, DoneEvent, EscalateEvent, Generation
 from kvprobe.store import CaptureStore
 
 QUESTIONS = ["What is 3 + 4?", "What is 7 * 2 - 5?", "What is 9?"]
-
-
-def common_args(tiny, root, data="--data."):
-    """Fit arguments on the tiny model; ``data``: where the capture's settings sit (a switch config reads its difficulty data's)."""
-    args = ["--data.capture.model.name", str(tiny), "--data.capture.model.dtype", "float32", "--data.capture.task.name", "arithmetic",
-            "--data.capture.task.params", '{"n": 40, "seed": 5}', "--data.capture.task.grader", "graders.by_number_mod3", "--data.capture.generation.max_new_tokens", '{"fast": 5, "slow": 24}',
-            "--data.capture.generation.batch_size", "8", "--data.capture.generation.shard_size", "16", "--data.capture.features.hidden_states", "false",
-            "--data.cache_dir", str(root / "captures"), "--trainer.logger", "false", "--trainer.max_epochs", "2",
-            "--trainer.default_root_dir", str(root / "runs"), "--trainer.enable_progress_bar", "false"]
-    return [a.replace("--data.", data, 1) if a.startswith("--data.") else a for a in args]
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_models, tmp_path_factory):
-    """A difficulty probe, correctness probes on fast answers (KV and output scores: the verifier) and on slow ones
-    (KV), and a switch probe, fitted on the tiny Llama (grades faked per question id and mode; a tiny model's random
-    text never writes a result, so half of each slow answer counts as settled)."""
-    root = tmp_path_factory.mktemp("steer")
-    tiny = tiny_models["llama"]
-    main(["--config", "configs/difficulty.yaml", *common_args(tiny, root), "--data.extra_train", "null", "--export_dir", str(root / "difficulty")])
-    main(["--config", "configs/coe.yaml", *common_args(tiny, root), "--data.capture.prompt.mode", "fast",
-          "--model.init_args.output_inputs", "true", "--export_dir", str(root / "correctness_fast")])
-    main(["--config", "configs/coe.yaml", *common_args(tiny, root), "--data.capture.prompt.mode", "slow", "--export_dir", str(root / "correctness")])
-    main(["--config", "configs/switch.yaml", *common_args(tiny, root, "--data.difficulty."), "--data.settled_at", "graders.halfway",
-          "--model.min_tokens", "4", "--export_dir", str(root / "switch")])
-    return {"root": root, "model": tiny}
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from kvprobe.steering.config import GenerationConfig, SteeringSpec
 from kvprobe.steering.engine import DecodeEngine
 from kvprobe.steering.events import DoneEvent, EscalateEvent, Event, GenerationResult, RouteEvent, Sample, SwitchEvent, TextEvent
 from kvprobe.steering.generator import POLICIES, KVProbeGenerator
-from kvprobe.steering.policies import Confidence, Escalate, FixedMode, GivenModes, OutputScores, Router, Sampler, Switcher, cue_block
+from kvprobe.steering.policies import Confidence, Copies, Escalate, FixedMode, GivenModes, OutputScores, Router, Sampler, Switcher, cue_block
 from kvprobe.steering.state import DecodeState, Hook, Row, timed
 
 __all__ = ["KVProbeGenerator", "POLICIES", "SteeringSpec", "GenerationConfig", "GenerationResult", "Event", "RouteEvent",
            "TextEvent", "SwitchEvent", "EscalateEvent", "DoneEvent", "DecodeEngine", "DecodeState", "Row", "Hook", "timed", "FixedMode",
-           "GivenModes", "Router", "Switcher", "Confidence", "OutputScores", "Escalate", "Sampler", "Sample", "cue_block"]
+           "GivenModes", "Router", "Switcher", "Confidence", "OutputScores", "Escalate", "Sampler", "Copies", "Sample", "cue_block"]

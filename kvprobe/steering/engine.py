@@ -182,6 +182,7 @@ class DecodeEngine:
                 yield from self.refresh_text(r)
                 if t in self.eos or r.in_mode >= self.caps[r.mode] or any(s in r.text for s in stops):
                     r.done = True
+                    yield from self.refresh_text(r, final=True)
                     blocks.append([tok.pad_token_id]), fed.append(False)
                 else:
                     blocks.append([t]), fed.append(True)
@@ -195,18 +196,21 @@ class DecodeEngine:
         yield from self._call("on_finish", state)
         for r in rows:
             if r.done and not r.reported:
-                yield DoneEvent(r.index, r.result())
+                yield DoneEvent(r.index, r.result(), r.sample)
         for mode in MODES:  # rows a hook reopened: answered again from the cropped cache
             again = [j for j, r in enumerate(rows) if not r.done and r.mode == mode]
             if again:
                 yield from self.decode(self.reprompt(state, again, mode))
 
-    def refresh_text(self, row: Row) -> Iterator[TextEvent]:
-        """The row's text from its tokens; the new part as an event."""
-        text = self.lm.tokenizer.decode(row.out, skip_special_tokens=True)
-        if text != row.text:
-            yield TextEvent(row.index, text[len(row.text):], row.sample)
-            row.text = text
+    def refresh_text(self, row: Row, final: bool = False) -> Iterator[TextEvent]:
+        """The row's text from its tokens; the new part as an event. A character still being spelled out by byte
+        tokens decodes as U+FFFD until its last byte arrives: it is held back until then (or the answer's end), so
+        that the events add up to the final text."""
+        row.text = self.lm.tokenizer.decode(row.out, skip_special_tokens=True)
+        stable = row.text if final else row.text.rstrip("\ufffd")
+        if len(stable) > len(row.streamed) and stable.startswith(row.streamed):
+            yield TextEvent(row.index, stable[len(row.streamed):], row.sample)
+            row.streamed = stable
 
     def _call(self, name: str, *args) -> Iterator[Event]:
         for hook in self.hooks:

@@ -92,6 +92,7 @@ class EscalateEvent(Event):
 
 @dataclass
 class DoneEvent(Event):
-    """This prompt's answer is finished."""
+    """This prompt's answer is finished (``sample``: which of its copies, when ``Copies`` answers it several times)."""
 
     result: GenerationResult
+    sample: int | None = None

@@ -27,6 +27,10 @@ from kvprobe.steering.policies import Confidence, Escalate, FixedMode, GivenMode
 from kvprobe.steering.state import Hook
 from kvprobe.tasks import Item
 
+class ContextTooLong(ValueError):
+    """A prompt that, with its mode's token cap, runs past the model's positions."""
+
+
 STEERING_FIELDS = {f.name for f in dataclasses.fields(SteeringSpec)}
 LIVE_SOURCES = ("kv", "output")  # what a live correctness probe may read: the answer's KV and/or its output scores
 
@@ -148,22 +152,23 @@ class KVProbeGenerator:
 
     # --- generation ---------------------------------------------------------------------------------------------------
     def generate(self, prompts, policy: str | None = None, config: GenerationConfig | None = None, *,
-                 oracle_modes: list[str] | None = None, **kwargs) -> GenerationResult | list[GenerationResult]:
+                 oracle_modes: list[str] | None = None, hooks: list[Hook] | None = None, **kwargs) -> GenerationResult | list[GenerationResult]:
         """Answer under ``policy`` (``None``: the steering's, saved with the folder; ``route`` by default): one prompt (a string, an ``Item``, a chat) -> its ``GenerationResult``; a list of
         prompts -> a list of them. Decoding follows ``config`` and keyword overrides of its fields
         (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_strings``); keyword
         overrides of ``SteeringSpec`` fields (``samples``, ``select``, ``stop_at``, ``escalate_above``, ...) steer
-        this call only."""
+        this call only; ``hooks`` run after the policy's (``kvprobe.steering.state.Hook``)."""
         single = _is_single(prompts)
         results: dict[int, GenerationResult] = {}
-        for event in self.stream([prompts] if single else prompts, policy, config, oracle_modes=oracle_modes, **kwargs):
+        for event in self.stream([prompts] if single else prompts, policy, config, oracle_modes=oracle_modes,
+                                 hooks=hooks, **kwargs):
             if isinstance(event, DoneEvent):
                 results[event.row] = event.result
         out = [results[i] for i in range(len(results))]
         return out[0] if single else out
 
     def stream(self, prompts, policy: str | None = None, config: GenerationConfig | None = None, *,
-               oracle_modes: list[str] | None = None, **kwargs) -> Iterator[Event]:
+               oracle_modes: list[str] | None = None, hooks: list[Hook] | None = None, **kwargs) -> Iterator[Event]:
         """``generate``'s work as typed events (``kvprobe.steering.events``: route, text, switch, done), each naming
         its prompt (``row``), as they happen. The arguments are checked before the first event."""
         batch = [prompts] if _is_single(prompts) else prompts
@@ -177,7 +182,7 @@ class KVProbeGenerator:
         else:
             steering = self.steering
         policy = steering.policy if policy is None else policy
-        engine = self.engine(self.hooks(policy, len(batch), oracle_modes, steering), config, **kwargs)
+        engine = self.engine(self.hooks(policy, len(batch), oracle_modes, steering) + list(hooks or []), config, **kwargs)
         if policy == "sample" and not engine.config.do_sample:
             raise ValueError("policy 'sample' draws several answers: it needs do_sample=True (greedy ones would all be "
                              "the same)")
@@ -250,7 +255,7 @@ class KVProbeGenerator:
             for mode in modes:
                 n = len(self.prompt_ids(prompt, mode))
                 if limit and n + caps[mode] > limit:
-                    raise ValueError(f"prompt {i} is {n} tokens in {mode} mode; with max_new_tokens {caps[mode]} that is more "
+                    raise ContextTooLong(f"prompt {i} is {n} tokens in {mode} mode; with max_new_tokens {caps[mode]} that is more "
                                      f"than the model's {limit} positions: shorten it or lower max_new_tokens")
 
 

@@ -69,6 +69,18 @@ class GivenModes(Hook):
         return self.modes
 
 
+class Copies(Hook):
+    """Prompt i answered ``counts[i]`` times (OpenAI's ``n``) from one prefill: after the other hooks have routed the
+    prompts, each row is expanded into its copies (``DecodeState.expand``; copy ``j`` is ``Row.sample`` j, seeded
+    with the prompt's seed + j), and each copy finishes with its own ``DoneEvent``. Put it after the policy's hooks."""
+
+    def __init__(self, counts: list[int]):
+        self.counts = list(counts)
+
+    def on_prefill(self, engine, state: DecodeState) -> None:
+        state.expand([self.counts[r.index] for r in state.rows])
+
+
 class Router(Hook):
     """Scores the difficulty of each prompt from its ``route_on`` prompt's cached window; above ``threshold``: slow.
     With ``helps``, also P(slow right | fast wrong) per row (``Row.slow_helps``, a four-class probe's)."""

@@ -30,6 +30,7 @@ class Row:
     prompt_tokens: int = 0
     out: list[int] = field(default_factory=list)  # decoded and cue tokens, in order
     text: str = ""
+    streamed: str = ""  # the part of ``text`` already sent as events (``DecodeEngine.refresh_text``)
     tokens: dict[str, int] = field(default_factory=lambda: {m: 0 for m in MODES})
     in_mode: int = 0  # tokens decoded since the current mode began
     cue: int = 0
@@ -55,6 +56,7 @@ class Row:
         cache back to the prompt prefix both modes share and decodes anew. The answer so far is dropped; its
         decoded tokens stay counted."""
         self.mode, self.done, self.in_mode, self.out, self.text, self.forced = mode, False, 0, [], "", []
+        self.streamed = ""
         self.answer_mode, self.step_stats, self.confidence = "", [], None
 
     def result(self) -> GenerationResult:
@@ -79,12 +81,17 @@ class DecodeState:
     row_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # hooks' per-row state, batch-first
     picked: list[bool] = field(default_factory=list)  # at ``on_token``: rows that chose a token from ``logits``
 
-    def expand(self, copies: int) -> None:
-        """Each row ``copies`` times in place, the cache too (copy ``j`` of a row is its sample ``j``; only the first
-        counts the prompt's prefill): one prefill serves a prompt's samples."""
-        picked = self.select([i for i in range(len(self.rows)) for _ in range(copies)])  # rows repeated, cache included
-        self.rows = [dataclasses.replace(copy.deepcopy(r), sample=j % copies, prompt_tokens=r.prompt_tokens if j % copies == 0 else 0)
-                     for j, r in enumerate(picked.rows)]
+    def expand(self, copies: int | list[int]) -> None:
+        """Each row ``copies`` times in place (or row i ``copies[i]`` times), the cache too: copy ``j`` of a row is
+        its sample ``j`` (a row kept once stays sample None); only the first counts the prompt's prefill. One
+        prefill serves a prompt's samples."""
+        counts = [copies] * len(self.rows) if isinstance(copies, int) else list(copies)
+        picked = self.select([i for i, c in enumerate(counts) for _ in range(c)])  # rows repeated, cache included
+        js = [j for c in counts for j in range(c)]
+        many = [c > 1 or isinstance(copies, int) for c in counts for _ in range(c)]
+        self.rows = [dataclasses.replace(copy.deepcopy(r), sample=j if m else r.sample,
+                                         prompt_tokens=r.prompt_tokens if j == 0 else 0)
+                     for r, j, m in zip(picked.rows, js, many)]
         self.mask, self.logits, self.row_tensors = picked.mask, picked.logits, picked.row_tensors
 
     def select(self, keep: list[int]) -> "DecodeState":

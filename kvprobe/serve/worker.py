@@ -1,0 +1,174 @@
+"""The one thread that owns the model: it takes requests (``Job``) from a bounded queue, batches those that arrive
+within ``batch_wait_ms`` of each other and share a configuration, decodes each batch with
+``KVProbeGenerator.stream`` and hands every event to its request's asyncio queue.
+
+Batching is static: a batch decodes to its end before the next one starts (a request that arrives meanwhile
+waits for it). Within a batch, each request keeps its own seed (``GenerationConfig.seed`` per prompt), its ``n``
+copies come from one prefill (``Copies``), and a request whose client went away stops decoding within two steps
+(``Cancel``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kvprobe.steering import Copies, Hook, KVProbeGenerator
+
+log = logging.getLogger("kvprobe.serve")
+END = object()  # the last item of a job's queue
+
+
+class Overloaded(Exception):
+    """The waiting queue is full."""
+
+
+@dataclass
+class Job:
+    """One request: its prompt (a question or a chat), ``n`` answers, and how to decode and steer them."""
+
+    prompt: Any
+    n: int
+    policy: str
+    config: dict[str, Any]  # GenerationConfig fields (seed apart)
+    steering: dict[str, Any]  # SteeringSpec overrides
+    seed: int | None
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def key(self) -> str:
+        """Requests with the same key decode as one batch."""
+        return json.dumps([self.policy, self.config, self.steering], sort_keys=True, default=str)
+
+    def emit(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class Cancel(Hook):
+    """Rows of requests whose client went away finish at the next step (their padding is masked from then on)."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+
+    def on_token(self, engine, state, blocks) -> None:
+        for r in state.rows:
+            if self.jobs[r.index].cancelled:
+                r.done = True
+
+    def on_finish(self, engine, state) -> None:
+        for r in state.rows:  # after Escalate and Sampler: a cancelled row is never answered again
+            if self.jobs[r.index].cancelled:
+                r.done = r.reported = True
+
+
+class Worker(threading.Thread):
+    """Loads the generator (``load``), then serves jobs until ``stop``."""
+
+    def __init__(self, load: Callable[[], KVProbeGenerator], max_batch_size: int = 8, batch_wait_ms: float = 10.0,
+                 max_waiting: int = 64, on_batch: Callable[[int], None] | None = None):
+        super().__init__(name="kvprobe-engine", daemon=True)
+        self.load, self.max_batch_size, self.batch_wait = load, max_batch_size, batch_wait_ms / 1000
+        self.max_waiting, self.on_batch = max_waiting, on_batch
+        self.gen: KVProbeGenerator | None = None
+        self.error: BaseException | None = None  # why loading failed
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []
+        self.cond = threading.Condition()
+        self.stopping = False
+
+    @property
+    def ready(self) -> bool:
+        return self.gen is not None and self.is_alive()
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if len(self.waiting) >= self.max_waiting:
+                raise Overloaded
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+
+    def run(self) -> None:
+        try:
+            self.gen = self.load()
+        except BaseException as err:  # reported by /health and every request
+            self.error = err
+            log.exception("loading the generator failed")
+            return
+        log.info("generator loaded: %s", self.gen.path)
+        while True:
+            batch = self.next_batch()
+            if batch is None:
+                return
+            self.running = batch
+            try:
+                self.decode(batch)
+            finally:
+                self.running = []
+
+    def next_batch(self) -> list[Job] | None:
+        """The oldest waiting job and those of the same key that arrive within ``batch_wait`` (at most
+        ``max_batch_size`` rows, counting each job's ``n``)."""
+        with self.cond:
+            while not self.waiting and not self.stopping:
+                self.cond.wait()
+            if self.stopping and not self.waiting:
+                return None
+            first = self.waiting.popleft()
+            batch, rows, key = [first], first.n, first.key()
+            deadline = time.perf_counter() + self.batch_wait
+            while rows < self.max_batch_size:
+                take = next((j for j in self.waiting if j.key() == key and rows + j.n <= self.max_batch_size), None)
+                if take is not None:
+                    self.waiting.remove(take)
+                    batch.append(take)
+                    rows += take.n
+                    continue
+                left = deadline - time.perf_counter()
+                if left <= 0 or self.stopping:
+                    break
+                self.cond.wait(left)
+            return [j for j in batch if not j.cancelled]
+
+    def check(self, job: Job) -> None:
+        """The generator's own checks for this request alone (prompt, context, policy), before it joins a batch."""
+        self.gen.stream([job.prompt], job.policy, **job.config, **job.steering,
+                        seed=job.seed if job.config.get("do_sample") else None)
+
+    def decode(self, batch: list[Job]) -> None:
+        good = []
+        for job in batch:
+            try:
+                self.check(job)
+                good.append(job)
+            except ValueError as err:
+                job.emit(err)
+        if not good:
+            return
+        if self.on_batch is not None:
+            self.on_batch(sum(j.n for j in good))
+        first = good[0]
+        seeds = [j.seed for j in good] if first.config.get("do_sample") else None
+        hooks = ([Copies([j.n for j in good])] if any(j.n > 1 for j in good) else []) + [Cancel(good)]
+        try:
+            for event in self.gen.stream([j.prompt for j in good], first.policy, **first.config, **first.steering,
+                                         seed=seeds, hooks=hooks):
+                good[event.row].emit(event)
+        except Exception as err:  # a failure of the batch fails its requests, not the server
+            log.exception("a batch of %d requests failed", len(good))
+            for job in good:
+                job.emit(err)
+        for job in good:
+            job.emit(END)
