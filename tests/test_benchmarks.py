@@ -80,3 +80,23 @@ def test_sampling_throughput_reduced(tiny_models, tmp_path):
     arms = figures["arms"]
     assert arms["kvprobe_sample"]["tokens"] == arms["hf_num_return_sequences"]["tokens"] == 2 * 3 * 4  # random text: no eos
     assert arms["kvprobe_greedy_loop"]["tokens"] == arms["hf_greedy"]["tokens"] and figures["sampling_over_hf"] > 0
+
+
+def test_serve_load_reduced(trained, tmp_path):
+    """The load run against a real `kvprobe serve` process on a tiny generator (transformers serve left out)."""
+    from kvprobe.models import ModelSpec, load_model
+    from kvprobe.steering import KVProbeGenerator
+
+    root = trained["root"]
+    lm = load_model(ModelSpec(name=str(trained["model"])))
+    folder = KVProbeGenerator.from_probes(lm, root / "difficulty", [root / "correctness"]).save_pretrained(tmp_path / "gen")
+    out = tmp_path / "serve_load.json"
+    figures = load("serve_load").main(["--generator", str(folder), "--requests", "3", "--concurrency", "1", "2",
+                                       "--max-tokens", "6", "--max-batch-size", "2", "--max-waiting", "2",
+                                       "--long-tokens", "12", "--no-transformers", "--deadline", "300", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(figures))
+    assert figures["lost"] == 0 and figures["failed"] == 0 and figures["overload_5xx"] == 0
+    assert figures["greedy_text_equal_in_process_c1"]  # the served greedy answers are the in-process ones
+    over = figures["overload"]
+    assert over["requests"] == 8 and over["ok"] + over["rejected_429"] == 8 and over["rejected_429"] >= 1
+    assert [r["requests"] for r in figures["levels"]] == [3, 3] and figures["throughput_c8_over_c1"] > 0

@@ -1,0 +1,246 @@
+"""kvprobe serve under load, against the same prompts in process and through `transformers serve`.
+
+    python benchmarks/serve_load.py                          # SmolLM2's shipped generator, ~10 min on 2 cores
+    python benchmarks/serve_load.py --generator FOLDER --requests 2 --concurrency 1 2 --no-transformers   # reduced
+
+Everything runs against 127.0.0.1 only, with a fixed number of requests per level and a global deadline. One
+server process (`kvprobe serve`, greedy, the chosen policy) answers `--requests` streamed chat requests at each
+concurrency; then the same prompts run one by one through `KVProbeGenerator.generate` in this process, and through
+`transformers serve` on the same base model folder at the same concurrencies (its answers are unsteered: the plain
+chat, no mode instruction, so their lengths differ: compare tokens/s). Then an overload pass sends twice the
+server's capacity (batch + queue) at once: no 5xx, and how soon the first 429 comes back. Then a short request is
+timed alone and behind a long one.
+
+Figures: `lost` (no answer at all), `failed` (an error status outside the overload pass), completion tokens/s per
+level, p50/p95 time to first token and end to end, `throughput_c8_over_c1`, `overhead_c1_over_in_process` (server
+wall at concurrency 1 / in-process wall), `steering_share` (probe seconds / wall, in process),
+`over_transformers_serve` (kvprobe tokens/s / transformers serve tokens/s at concurrency 8, or the highest level
+run), `overload_5xx`, `overload_first_429_s`, `short_behind_long_over_alone`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+from common import emit
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"What is {rng.randint(2, 99)} {rng.choice('+-*')} {rng.randint(2, 99)}?" for _ in range(n)]
+
+
+@contextlib.contextmanager
+def process(args: list[str], url: str, deadline: float, env: dict | None = None):
+    """A server process, ready once GET /health says 200 (or /v1/models, for servers without /health)."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{args[0:3]} exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.25)
+        else:
+            raise TimeoutError(f"{args[0:3]} was not ready before the deadline")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    """One streamed chat request: status, time to first text, end to end, completion tokens."""
+    t0 = time.perf_counter()
+    out = {"status": None, "ttft": None, "e2e": None, "tokens": 0, "text": ""}
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body | {
+                "stream": True, "stream_options": {"include_usage": True}}) as r:
+            out["status"] = r.status_code
+            if r.status_code != 200:
+                await r.aread()
+                return out
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    out["tokens"] = chunk["usage"]["completion_tokens"]
+                for c in chunk.get("choices") or []:
+                    piece = (c.get("delta") or {}).get("content")
+                    if piece:
+                        out["ttft"] = out["ttft"] or time.perf_counter() - t0
+                        out["text"] += piece
+    except httpx.HTTPError as err:
+        out["error"] = repr(err)
+    out["e2e"] = time.perf_counter() - t0
+    return out
+
+
+async def level(url: str, model: str, questions: list[str], concurrency: int, max_tokens: int, extra: dict) -> dict:
+    """Every question once, ``concurrency`` at a time."""
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        async def ask(q):
+            async with gate:
+                return await one(client, url, {"model": model, "messages": [{"role": "user", "content": q}],
+                                               "max_tokens": max_tokens, "temperature": 0} | extra)
+
+        t0 = time.perf_counter()
+        runs = await asyncio.gather(*[ask(q) for q in questions])
+        wall = time.perf_counter() - t0
+    ok = [r for r in runs if r["status"] == 200]
+    ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None) or [float("nan")]
+    e2e = sorted(r["e2e"] for r in ok) or [float("nan")]
+    pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+    return {"concurrency": concurrency, "requests": len(runs), "lost": sum(r["status"] is None for r in runs),
+            "failed": sum(r["status"] not in (None, 200) for r in runs), "wall_s": round(wall, 3),
+            "completion_tokens": sum(r["tokens"] for r in ok), "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 3),
+            "p50_ttft_s": round(pct(ttft, 0.5), 4), "p95_ttft_s": round(pct(ttft, 0.95), 4),
+            "p50_e2e_s": round(pct(e2e, 0.5), 4), "p95_e2e_s": round(pct(e2e, 0.95), 4), "texts": [r["text"] for r in runs]}
+
+
+async def overload(url: str, model: str, count: int, max_tokens: int) -> dict:
+    """``count`` requests at once (non-streamed): statuses, and when the first 429 came back."""
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=count + 4)) as client:
+        t0 = time.perf_counter()
+
+        async def ask(i):
+            try:
+                r = await client.post(url + "/v1/chat/completions", json={
+                    "model": model, "messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "max_tokens": max_tokens})
+                return r.status_code, time.perf_counter() - t0
+            except httpx.HTTPError:
+                return None, time.perf_counter() - t0
+
+        runs = await asyncio.gather(*[ask(i) for i in range(count)])
+    first_429 = min((t for s, t in runs if s == 429), default=None)
+    return {"requests": count, "ok": sum(s == 200 for s, _ in runs), "rejected_429": sum(s == 429 for s, _ in runs),
+            "5xx": sum(s is not None and s >= 500 for s, _ in runs), "lost": sum(s is None for s, _ in runs),
+            "first_429_s": None if first_429 is None else round(first_429, 4)}
+
+
+async def short_behind_long(url: str, model: str, long_tokens: int) -> dict:
+    async with httpx.AsyncClient(timeout=600) as client:
+        short = {"model": model + ":fast", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 8}
+        alone = (await one(client, url, short))["e2e"]
+        long = asyncio.create_task(one(client, url, {"model": model + ":slow", "max_tokens": long_tokens, "messages": [
+            {"role": "user", "content": "Explain step by step how to compute 37 * 43 - 19."}]}))
+        await asyncio.sleep(0.3)
+        behind = (await one(client, url, short))["e2e"]
+        await long
+    return {"short_alone_s": round(alone, 3), "short_behind_long_s": round(behind, 3),
+            "short_behind_long_over_alone": round(behind / alone, 3)}
+
+
+def in_process(generator: str, questions: list[str], policy: str, max_tokens: int) -> dict:
+    from kvprobe.steering import KVProbeGenerator
+
+    gen = KVProbeGenerator.from_pretrained(generator)
+    gen.generate(questions[0], policy, max_new_tokens=max_tokens)  # warm-up, as the server's first request
+    t0 = time.perf_counter()
+    results = [gen.generate([{"role": "user", "content": q}], policy, max_new_tokens=max_tokens) for q in questions]
+    wall = time.perf_counter() - t0
+    return {"wall_s": round(wall, 3), "texts": [r.text for r in results], "source": gen.lm.source, "dtype": gen.lm.spec.dtype,
+            "steering_share": round(sum(r.probe_seconds for r in results) / sum(r.seconds for r in results), 5),
+            "completion_tokens": sum(len(r.token_ids) for r in results)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--generator", default="smollm2", help="a generator folder or alias")
+    p.add_argument("--policy", default="route")
+    p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-waiting", type=int, default=16)
+    p.add_argument("--long-tokens", type=int, default=192, help="the long request of the short-behind-long check")
+    p.add_argument("--deadline", type=float, default=1800, help="seconds for the whole run")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers serve comparison")
+    p.add_argument("--out", default="benchmarks/results/serve_load.json")
+    a = p.parse_args(argv)
+    deadline = time.time() + a.deadline
+    questions = prompts(a.requests)
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    warm = {"model": None, "messages": [{"role": "user", "content": "What is 1 + 1?"}], "max_tokens": 4}
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    name = a.generator if "/" not in a.generator else os.path.basename(os.path.normpath(a.generator))
+    cmd = [sys.executable, "-m", "kvprobe", "serve", a.generator, "--port", str(port), "--policy", a.policy,
+           "--max-batch-size", str(a.max_batch_size), "--max-waiting", str(a.max_waiting), "--batch-wait-ms", "10",
+           "--log-level", "warning"]
+    with process(cmd, url, deadline, env):
+        httpx.post(url + "/v1/chat/completions", json=warm | {"model": name}, timeout=600)
+        levels = [asyncio.run(level(url, name, questions, c, a.max_tokens, {})) for c in a.concurrency]
+        over = asyncio.run(overload(url, name, 2 * (a.max_batch_size + a.max_waiting), a.max_tokens))
+        cut = asyncio.run(short_behind_long(url, name, a.long_tokens))
+        metrics = httpx.get(url + "/metrics").text
+    probe_s = next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("kvprobe_probe_seconds_total ")), 0.0)
+    local = in_process(a.generator, questions, a.policy, a.max_tokens)
+
+    theirs = []
+    if not a.no_transformers:
+        tport = free_port()
+        turl = f"http://127.0.0.1:{tport}"
+        tcmd = ["transformers", "serve", local["source"], "--host", "127.0.0.1", "--port", str(tport), "--device", "cpu",
+                "--dtype", local["dtype"], "--log-level", "warning"]
+        with process(tcmd, turl, deadline, env):
+            httpx.post(turl + "/v1/chat/completions", json=warm | {"model": local["source"]}, timeout=600)
+            theirs = [asyncio.run(level(turl, local["source"], questions, c, a.max_tokens, {})) for c in a.concurrency]
+
+    by_c = {r["concurrency"]: r for r in levels}
+    top = 8 if 8 in by_c else max(by_c)
+    c1 = by_c.get(1)
+    same_text = c1 is not None and c1["texts"] == local["texts"]
+    figures = {
+        "benchmark": "serve_load", "generator": a.generator, "policy": a.policy, "requests_per_level": a.requests,
+        "max_tokens": a.max_tokens, "max_batch_size": a.max_batch_size, "max_waiting": a.max_waiting,
+        "lost": sum(r["lost"] for r in levels), "failed": sum(r["failed"] for r in levels),
+        "throughput_c8_over_c1": round(by_c[top]["tokens_per_s"] / c1["tokens_per_s"], 3) if c1 else None,
+        "throughput_level": top,
+        "overhead_c1_over_in_process": round(c1["wall_s"] / local["wall_s"], 4) if c1 else None,
+        "greedy_text_equal_in_process_c1": same_text,
+        "steering_share": local["steering_share"],
+        "server_probe_seconds_over_c1_wall": round(probe_s / sum(r["wall_s"] for r in levels), 5),
+        "p95_ttft_s": {r["concurrency"]: r["p95_ttft_s"] for r in levels},
+        "p95_e2e_s": {r["concurrency"]: r["p95_e2e_s"] for r in levels},
+        "over_transformers_serve": None, "transformers_serve": None,
+        "overload_5xx": over["5xx"], "overload_first_429_s": over["first_429_s"], "overload": over,
+        **cut,
+        "levels": [{k: v for k, v in r.items() if k != "texts"} for r in levels],
+    }
+    if theirs:
+        t_by_c = {r["concurrency"]: r for r in theirs}
+        figures["over_transformers_serve"] = round(by_c[top]["tokens_per_s"] / t_by_c[top]["tokens_per_s"], 3)
+        figures["over_transformers_serve_by_level"] = {c: round(by_c[c]["tokens_per_s"] / t_by_c[c]["tokens_per_s"], 3) for c in by_c}
+        figures["transformers_serve"] = [{k: v for k, v in r.items() if k != "texts"} for r in theirs]
+    return emit(figures, a.out)
+
+
+if __name__ == "__main__":
+    main()
