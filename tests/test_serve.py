@@ -35,11 +35,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(load, **settings):
+def serving(load, path="tiny", **settings):
     """A real uvicorn server in a thread; yields its base URL once /health says 200."""
     import uvicorn
 
-    app = create_app(ServeSettings(path="tiny", **settings), load=load)
+    app = create_app(ServeSettings(path=path, **settings), load=load)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

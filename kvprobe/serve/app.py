@@ -183,8 +183,7 @@ class Server:
         if options and options.budget is not None:
             steering["threshold"] = self.budget_threshold(options.budget)
         try:
-            dataclasses.replace(self.gen.steering, **steering)
-            self.gen._check_thresholds(dataclasses.replace(self.gen.steering, **steering))
+            self.gen.check_thresholds(dataclasses.replace(self.gen.steering, **steering))
         except ValueError as err:
             raise APIError(400, str(err), param="kvprobe") from None
         seed = req.seed if req.seed is not None else random.randrange(1 << 31)

@@ -68,14 +68,14 @@ class KVProbeGenerator:
         self.max_new_tokens = dict(main.generation.max_new_tokens)
         self.route_on = main.route_on
         self.window_layers = main.features.layer_ids(lm.shape.layers)
-        self._check_thresholds(self.steering)
+        self.check_thresholds(self.steering)
         self.switch_window = switch.card.window if switch is not None else 0
         for probe in (difficulty, switch, *correctness):  # probes read the cache where the model's inputs live
             if probe is not None:
                 probe.to(lm.input_device)
         self._live_switch = switch.live(self.switch_window).to(lm.input_device) if switch is not None else None
 
-    def _check_thresholds(self, spec: SteeringSpec) -> None:
+    def check_thresholds(self, spec: SteeringSpec) -> None:
         """Threshold names must be among the difficulty probe's calibrated ones (checked at construction and per call)."""
         for name in ("threshold", "verify_route_threshold"):
             threshold = getattr(spec, name)
@@ -178,7 +178,7 @@ class KVProbeGenerator:
         steering = {k: kwargs.pop(k) for k in list(kwargs) if k in STEERING_FIELDS}
         if steering:  # the same checks as the constructor's, before any model work
             steering = dataclasses.replace(self.steering, **steering)
-            self._check_thresholds(steering)
+            self.check_thresholds(steering)
         else:
             steering = self.steering
         policy = steering.policy if policy is None else policy
