@@ -8,8 +8,9 @@ server process (`kvprobe serve`, greedy, the chosen policy) answers `--requests`
 concurrency; then the same prompts run one by one through `KVProbeGenerator.generate` in this process, and through
 `transformers serve` on the same base model folder at the same concurrencies (its answers are unsteered: the plain
 chat, no mode instruction, so their lengths differ: compare tokens/s). Then an overload pass sends twice the
-server's capacity (batch + queue) at once: no 5xx, and how soon the first 429 comes back. Then a short request is
-timed alone and behind a long one.
+server's capacity (batch + queue) at once: no 5xx, and how soon the first 429 comes back. Then a short request
+(8 tokens) is timed alone and sent 0.3 s after a long one (same policy, `--long-tokens`): with continuous
+batching it joins the long one's batch.
 
 Figures: `lost` (no answer at all), `failed` (an error status outside the overload pass), completion tokens/s per
 level, p50/p95 time to first token and end to end, `throughput_c8_over_c1`, `overhead_c1_over_in_process` (server
@@ -145,7 +146,7 @@ async def overload(url: str, model: str, count: int, max_tokens: int) -> dict:
 
 async def short_behind_long(url: str, model: str, long_tokens: int) -> dict:
     async with httpx.AsyncClient(timeout=600) as client:
-        short = {"model": model + ":fast", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 8}
+        short = {"model": model + ":slow", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 8}
         alone = (await one(client, url, short))["e2e"]
         long = asyncio.create_task(one(client, url, {"model": model + ":slow", "max_tokens": long_tokens, "messages": [
             {"role": "user", "content": "Explain step by step how to compute 37 * 43 - 19."}]}))

@@ -656,3 +656,30 @@ def test_an_empty_prompt_is_refused(gen):
 def test_a_prompt_with_a_lone_surrogate_is_named(gen):
     with pytest.raises(ValueError, match="lone surrogate at character 5"):
         gen.generate("What \ud800 is 2?", policy="fast", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("policy", ["fast", "slow", "route", "route+switch", "verify", "route+verify"])
+def test_an_open_batch_admits_prompts_mid_decode_and_answers_each_as_alone(gen, policy):
+    """Continuous batching (``stream(admit=...)``): prompts that join a running batch at later steps, their caches
+    merged in, get the answers, modes, token counts and confidences they get alone; each finishes on its own."""
+    arrivals = {2: [QUESTIONS[1]], 5: [QUESTIONS[2], QUESTIONS[0]]}
+    calls = []
+
+    def admit():
+        calls.append(1)
+        return arrivals.get(len(calls), [])
+
+    order = [QUESTIONS[0], QUESTIONS[1], QUESTIONS[2], QUESTIONS[0]]
+    done, finished_at = {}, {}
+    for event in gen.stream([order[0]], policy, max_new_tokens={"fast": 8, "slow": 24}, admit=admit):
+        if isinstance(event, DoneEvent):
+            done[event.row] = event.result
+            finished_at[event.row] = len(calls)
+    assert sorted(done) == [0, 1, 2, 3]
+    for row, q in enumerate(order):
+        alone = gen.generate(q, policy, max_new_tokens={"fast": 8, "slow": 24})
+        got = done[row]
+        assert (got.text, got.mode, got.final_mode, got.tokens, got.escalated, got.switched_at) == (
+            alone.text, alone.mode, alone.final_mode, alone.tokens, alone.escalated, alone.switched_at), (row, policy)
+        assert got.confidence == pytest.approx(alone.confidence, abs=1e-5)
+    assert min(finished_at.values()) < max(finished_at.values())  # rows end on their own, not with the batch

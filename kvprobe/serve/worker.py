@@ -2,10 +2,11 @@
 within ``batch_wait_ms`` of each other and share a configuration, decodes each batch with
 ``KVProbeGenerator.stream`` and hands every event to its request's asyncio queue.
 
-Batching is static: a batch decodes to its end before the next one starts (a request that arrives meanwhile
-waits for it). Within a batch, each request keeps its own seed (``GenerationConfig.seed`` per prompt), its ``n``
-copies come from one prefill (``Copies``), and a request whose client went away stops decoding within two steps
-(``Cancel``).
+Batching is continuous: a batch stays open while it decodes, and a request with the same configuration that
+arrives meanwhile joins it at the next step (``KVProbeGenerator.stream(admit=...)``); each request ends when its
+own rows do. (``sample`` batches are closed: a prompt's samples finish together.) Within a batch, each request
+keeps its own seed (``GenerationConfig.seed`` per prompt), its ``n`` copies come from one prefill (``Copies``), and
+a request whose client went away stops decoding within two steps (``Cancel``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kvprobe.steering import Copies, Hook, KVProbeGenerator
+from kvprobe.steering import Copies, DoneEvent, GenerationConfig, Hook, KVProbeGenerator
 
 log = logging.getLogger("kvprobe.serve")
 END = object()  # the last item of a job's queue
@@ -45,8 +46,9 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
 
     def key(self) -> str:
-        """Requests with the same key decode as one batch."""
-        return json.dumps([self.policy, self.config, self.steering], sort_keys=True, default=str)
+        """Requests with the same key may decode in one batch (their token caps may differ: ``RowCaps``)."""
+        config = {k: v for k, v in self.config.items() if k != "max_new_tokens"}
+        return json.dumps([self.policy, config, self.steering], sort_keys=True, default=str)
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -69,6 +71,18 @@ class Cancel(Hook):
                 r.done = r.reported = True
 
 
+class RowCaps(Hook):
+    """Each request's own token caps, in a batch whose caps are the largest of its requests'."""
+
+    def __init__(self, jobs: list[Job], caps: dict[int, dict[str, int]]):
+        self.jobs, self.caps = jobs, caps  # caps: id(job) -> {mode: cap}
+
+    def on_token(self, engine, state, blocks) -> None:
+        for r in state.rows:
+            if not r.done and r.in_mode >= self.caps[id(self.jobs[r.index])][r.mode]:
+                r.done = True
+
+
 class Worker(threading.Thread):
     """Loads the generator (``load``), then serves jobs until ``stop``."""
 
@@ -80,7 +94,7 @@ class Worker(threading.Thread):
         self.gen: KVProbeGenerator | None = None
         self.error: BaseException | None = None  # why loading failed
         self.waiting: collections.deque[Job] = collections.deque()
-        self.running: list[Job] = []
+        self.running: dict[int, int] = {}  # requests decoding now: id -> rows not finished yet
         self.cond = threading.Condition()
         self.stopping = False
 
@@ -112,11 +126,10 @@ class Worker(threading.Thread):
             batch = self.next_batch()
             if batch is None:
                 return
-            self.running = batch
             try:
                 self.decode(batch)
             finally:
-                self.running = []
+                self.running = {}
 
     def next_batch(self) -> list[Job] | None:
         """The oldest waiting job and those of the same key that arrive within ``batch_wait`` (at most
@@ -147,7 +160,26 @@ class Worker(threading.Thread):
         self.gen.stream([job.prompt], job.policy, **job.config, **job.steering,
                         seed=job.seed if job.config.get("do_sample") else None)
 
+    def caps(self, job: Job) -> dict[str, int]:
+        """The job's token cap per mode (its ``max_tokens``, else the generator's)."""
+        return GenerationConfig(max_new_tokens=job.config.get("max_new_tokens")).caps(self.gen.max_new_tokens)
+
+    def admissible(self, key: str, room: int, caps: dict[str, int]) -> list[Job]:
+        """Waiting jobs with ``key`` that fit in ``room`` rows and within the batch's ``caps``, oldest first, taken
+        off the queue."""
+        with self.cond:
+            taken = []
+            for job in list(self.waiting):
+                fits = all(c <= caps[m] for m, c in self.caps(job).items())
+                if job.key() == key and job.n <= room and fits and not job.cancelled:
+                    self.waiting.remove(job)
+                    taken.append(job)
+                    room -= job.n
+            return taken
+
     def decode(self, batch: list[Job]) -> None:
+        """Decode a batch; unless its policy is ``sample``, the batch stays open: jobs with its key that arrive
+        while it decodes join it at the next step, as long as it has room (continuous batching)."""
         good = []
         for job in batch:
             try:
@@ -160,15 +192,47 @@ class Worker(threading.Thread):
         if self.on_batch is not None:
             self.on_batch(sum(j.n for j in good))
         first = good[0]
-        seeds = [j.seed for j in good] if first.config.get("do_sample") else None
-        hooks = ([Copies([j.n for j in good])] if any(j.n > 1 for j in good) else []) + [Cancel(good)]
+        key, jobs, left = first.key(), list(good), {id(j): j.n for j in good}
+        seeds = [j.seed for j in jobs] if first.config.get("do_sample") else None
+        caps = {id(j): self.caps(j) for j in jobs}
+        batch_caps = {m: max(c[m] for c in caps.values()) for m in caps[id(first)]}
+        config = first.config | {"max_new_tokens": batch_caps}
+        hooks = [Copies([j.n for j in jobs]), RowCaps(jobs, caps), Cancel(jobs)]
+        self.running = left
+
+        def admit() -> list:
+            room = self.max_batch_size - sum(left.values())
+            joined = []
+            for job in self.admissible(key, room, batch_caps) if room > 0 else []:
+                try:
+                    self.check(job)
+                except ValueError as err:
+                    job.emit(err)
+                    continue
+                jobs.append(job)
+                caps[id(job)] = self.caps(job)
+                hooks[0].counts.append(job.n)
+                left[id(job)] = job.n
+                if seeds is not None:
+                    seeds.append(job.seed)
+                joined.append(job.prompt)
+            return joined
+
+        open_batch = first.policy != "sample"
         try:
-            for event in self.gen.stream([j.prompt for j in good], first.policy, **first.config, **first.steering,
-                                         seed=seeds, hooks=hooks):
-                good[event.row].emit(event)
+            for event in self.gen.stream([j.prompt for j in good], first.policy, **config, **first.steering,
+                                         seed=seeds, hooks=hooks, admit=admit if open_batch else None):
+                job = jobs[event.row]
+                job.emit(event)
+                if isinstance(event, DoneEvent):
+                    left[id(job)] -= 1
+                    if not left[id(job)]:
+                        del left[id(job)]
+                        job.emit(END)
         except Exception as err:  # a failure of the batch fails its requests, not the server
-            log.exception("a batch of %d requests failed", len(good))
-            for job in good:
+            log.exception("a batch of %d requests failed", len(jobs))
+            for job in jobs:
                 job.emit(err)
-        for job in good:
-            job.emit(END)
+        for job in jobs:
+            if id(job) in left:  # cancelled, or failed: its queue still needs an end
+                job.emit(END)

@@ -74,6 +74,137 @@ class DecodeEngine:
                 for group in self.regroup(state):
                     yield from self.decode(group)
 
+    def run_open(self, prompts: list, admit: Callable[[], list]) -> Iterator[Event]:
+        """``run`` for a server (continuous batching): between two steps, the prompts ``admit()`` returns join the
+        running batch (prefilled, routed, their cache merged in, ``merge``), and each row finishes on its own: its
+        hooks' ``on_finish``, its ``DoneEvent`` and the release of its row come when it ends, not when the batch
+        does. Every row decodes in one state whatever its mode. Prompts are numbered in arrival order (an admitted
+        prompt's ``row`` continues the count); ``admit`` may extend ``config.seed`` (a list) for them. Not for hooks
+        that finish a prompt's rows together (``Sampler``)."""
+        self.prompts = []
+        self.samplers = {}
+        live, waiting = None, list(prompts)
+        with torch.inference_mode():
+            while True:
+                if waiting:
+                    first = len(self.prompts)
+                    self.prompts += waiting
+                    states = yield from self._enter(list(range(first, len(self.prompts))))
+                    waiting = []
+                    for state in states:
+                        live = state if live is None else self.merge(live, state)
+                if live is None:
+                    return
+                yield from self._step(live)
+                done = [j for j, r in enumerate(live.rows) if r.done]
+                if done:
+                    finished = self.take(live, done)
+                    rest = [j for j, r in enumerate(live.rows) if not r.done]
+                    live = live.select(rest) if rest else None
+                    for state in (yield from self._finish(finished)):
+                        live = state if live is None else self.merge(live, state)
+                waiting = list(admit() or [])
+
+    def _enter(self, indices: list[int]):
+        """Prefill prompts ``indices`` in their start modes and route them: the states they decode in (a
+        generator: yields the hooks' events, returns the states)."""
+        t0 = time.perf_counter()
+        prompts = [self.prompts[i] for i in indices]
+        modes = next((m for h in self.hooks if (m := h.start_modes(prompts)) is not None), None)
+        states = []
+        for mode in MODES:
+            rows = [Row(i, self.prompt_ids(self.prompts[i], mode), mode, t0) for i, m in zip(indices, modes) if m == mode]
+            if rows:
+                state = self.prefill(rows, mode)
+                yield from self._call("on_prefill", state)
+                states += self.regroup(state)
+        for state in states:
+            self._begin(state)
+        return states
+
+    def _begin(self, state: DecodeState) -> None:
+        for r in state.rows:
+            r.start_mode = r.start_mode or r.mode
+            r.answer_mode = r.answer_mode or r.mode
+
+    def _finish(self, state: DecodeState):
+        """The hooks' ``on_finish`` for rows that have ended, their ``DoneEvent``s; rows a hook reopened come back
+        re-prompted (a generator: yields events, returns their states)."""
+        yield from self._call("on_finish", state)
+        for r in state.rows:
+            if r.done and not r.reported:
+                yield DoneEvent(r.index, r.result(), r.sample)
+        again = []
+        for mode in MODES:
+            where = [j for j, r in enumerate(state.rows) if not r.done and r.mode == mode]
+            if where:
+                again.append(self.reprompt(state, where, mode))
+                self._begin(again[-1])
+        return again
+
+    def take(self, state: DecodeState, where: list[int]) -> DecodeState:
+        """A copy of rows ``where`` of ``state`` (cache included); ``state`` is left as it was."""
+        index = torch.tensor(where)
+        cache = self.new_cache()
+        for layer, (k, v) in enumerate(layer_kv(state.cache)):
+            i = index.to(k.device)
+            cache.update(k[i].clone(), v[i].clone(), layer)
+        return DecodeState([state.rows[j] for j in where], state.prompt_mode, cache, state.mask[index], state.logits[index],
+                           [state.answer_from[j] for j in where],
+                           {k: v[index.to(v.device)].clone() for k, v in state.row_tensors.items()})
+
+    def merge(self, a: DecodeState, b: DecodeState) -> DecodeState:
+        """One state holding the rows of ``a`` then ``b``: the narrower cache is left-padded (masked) to the wider
+        one's width, so every row keeps its positions and its answer's columns (``answer_from`` shifts with it)."""
+        wa, wb = a.mask.shape[1], b.mask.shape[1]
+        width = max(wa, wb)
+        cache = self.new_cache()
+        for layer, ((ka, va), (kb, vb)) in enumerate(zip(layer_kv(a.cache), layer_kv(b.cache))):
+            k = torch.cat([_left_pad(ka, width), _left_pad(kb.to(ka.device), width)], 0)
+            v = torch.cat([_left_pad(va, width), _left_pad(vb.to(va.device), width)], 0)
+            cache.update(k, v, layer)
+        mask = torch.cat([_left_pad(a.mask, width, dim=1), _left_pad(b.mask, width, dim=1)], 0)
+        keys = set(a.row_tensors) | set(b.row_tensors)
+        if keys != set(a.row_tensors) or keys != set(b.row_tensors):
+            raise ValueError(f"cannot merge states whose hooks keep different row tensors ({sorted(a.row_tensors)} vs "
+                             f"{sorted(b.row_tensors)})")
+        return DecodeState(a.rows + b.rows, a.prompt_mode, cache, mask, torch.cat([a.logits, b.logits.to(a.logits.device)]),
+                           [x + width - wa for x in a.answer_from] + [x + width - wb for x in b.answer_from],
+                           {k: torch.cat([a.row_tensors[k], b.row_tensors[k].to(a.row_tensors[k].device)]) for k in keys})
+
+    def _step(self, state: DecodeState) -> Iterator[Event]:
+        """One decode step of every row of ``state`` (``decode``'s loop body): pick, hooks, feed."""
+        tok, stops, rows = self.lm.tokenizer, self.config.stop_strings or [], state.rows
+        next_ids = self.pick(state.logits, rows)
+        blocks, fed = [], []
+        state.picked = [not r.done and not r.forced for r in rows]
+        for j, r in enumerate(rows):
+            if r.done:
+                blocks.append([tok.pad_token_id]), fed.append(False)
+                continue
+            if r.forced:
+                blocks.append([r.forced.pop(0)]), fed.append(True)
+                continue
+            t = next_ids[j]
+            r.out.append(t)
+            r.tokens[r.mode] += 1
+            r.in_mode += 1
+            yield from self.refresh_text(r)
+            if t in self.eos or r.in_mode >= self.caps[r.mode] or any(s in r.text for s in stops):
+                r.done = True
+                yield from self.refresh_text(r, final=True)
+                blocks.append([tok.pad_token_id]), fed.append(False)
+            else:
+                blocks.append([t]), fed.append(True)
+        yield from self._call("on_token", state, blocks)
+        fed = [f and not r.done for r, f in zip(rows, fed)]  # a hook may end a row (a cancelled request)
+        if not any(fed):
+            return
+        for r, b, f in zip(rows, blocks, fed):
+            if f:
+                r.ids.extend(b)
+        state.logits = self.forward(state, blocks, fed)
+
     # --- the loop's steps ---------------------------------------------------------------------------------------------
     def new_cache(self):
         from transformers import DynamicCache
@@ -99,7 +230,7 @@ class DecodeEngine:
         """Left-padded prefill of each row's prompt."""
         state = DecodeState(rows, mode, self.new_cache())
         state.logits = self.forward(state, [r.ids for r in rows])
-        state.answer_from = state.mask.shape[1] - 1  # every prompt ends in the last column (left padding)
+        state.answer_from = [state.mask.shape[1] - 1] * len(rows)  # every prompt ends in the last column (left padding)
         for r in rows:
             r.prompt_len = len(r.ids)
             r.prompt_tokens += len(r.ids)
@@ -131,7 +262,7 @@ class DecodeEngine:
             nk = torch.zeros((len(rows),) + k.shape[1:2] + (lp,) + k.shape[3:], dtype=k.dtype, device=k.device)
             nv = torch.zeros_like(nk)
             for i, (j, r, c) in enumerate(zip(where, rows, shared)):
-                start = state.answer_from + 1 - r.prompt_len  # this row's prompt began here (left padding)
+                start = state.answer_from[j] + 1 - r.prompt_len  # this row's prompt began here (left padding)
                 nk[i, :, lp - c:] = k[j, :, start:start + c]
                 nv[i, :, lp - c:] = v[j, :, start:start + c]
             cache.update(nk, nv, layer)
@@ -140,7 +271,7 @@ class DecodeEngine:
             mask[i, lp - c:] = 1
         new = DecodeState(rows, mode, cache, mask)
         new.logits = self.forward(new, [t[c:] for t, c in zip(targets, shared)])
-        new.answer_from = new.mask.shape[1] - 1
+        new.answer_from = [new.mask.shape[1] - 1] * len(rows)
         for r, t, c in zip(rows, targets, shared):
             r.ids, r.prompt_len, r.prompt_tokens = list(t), len(t), r.prompt_tokens + len(t) - c
             r.reprompt_tokens += len(t) - c
@@ -189,6 +320,7 @@ class DecodeEngine:
             yield from self._call("on_token", state, blocks)
             if all(r.done for r in rows):
                 break
+            fed = [f and not r.done for r, f in zip(rows, fed)]  # a hook may end a row (a cancelled request)
             for r, b, f in zip(rows, blocks, fed):
                 if f:
                     r.ids.extend(b)
@@ -215,6 +347,16 @@ class DecodeEngine:
     def _call(self, name: str, *args) -> Iterator[Event]:
         for hook in self.hooks:
             yield from getattr(hook, name)(self, *args) or ()
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """``x`` zero-padded on the left of ``dim`` to ``width`` (a cache layer's columns: dim 2; a mask's: dim 1)."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

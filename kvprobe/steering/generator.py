@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from kvprobe.models import LoadedModel
 from kvprobe.prompts import chat_ids, prompt_ids, with_instruction
@@ -168,9 +168,12 @@ class KVProbeGenerator:
         return out[0] if single else out
 
     def stream(self, prompts, policy: str | None = None, config: GenerationConfig | None = None, *,
-               oracle_modes: list[str] | None = None, hooks: list[Hook] | None = None, **kwargs) -> Iterator[Event]:
+               oracle_modes: list[str] | None = None, hooks: list[Hook] | None = None,
+               admit: Callable[[], list] | None = None, **kwargs) -> Iterator[Event]:
         """``generate``'s work as typed events (``kvprobe.steering.events``: route, text, switch, done), each naming
-        its prompt (``row``), as they happen. The arguments are checked before the first event."""
+        its prompt (``row``), as they happen. The arguments are checked before the first event. ``admit``: the
+        batch is open (``DecodeEngine.run_open``, continuous batching): the prompts it returns between steps join
+        it, each row finishing on its own (the caller checks them, e.g. with a ``stream`` call of their own)."""
         batch = [prompts] if _is_single(prompts) else prompts
         if not isinstance(batch, (list, tuple)) or not batch:
             raise ValueError(f"prompts: a string, a kvprobe Item, a chat (list of messages) or a non-empty list of these, not {prompts!r:.80}")
@@ -187,6 +190,11 @@ class KVProbeGenerator:
             raise ValueError("policy 'sample' draws several answers: it needs do_sample=True (greedy ones would all be "
                              "the same)")
         self._check_context(batch, policy, engine.caps, oracle_modes)
+        if admit is not None:
+            if policy in ("sample", "oracle"):
+                raise ValueError(f"policy {policy!r} cannot run as an open batch (its prompts finish together or need "
+                                 "given modes)")
+            return engine.run_open(batch, admit)
         return engine.run(batch)
 
     def engine(self, hooks: list[Hook], config: GenerationConfig | None = None, **kwargs) -> DecodeEngine:

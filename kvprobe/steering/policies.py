@@ -197,8 +197,11 @@ class Confidence(Hook):
 
     def on_finish(self, engine, state: DecodeState) -> None:
         with timed(state.rows):
-            start = state.answer_from
-            pooled = pooled_positions(layer_kv(state.cache, device=engine.lm.input_device), state.mask[:, start:], start)
+            start = min(state.answer_from)  # rows merged from other prefills begin their answers further right
+            answer = state.mask[:, start:].clone()
+            for i, a in enumerate(state.answer_from):
+                answer[i, :a - start] = 0
+            pooled = pooled_positions(layer_kv(state.cache, device=engine.lm.input_device), answer, start)
             for mode, probe in self.probes.items():
                 where = [j for j, r in enumerate(state.rows) if r.answer_mode == mode]
                 if not where:

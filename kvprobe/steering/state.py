@@ -77,7 +77,8 @@ class DecodeState:
     cache: object  # a transformers DynamicCache
     mask: torch.Tensor | None = None  # (rows, columns): 1 = a real position
     logits: torch.Tensor | None = None  # the last column's logits, (rows, vocab)
-    answer_from: int = 0  # the column of the last prompt position (it emits the first answer token)
+    answer_from: list[int] = field(default_factory=list)  # per row: the column of its last prompt position (it emits
+    # the first answer token); rows of one prefill share it, rows merged in from another (``DecodeEngine.merge``) not
     row_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # hooks' per-row state, batch-first
     picked: list[bool] = field(default_factory=list)  # at ``on_token``: rows that chose a token from ``logits``
 
@@ -92,14 +93,14 @@ class DecodeState:
         self.rows = [dataclasses.replace(copy.deepcopy(r), sample=j if m else r.sample,
                                          prompt_tokens=r.prompt_tokens if j == 0 else 0)
                      for r, j, m in zip(picked.rows, js, many)]
-        self.mask, self.logits, self.row_tensors = picked.mask, picked.logits, picked.row_tensors
+        self.mask, self.logits, self.row_tensors, self.answer_from = picked.mask, picked.logits, picked.row_tensors, picked.answer_from
 
     def select(self, keep: list[int]) -> "DecodeState":
         """The state of rows ``keep`` only (the cache is cut in place)."""
         index = torch.tensor(keep)
         self.cache.batch_select_indices(index)  # a CPU index serves layers on any device
         return DecodeState([self.rows[j] for j in keep], self.prompt_mode, self.cache, self.mask[index],
-                           self.logits[index], self.answer_from,
+                           self.logits[index], [self.answer_from[j] for j in keep],
                            {k: v[index.to(v.device)] for k, v in self.row_tensors.items()})
 
 
