@@ -52,7 +52,8 @@ def test_study_writes_report_json_figure_and_a_generator(studied):
     md = (out / "study.md").read_text()
     assert "kvprobe study --config configs/study.yaml" in md and "![accuracy against tokens](study.png)" in md
     assert len(study["segments"]["always-slow"]) == 2
-    assert len(study["correctness"]["slow"]) == 8 and len(study["correctness"]["fast"]) == 2  # the levers, each measured
+    assert len(study["correctness"]["slow"]) == 9 and len(study["correctness"]["fast"]) == 2  # the levers, each measured
+    assert "answer KV, L-BFGS, trained on both modes' answers" in study["correctness"]["slow"]
     gen = KVProbeGenerator.from_pretrained(out / "generator")
     chosen = policies[h["at_half"]["best_probe_policy"]]
     assert gen.steering.policy == chosen["kind"]  # the study's policy is the folder's default

@@ -173,7 +173,8 @@ class DecodeEngine:
                            {k: torch.cat([a.row_tensors[k], b.row_tensors[k].to(a.row_tensors[k].device)]) for k in keys})
 
     def _step(self, state: DecodeState) -> Iterator[Event]:
-        """One decode step of every row of ``state`` (``decode``'s loop body): pick, hooks, feed."""
+        """One decode step of every row of ``state``: pick each row's next token (a forced cue token first), end the
+        rows that are done (eos, their mode's cap, a stop string), let the hooks see the blocks, feed the rest."""
         tok, stops, rows = self.lm.tokenizer, self.config.stop_strings or [], state.rows
         next_ids = self.pick(state.logits, rows)
         blocks, fed = [], []
@@ -182,8 +183,8 @@ class DecodeEngine:
             if r.done:
                 blocks.append([tok.pad_token_id]), fed.append(False)
                 continue
-            if r.forced:
-                blocks.append([r.forced.pop(0)]), fed.append(True)
+            if r.forced:  # one forced token per step: a longer block would pad every other row inside its
+                blocks.append([r.forced.pop(0)]), fed.append(True)  # sequence and change their float sums
                 continue
             t = next_ids[j]
             r.out.append(t)
@@ -289,42 +290,10 @@ class DecodeEngine:
 
     def decode(self, state: DecodeState) -> Iterator[Event]:
         """Decode every row of ``state`` to its end (eos, its mode's cap or a stop string)."""
-        tok = self.lm.tokenizer
-        rows, stops = state.rows, self.config.stop_strings or []
-        for r in rows:
-            r.start_mode = r.start_mode or r.mode
-            r.answer_mode = r.answer_mode or r.mode
-        logits = state.logits
-        while True:
-            next_ids = self.pick(logits, rows)
-            blocks, fed = [], []
-            state.logits, state.picked = logits, [not r.done and not r.forced for r in rows]
-            for j, r in enumerate(rows):
-                if r.done:
-                    blocks.append([tok.pad_token_id]), fed.append(False)
-                    continue
-                if r.forced:  # one forced token per step: a longer block would pad every other row inside its
-                    blocks.append([r.forced.pop(0)]), fed.append(True)  # sequence and change their float sums
-                    continue
-                t = next_ids[j]
-                r.out.append(t)
-                r.tokens[r.mode] += 1
-                r.in_mode += 1
-                yield from self.refresh_text(r)
-                if t in self.eos or r.in_mode >= self.caps[r.mode] or any(s in r.text for s in stops):
-                    r.done = True
-                    yield from self.refresh_text(r, final=True)
-                    blocks.append([tok.pad_token_id]), fed.append(False)
-                else:
-                    blocks.append([t]), fed.append(True)
-            yield from self._call("on_token", state, blocks)
-            if all(r.done for r in rows):
-                break
-            fed = [f and not r.done for r, f in zip(rows, fed)]  # a hook may end a row (a cancelled request)
-            for r, b, f in zip(rows, blocks, fed):
-                if f:
-                    r.ids.extend(b)
-            logits = self.forward(state, blocks, fed)
+        rows = state.rows
+        self._begin(state)
+        while not all(r.done for r in rows):
+            yield from self._step(state)
         yield from self._call("on_finish", state)
         for r in rows:
             if r.done and not r.reported:

@@ -1,6 +1,7 @@
 """Levers on the slow-answer correctness probe, each measured (validation and test AUROC) and chosen or not on
 validation: layer selection, stronger regularisation, the token trajectory's KV-CoE scores, an ensemble with the
-output scores, an MLP head, and a logistic regression fitted to convergence (L-BFGS) on the same standardised inputs."""
+output scores, an MLP head, a logistic regression fitted to convergence (L-BFGS) on the same standardised inputs,
+and the same trained on both modes' answers to the training questions (twice the training answers)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from kvprobe.metrics import auroc_or_nan
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 LBFGS = "answer KV, logistic to convergence (L-BFGS, C by validation)"
+BOTH_MODES = "answer KV, L-BFGS, trained on both modes' answers"
 
 
 def variants(layers: int, weight_decays: list[float]) -> dict[str, list[str]]:
@@ -42,11 +44,13 @@ def standardised(probe, loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def lbfgs(entry: dict, folder: Path) -> dict:
+def lbfgs(entry: dict, folder: Path, also: dict | None = None) -> dict:
     """The linear ``answer KV`` probe refitted as a logistic regression solved to convergence (scikit-learn's L-BFGS)
     on its own standardised inputs, the inverse L2 strength C chosen by validation AUROC; recalibrated on
-    validation, tested and exported like any probe (so the live generator can use it). Returns ``kvprobe fit``'s
-    results and the probe, in the form ``kvprobe.study.run.fit_probe`` gives."""
+    validation, tested and exported like any probe (so the live generator can use it). ``also``: another mode's
+    fitted probe entry, whose answers to the same training questions join the training set (twice the answers;
+    validation and test stay this mode's). Returns ``kvprobe fit``'s results and the probe, in the form
+    ``kvprobe.study.run.fit_probe`` gives."""
     import lightning as L
     from sklearn.linear_model import LogisticRegression
 
@@ -55,6 +59,12 @@ def lbfgs(entry: dict, folder: Path) -> dict:
         raise ValueError("the L-BFGS lever refits a linear probe")
     probe = copy.deepcopy(base)
     train_x, train_y = standardised(probe, DataLoader(dm.datasets["train"], batch_size=64))
+    if also is not None:
+        other, own = also["cli"].datamodule.datasets["train"], dm.datasets["train"]
+        if {other.rows[i]["qid"] for i in other.indices} != {own.rows[i]["qid"] for i in own.indices}:
+            raise ValueError("the other mode's training answers are not the same questions' (a different split)")
+        more_x, more_y = standardised(probe, DataLoader(other, batch_size=64))
+        train_x, train_y = torch.cat([train_x, more_x]), torch.cat([train_y, more_y])
     val_x, val_y = standardised(probe, dm.val_dataloader())
     if train_y.min() == train_y.max():
         raise ValueError("the training answers hold one grade only: no correctness probe can be trained")

@@ -109,13 +109,18 @@ def live(entry: dict) -> bool:
     return hp.source in LIVE_SOURCES and not hp.coe_features and not hp.get("length_inputs")
 
 
-def correctness(spec: StudySpec, mode: str, variants: dict[str, list[str]], qids: dict, grades: dict, refit: bool = False) -> dict:
-    """Each variant fitted on ``mode``'s answers (``refit``: also the plain one as a logistic solved to convergence),
-    with its validation and test AUROC."""
+def correctness(spec: StudySpec, mode: str, variants: dict[str, list[str]], qids: dict, grades: dict, refit: bool = False,
+                also: dict | None = None) -> dict:
+    """Each variant fitted on ``mode``'s answers (``refit``: also the plain one as a logistic solved to convergence,
+    and, given ``also``, another mode's plain probe entry, the same trained on both modes' training answers), with
+    its validation and test AUROC."""
     config = "verifier.yaml" if mode == "fast" else "coe.yaml"
     fitted = {name: fit_probe(spec, config, data_config(spec, mode), f"{mode} {name}", extra) for name, extra in variants.items()}
     if refit:
         fitted[levers.LBFGS] = levers.lbfgs(fitted["answer KV"], Path(spec.out) / "probes" / slug(f"{mode} {levers.LBFGS}"))
+        if also is not None:
+            fitted[levers.BOTH_MODES] = levers.lbfgs(fitted["answer KV"], Path(spec.out) / "probes" / slug(
+                f"{mode} {levers.BOTH_MODES}"), also=also)
     out = {}
     for name, entry in fitted.items():
         entry["scores"] = split_scores(entry, qids)
@@ -164,7 +169,7 @@ def run(spec: StudySpec, command: str | None = None) -> dict:
     verifiers = correctness(spec, "fast", {"answer KV": [], "answer KV + output scores": ["--model.init_args.output_inputs", "true"]},
                             qids, grades["fast"])
     slow_probes = correctness(spec, "slow", levers.variants(shape["layers"], spec.weight_decays) if spec.levers else {"answer KV": []},
-                              qids, grades["slow"], refit=spec.levers)
+                              qids, grades["slow"], refit=spec.levers, also=verifiers["answer KV"])
     verifier_name, slow_name = chosen(verifiers), chosen(slow_probes, where=lambda e: True)
     live_slow_name = chosen(slow_probes, where=live)
     fast_conf = verifiers[verifier_name]["scores"]
