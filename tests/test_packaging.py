@@ -75,9 +75,10 @@ def test_installed_package_imports_from_outside_the_repo(installed):
 def test_console_script_copies_the_configs_and_parses_the_main_job(installed):
     kvprobe, cwd, env = str(installed["bin"] / "kvprobe"), installed["cwd"], installed["env"]
     usage = run([kvprobe, "--help"], cwd, env).stdout
-    assert "fit" in usage and "study" in usage
+    assert "fit" in usage and "study" in usage and "serve" in usage
     assert run([str(installed["python"]), "-m", "kvprobe", "--help"], cwd, env).stdout == usage  # one program
     assert "--capture.task.limit" in run([kvprobe, "study", "--help"], cwd, env).stdout
+    assert "--max-batch-size" in run([kvprobe, "serve", "--help"], cwd, env).stdout
     run([kvprobe, "configs", "my-configs"], cwd, env)
     assert (cwd / "my-configs" / "coe.yaml").is_file() and (cwd / "my-configs" / "model" / "coe_kv.yaml").is_file()
     config = run([kvprobe, "fit", "--config", "my-configs/coe.yaml", "--print_config"], cwd, env).stdout
