@@ -437,3 +437,24 @@ def test_a_short_request_joins_a_running_batch_and_finishes_first(gen):
         slow_down.remove()
     assert ended["short"] < ended["long"][0] and joined == 1  # one batch: the short request joined the long one's
     assert short.choices[0].message.content == expected_short and ended["long"][1] == expected_long
+
+
+def test_requests_with_different_sampling_settings_share_a_batch(server, gen):
+    """Per-row sampling settings: a greedy request and two seeded sampled ones (other temperatures and top_p) decode
+    in one batch; each answers what it answers alone."""
+    url, _ = server
+    c = client(url)
+    asks = [{"temperature": 0}, {"temperature": 0.7, "top_p": 0.9, "seed": 1}, {"temperature": 1.3, "seed": 2}]
+    alone = [c.chat.completions.create(model="tiny:slow", messages=chat(QUESTIONS[1]), max_tokens=12, **a).choices[0].message.content
+             for a in asks]
+    assert alone[0] == gen.generate(chat(QUESTIONS[1]), "slow", max_new_tokens=12).text
+    batches = metric(url, "kvprobe_batch_rows_count")
+
+    async def together():
+        ac = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        rs = await asyncio.gather(*[ac.chat.completions.create(model="tiny:slow", messages=chat(QUESTIONS[1]), max_tokens=12, **a)
+                                    for a in asks])
+        return [r.choices[0].message.content for r in rs]
+
+    assert asyncio.run(together()) == alone
+    assert metric(url, "kvprobe_batch_rows_count") - batches < len(asks)  # they shared a batch

@@ -384,7 +384,7 @@ def test_sampling_parameters(gen):
     assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
     same = gen.generate([QUESTIONS[1]] * 3, policy="slow", do_sample=True, temperature=2.0, seed=seeds)
     assert same[1].token_ids == batch[1].token_ids and len({tuple(r.token_ids) for r in same}) > 1
-    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+    with pytest.raises(ValueError, match="seed is a list of 2 values for 3 prompts"):
         gen.generate(QUESTIONS, policy="slow", do_sample=True, seed=[1, 2])
     for bad, name in [({"temperature": 0}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"stop_strings": "x"}, "stop_strings"),
                       ({"seed": [1, "2"]}, "seed"), ({"seed": 1.5}, "seed"),
@@ -683,3 +683,19 @@ def test_an_open_batch_admits_prompts_mid_decode_and_answers_each_as_alone(gen, 
             alone.text, alone.mode, alone.final_mode, alone.tokens, alone.escalated, alone.switched_at), (row, policy)
         assert got.confidence == pytest.approx(alone.confidence, abs=1e-5)
     assert min(finished_at.values()) < max(finished_at.values())  # rows end on their own, not with the batch
+
+
+def test_sampling_settings_per_prompt(gen):
+    """``do_sample``, ``temperature`` and ``top_p`` per prompt (as a server batches requests): each prompt decodes as
+    it does alone with its own settings; a list of the wrong length, or a bad value in one, is refused."""
+    qs = [QUESTIONS[0], QUESTIONS[1], QUESTIONS[1]]
+    mixed = gen.generate(qs, "slow", max_new_tokens=10, do_sample=[False, True, True], temperature=[1.0, 0.8, 1.5],
+                         top_p=[1.0, 0.9, 1.0], seed=[0, 5, 6])
+    assert mixed[0].text == gen.generate(qs[0], "slow", max_new_tokens=10).text
+    for i, (t, p, s) in ((1, (0.8, 0.9, 5)), (2, (1.5, 1.0, 6))):
+        alone = gen.generate([qs[i]], "slow", max_new_tokens=10, do_sample=[True], temperature=[t], top_p=[p], seed=[s])
+        assert mixed[i].text == alone[0].text
+    with pytest.raises(ValueError, match="temperature is a list of 2 values for 3 prompts"):
+        gen.generate(qs, "slow", do_sample=True, temperature=[0.5, 0.7], seed=[1, 2, 3])
+    with pytest.raises(ValueError, match="top_p must be"):
+        gen.generate(qs, "slow", do_sample=True, top_p=[0.5, 0.0, 1.0])

@@ -4,7 +4,8 @@ within ``batch_wait_ms`` of each other and share a configuration, decodes each b
 
 Batching is continuous: a batch stays open while it decodes, and a request with the same configuration that
 arrives meanwhile joins it at the next step (``KVProbeGenerator.stream(admit=...)``); each request ends when its
-own rows do. (``sample`` batches are closed: a prompt's samples finish together.) Within a batch, each request
+own rows do. Token caps (``RowCaps``) and sampling settings (lists per prompt in ``GenerationConfig``) may differ
+within a batch. (``sample`` batches are closed: a prompt's samples finish together.) Within a batch, each request
 keeps its own seed (``GenerationConfig.seed`` per prompt), its ``n`` copies come from one prefill (``Copies``), and
 a request whose client went away stops decoding within two steps (``Cancel``).
 """
@@ -24,6 +25,7 @@ from kvprobe.steering import Copies, DoneEvent, GenerationConfig, Hook, KVProbeG
 
 log = logging.getLogger("kvprobe.serve")
 END = object()  # the last item of a job's queue
+PER_ROW = ("max_new_tokens", "do_sample", "temperature", "top_p")  # settings rows of one batch need not share
 
 
 class Overloaded(Exception):
@@ -46,9 +48,14 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
 
     def key(self) -> str:
-        """Requests with the same key may decode in one batch (their token caps may differ: ``RowCaps``)."""
-        config = {k: v for k, v in self.config.items() if k != "max_new_tokens"}
+        """Requests with the same key may decode in one batch (their token caps (``RowCaps``) and sampling settings
+        (per prompt, ``GenerationConfig``) may differ)."""
+        config = {k: v for k, v in self.config.items() if k not in PER_ROW}
         return json.dumps([self.policy, config, self.steering], sort_keys=True, default=str)
+
+    def sampling(self) -> dict[str, object]:
+        return {"do_sample": self.config.get("do_sample", False), "temperature": self.config.get("temperature", 1.0),
+                "top_p": self.config.get("top_p", 1.0)}
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -193,10 +200,11 @@ class Worker(threading.Thread):
             self.on_batch(sum(j.n for j in good))
         first = good[0]
         key, jobs, left = first.key(), list(good), {id(j): j.n for j in good}
-        seeds = [j.seed for j in jobs] if first.config.get("do_sample") else None
+        seeds = [j.seed for j in jobs]
+        sampling = {name: [j.sampling()[name] for j in jobs] for name in ("do_sample", "temperature", "top_p")}
         caps = {id(j): self.caps(j) for j in jobs}
         batch_caps = {m: max(c[m] for c in caps.values()) for m in caps[id(first)]}
-        config = first.config | {"max_new_tokens": batch_caps}
+        config = {k: v for k, v in first.config.items() if k not in PER_ROW} | sampling | {"max_new_tokens": batch_caps}
         hooks = [Copies([j.n for j in jobs]), RowCaps(jobs, caps), Cancel(jobs)]
         self.running = left
 
@@ -213,8 +221,9 @@ class Worker(threading.Thread):
                 caps[id(job)] = self.caps(job)
                 hooks[0].counts.append(job.n)
                 left[id(job)] = job.n
-                if seeds is not None:
-                    seeds.append(job.seed)
+                seeds.append(job.seed)
+                for name, value in job.sampling().items():
+                    sampling[name].append(value)
                 joined.append(job.prompt)
             return joined
 

@@ -119,6 +119,8 @@ class GenerationConfig:
             probes were captured with.
         do_sample: sample instead of greedy decoding.
         temperature: divides the logits before sampling.
+        (``do_sample``, ``temperature`` and ``top_p`` may also be lists, one value per prompt, like ``seed``: a server
+        batches requests with different settings.)
         top_k: sample among the ``top_k`` most likely tokens only (0 = all).
         top_p: sample among the most likely tokens whose probabilities add up to ``top_p`` (1.0 = all).
         seed: seeds the sampling generator of each call, so a call is reproducible; a list gives each prompt its own
@@ -128,10 +130,10 @@ class GenerationConfig:
     """
 
     max_new_tokens: int | dict[str, int] | None = None
-    do_sample: bool = False
-    temperature: float = 1.0
+    do_sample: bool | list[bool] = False
+    temperature: float | list[float] = 1.0
     top_k: int = 0
-    top_p: float = 1.0
+    top_p: float | list[float] = 1.0
     seed: int | list[int] | None = None
     stop_strings: list[str] | None = None
 
@@ -140,17 +142,31 @@ class GenerationConfig:
             if not ok:
                 raise ValueError(f"{name} must be {what}, not {getattr(self, name)!r}")
 
-        need(type(self.do_sample) is bool, "do_sample", "true or false")
-        need(isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool) and self.temperature > 0,
-             "temperature", "a number above 0")
+        def each(value) -> list:
+            return list(value) if isinstance(value, (list, tuple)) and value else [value]
+
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        need(all(type(x) is bool for x in each(self.do_sample)), "do_sample", "true or false (or one per prompt)")
+        need(all(number(x) and x > 0 for x in each(self.temperature)), "temperature", "a number above 0 (or one per prompt)")
         need(type(self.top_k) is int and self.top_k >= 0, "top_k", "a whole number >= 0")
-        need(isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool) and 0 < self.top_p <= 1,
-             "top_p", "a number in (0, 1]")
+        need(all(number(x) and 0 < x <= 1 for x in each(self.top_p)), "top_p", "a number in (0, 1] (or one per prompt)")
         need(self.seed is None or type(self.seed) is int or (isinstance(self.seed, (list, tuple)) and bool(self.seed)
              and all(type(s) is int for s in self.seed)), "seed", "a whole number, a list of them (one per prompt) or None")
         need(self.stop_strings is None or (isinstance(self.stop_strings, (list, tuple)) and all(
             isinstance(s, str) and s for s in self.stop_strings)), "stop_strings", "a list of non-empty strings")
         self.caps({})  # checks max_new_tokens
+
+    def sampling(self, index: int) -> tuple[bool, float, float]:
+        """(do_sample, temperature, top_p) for prompt ``index`` (a list gives each prompt its own)."""
+        pick = lambda v: v[index] if isinstance(v, (list, tuple)) else v  # noqa: E731
+        return pick(self.do_sample), pick(self.temperature), pick(self.top_p)
+
+    @property
+    def samples_any(self) -> bool:
+        """Whether any prompt is sampled."""
+        return any(self.do_sample) if isinstance(self.do_sample, (list, tuple)) else self.do_sample
 
     def caps(self, defaults: dict[str, int]) -> dict[str, int]:
         """Tokens each mode may decode: this config's caps (one number for every mode, or per mode) over ``defaults``."""

@@ -36,9 +36,10 @@ class DecodeEngine:
 
     def _seed(self, prompts: list) -> None:
         """The call's sampling generators, fresh for every run (see ``generator``)."""
-        seed = self.config.seed
-        if isinstance(seed, list) and len(seed) != len(prompts):
-            raise ValueError(f"seed is a list of {len(seed)} seeds for {len(prompts)} prompts: give one per prompt")
+        for name in ("seed", "do_sample", "temperature", "top_p"):
+            value = getattr(self.config, name)
+            if isinstance(value, (list, tuple)) and len(value) != len(prompts):
+                raise ValueError(f"{name} is a list of {len(value)} values for {len(prompts)} prompts: give one per prompt")
         self.samplers = {}
 
     def generator(self, row: Row) -> torch.Generator | None:
@@ -282,11 +283,23 @@ class DecodeEngine:
         """The next token of each of ``rows``: greedy, or drawn as the config says (``kvprobe.decoding.draw``, the
         sampler capture uses) from each row's generator."""
         c = self.config
-        if not c.do_sample:
+        if not c.samples_any:
             return logits.argmax(-1).tolist()
-        generators = [self.generator(r) for r in rows]
-        shared = generators[0] if all(g is generators[0] for g in generators) else generators
-        return draw(logits, shared, c.temperature, c.top_k, c.top_p).tolist()
+        if not any(isinstance(v, (list, tuple)) for v in (c.do_sample, c.temperature, c.top_p)):
+            generators = [self.generator(r) for r in rows]
+            shared = generators[0] if all(g is generators[0] for g in generators) else generators
+            return draw(logits, shared, c.temperature, c.top_k, c.top_p).tolist()
+        out = logits.argmax(-1).tolist()  # settings per prompt: each group of rows sampled as its own settings say
+        groups: dict[tuple, list[int]] = {}
+        for j, r in enumerate(rows):
+            do_sample, temperature, top_p = c.sampling(r.index)
+            if do_sample:
+                groups.setdefault((temperature, top_p), []).append(j)
+        for (temperature, top_p), where in groups.items():
+            drawn = draw(logits[where], [self.generator(rows[j]) for j in where], temperature, c.top_k, top_p)
+            for j, token in zip(where, drawn.tolist()):
+                out[j] = token
+        return out
 
     def decode(self, state: DecodeState) -> Iterator[Event]:
         """Decode every row of ``state`` to its end (eos, its mode's cap or a stop string)."""

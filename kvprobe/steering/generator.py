@@ -186,7 +186,7 @@ class KVProbeGenerator:
             steering = self.steering
         policy = steering.policy if policy is None else policy
         engine = self.engine(self.hooks(policy, len(batch), oracle_modes, steering) + list(hooks or []), config, **kwargs)
-        if policy == "sample" and not engine.config.do_sample:
+        if policy == "sample" and not engine.config.samples_any:
             raise ValueError("policy 'sample' draws several answers: it needs do_sample=True (greedy ones would all be "
                              "the same)")
         self._check_context(batch, policy, engine.caps, oracle_modes)
