@@ -83,6 +83,13 @@ def finish(result: GenerationResult, stops: list[str], eos: set[int]) -> tuple[s
     return text, "stop" if result.token_ids and result.token_ids[-1] in eos else "length"
 
 
+def usage(results) -> dict[str, int]:
+    """OpenAI's ``usage`` of a request's answers: prompt positions prefilled, tokens of the returned texts."""
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 class StopFilter:
     """Streams text without ever sending a stop string: the tail that could begin one is held back."""
 
@@ -332,16 +339,13 @@ def create_app(settings: ServeSettings, load=None) -> FastAPI:
         if len(results) < job.n:  # the client went away
             return {}
         server.metrics.ttft.observe(first - job.submitted)
-        choices, completion = [], 0
+        choices = []
         for i in range(job.n):
             text, reason = finish(results[i], req.stops(), eos)
             server.metrics.result(results[i], reason)
-            completion += len(results[i].token_ids)
             choices.append(choice(kind, i, text, reason, server.choice_info(job, results[i])))
-        prompt_tokens = sum(r.prompt_tokens for r in results.values())
         server.metrics.e2e.observe(time.perf_counter() - job.submitted)
-        return head(job, kind) | {"object": kind, "choices": choices, "usage": {
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}}
+        return head(job, kind) | {"object": kind, "choices": choices, "usage": usage(results.values())}
 
     async def chunks(job: Job, req: Sampling, kind: str, first, stream):
         """SSE chunks: the route with the first, text as it comes (held for ``HELD`` policies), the full ``kvprobe``
@@ -406,10 +410,7 @@ def create_app(settings: ServeSettings, load=None) -> FastAPI:
             if len(results) < job.n:
                 return
             if req.stream_options is not None and req.stream_options.include_usage:
-                prompt_tokens = sum(r.prompt_tokens for r in results.values())
-                completion = sum(len(r.token_ids) for r in results.values())
-                yield data([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                "total_tokens": prompt_tokens + completion})
+                yield data([], usage(results.values()))
             server.metrics.e2e.observe(time.perf_counter() - job.submitted)
             yield {"data": "[DONE]"}
         except APIError as err:  # after the stream began: the error as the last event

@@ -205,7 +205,8 @@ class Worker(threading.Thread):
         caps = {id(j): self.caps(j) for j in jobs}
         batch_caps = {m: max(c[m] for c in caps.values()) for m in caps[id(first)]}
         config = {k: v for k, v in first.config.items() if k not in PER_ROW} | sampling | {"max_new_tokens": batch_caps}
-        hooks = [Copies([j.n for j in jobs]), RowCaps(jobs, caps), Cancel(jobs)]
+        copies = Copies([j.n for j in jobs])
+        hooks = [copies, RowCaps(jobs, caps), Cancel(jobs)]
         self.running = left
 
         def admit() -> list:
@@ -219,7 +220,7 @@ class Worker(threading.Thread):
                     continue
                 jobs.append(job)
                 caps[id(job)] = self.caps(job)
-                hooks[0].counts.append(job.n)
+                copies.counts.append(job.n)
                 left[id(job)] = job.n
                 seeds.append(job.seed)
                 for name, value in job.sampling().items():

@@ -61,19 +61,9 @@ class DecodeEngine:
     def run(self, prompts: list) -> Iterator[Event]:
         self.prompts = prompts
         self._seed(prompts)
-        t0 = time.perf_counter()
-        modes = next((m for h in self.hooks if (m := h.start_modes(prompts)) is not None), None)
-        if modes is None:
-            raise ValueError("no hook says which mode to prompt in")
         with torch.inference_mode():
-            for mode in MODES:
-                rows = [Row(i, self.prompt_ids(p, mode), mode, t0) for i, (p, m) in enumerate(zip(prompts, modes)) if m == mode]
-                if not rows:
-                    continue
-                state = self.prefill(rows, mode)
-                yield from self._call("on_prefill", state)
-                for group in self.regroup(state):
-                    yield from self.decode(group)
+            for state in (yield from self._enter(list(range(len(prompts))))):
+                yield from self.decode(state)
 
     def run_open(self, prompts: list, admit: Callable[[], list]) -> Iterator[Event]:
         """``run`` for a server (continuous batching): between two steps, the prompts ``admit()`` returns join the
@@ -112,6 +102,8 @@ class DecodeEngine:
         t0 = time.perf_counter()
         prompts = [self.prompts[i] for i in indices]
         modes = next((m for h in self.hooks if (m := h.start_modes(prompts)) is not None), None)
+        if modes is None:
+            raise ValueError("no hook says which mode to prompt in")
         states = []
         for mode in MODES:
             rows = [Row(i, self.prompt_ids(self.prompts[i], mode), mode, t0) for i, m in zip(indices, modes) if m == mode]
