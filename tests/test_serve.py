@@ -371,7 +371,9 @@ def test_sigterm_drains_running_requests(trained, tmp_path):
 
         asker = threading.Thread(target=ask)
         asker.start()
+        deadline = time.time() + 60  # the request is counted from its arrival: waiting, gathered into a batch, running
         while metric(url, "kvprobe_requests_waiting") + metric(url, "kvprobe_requests_running") < 1:
+            assert time.time() < deadline and asker.is_alive(), "the request was never counted as waiting or running"
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         asker.join(120)

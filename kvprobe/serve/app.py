@@ -442,7 +442,7 @@ def create_app(settings: ServeSettings, load=None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        server.metrics.waiting.set(len(server.worker.waiting))
+        server.metrics.waiting.set(server.worker.queued)
         server.metrics.running.set(len(server.worker.running))
         return Response(server.metrics.text(), media_type="text/plain; version=0.0.4")
 

@@ -101,9 +101,15 @@ class Worker(threading.Thread):
         self.gen: KVProbeGenerator | None = None
         self.error: BaseException | None = None  # why loading failed
         self.waiting: collections.deque[Job] = collections.deque()
+        self.gathering: list[Job] = []  # the batch being gathered: off the queue, not decoding yet
         self.running: dict[int, int] = {}  # requests decoding now: id -> rows not finished yet
         self.cond = threading.Condition()
         self.stopping = False
+
+    @property
+    def queued(self) -> int:
+        """Requests not decoding yet: those waiting and those of the batch being gathered."""
+        return len(self.waiting) + len(self.gathering)
 
     @property
     def ready(self) -> bool:
@@ -136,7 +142,7 @@ class Worker(threading.Thread):
             try:
                 self.decode(batch)
             finally:
-                self.running = {}
+                self.running, self.gathering = {}, []
 
     def next_batch(self) -> list[Job] | None:
         """The oldest waiting job and those of the same key that arrive within ``batch_wait`` (at most
@@ -148,6 +154,7 @@ class Worker(threading.Thread):
                 return None
             first = self.waiting.popleft()
             batch, rows, key = [first], first.n, first.key()
+            self.gathering = batch
             deadline = time.perf_counter() + self.batch_wait
             while rows < self.max_batch_size:
                 take = next((j for j in self.waiting if j.key() == key and rows + j.n <= self.max_batch_size), None)
@@ -207,7 +214,7 @@ class Worker(threading.Thread):
         config = {k: v for k, v in first.config.items() if k not in PER_ROW} | sampling | {"max_new_tokens": batch_caps}
         copies = Copies([j.n for j in jobs])
         hooks = [copies, RowCaps(jobs, caps), Cancel(jobs)]
-        self.running = left
+        self.running, self.gathering = left, []
 
         def admit() -> list:
             room = self.max_batch_size - sum(left.values())
