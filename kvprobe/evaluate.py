@@ -14,6 +14,7 @@ fixed mode - 1 point, at most half of always-slow's tokens, probe time at most 1
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +23,7 @@ from kvprobe.metrics import auroc_or_nan
 from kvprobe.paths import writable_file, write_json_or_keep
 from kvprobe.routing import Outcomes
 from kvprobe.steering import POLICIES, KVProbeGenerator
-from kvprobe.tasks import Item, grade
+from kvprobe.tasks import Item, grade, grader_of, load_items
 
 PROBE_SHARE_BAR = 0.01  # the bar's limit on probe time as a share of wall time
 GREEDY_POLICIES = tuple(p for p in POLICIES if p != "sample")  # one greedy answer each; ``sample``: python -m reports.sampling
@@ -41,15 +42,19 @@ def load_data(config: str):
     return dm
 
 
-def run_policy(gen: KVProbeGenerator, items: list[Item], policy: str, batch_size: int, oracle_modes=None) -> dict:
-    """One policy over ``items`` in batches: its figures, and every question's record under ``rows``."""
+def run_policy(gen: KVProbeGenerator, items: list[Item], policy: str, batch_size: int, oracle_modes=None,
+               grader: Callable[[Item, str, str], tuple[str, bool]] | None = None) -> dict:
+    """One policy over ``items`` in batches: its figures, and every question's record under ``rows``. ``grader``:
+    ``(item, response, mode) -> (prediction, correct)`` as the capture grades (``kvprobe.tasks.grader_of``); the
+    default grader when None."""
+    grader = grader or (lambda item, response, mode: grade(item, response))
     rows, t0 = [], time.perf_counter()
     bar = tqdm(total=len(items), desc=f"live {policy}", unit="q")
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         modes = oracle_modes[start : start + batch_size] if oracle_modes else None
         for item, r in zip(chunk, gen.generate(chunk, policy=policy, oracle_modes=modes)):
-            rows.append({"qid": item.qid, "correct": grade(item, r.text)[1], "decoded": r.decoded_tokens, "cue": r.cue_tokens,
+            rows.append({"qid": item.qid, "correct": grader(item, r.text, r.final_mode)[1], "decoded": r.decoded_tokens, "cue": r.cue_tokens,
                          "prompt": r.prompt_tokens, "reprompt": r.reprompt_tokens, "mode": r.mode, "final_mode": r.final_mode,
                          "switched": r.switched_at is not None, "switched_at": r.switched_at, "escalated": r.escalated,
                          "verify_score": r.verify_score, "probe_seconds": r.probe_seconds, "confidence": r.confidence,
@@ -92,13 +97,17 @@ def evaluate(gen: KVProbeGenerator, dm, split: str = "test", policies=GREEDY_POL
         raise ValueError("evaluation needs difficulty data (both modes captured), e.g. configs/data/difficulty_mix.yaml")
     ds = dm.datasets[split]
     indices = ds.indices[:limit]
-    items = [Item(ds.rows[g]["qid"], ds.rows[g]["question"], ds.rows[g]["gold"]) for g in indices]
+    # The questions as their task loads them (choices and all), each graded by its task's grader, as captured.
+    tasks = [dm.capture.task] + ([dm.extra_train] if dm.extra_train else [])
+    known = {item.qid: (item, grader_of(task)) for task in tasks for item in load_items(task)}
+    items = [known[ds.rows[g]["qid"]][0] for g in indices]
+    grader = lambda item, response, mode: known[item.qid][1](item, response, mode)
     idx = torch.tensor(indices)
     captured = Outcomes(*(dm.outcomes[k][idx] for k in ("fast_correct", "slow_correct", "fast_tokens", "slow_tokens")))
     oracle_modes = ["slow" if s else "fast" for s in captured.oracle().tolist()]
     results = {}
     for policy in policies:
-        results[policy] = r = run_policy(gen, items, policy, batch_size, oracle_modes if policy == "oracle" else None)
+        results[policy] = r = run_policy(gen, items, policy, batch_size, oracle_modes if policy == "oracle" else None, grader)
         print(f"[kvprobe] {policy}: accuracy {r['accuracy']:.3f}, {r['mean_tokens']:.1f} decoded tokens/question, "
               f"{r['switches']} switches, {r['escalations']} escalations, confidence AUROC {r['confidence_auroc']:.3f}, "
               f"probe {r['probe_share']:.2%} of wall, {r['wall_seconds']:.0f} s", flush=True)

@@ -24,7 +24,7 @@ def study_args(tiny, root, out, grader="graders.by_number_mod4", *extra):
 def studied(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     out = root / "first"
-    return {"root": root, "out": out, "tiny": tiny_models["llama"], "study": main(study_args(tiny_models["llama"], root, out))}
+    return {"root": root, "out": out, "tiny": tiny_models["llama"], "study": main(study_args(tiny_models["llama"], root, out, "graders.by_number_mod4", "--live", "true"))}
 
 
 def test_study_writes_report_json_figure_and_a_generator(studied):
@@ -60,6 +60,18 @@ def test_study_writes_report_json_figure_and_a_generator(studied):
     assert set(gen.correctness) == {"fast", "slow"}
     result = gen.generate("What is 3 + 4?", max_new_tokens=3)
     assert result.text is not None and result.confidence is not None
+
+
+def test_the_generator_folder_live_does_what_the_simulation_said(studied):
+    """``live``: the folder the study wrote, loaded and run on the test questions, takes the simulated decision and
+    gets the simulated grade on every question (float32 tiny model: no near ties between capture and live)."""
+    study = studied["study"]
+    live, best = study["live"], study["headline"]["at_half"]["best_probe_policy"]
+    assert live["policy"] == study["policies"][best]["kind"] and live["questions"] == 12
+    assert live["agreement"] == {"decisions": 1.0, "grades": 1.0, "both": 1.0}
+    assert live["accuracy"] == pytest.approx(study["policies"][best]["tokens_0.5"]["accuracy"])
+    assert study["headline"]["live"]["agreement"] == 1.0
+    assert "## Live: the generator folder on the test questions" in (studied["out"] / "study.md").read_text()
 
 
 def test_no_threshold_or_choice_depends_on_the_test_questions(studied):

@@ -51,10 +51,13 @@ def headline(spec, study: dict, results: dict, fixed: dict, best: dict, comparis
 
 
 def write(spec, study: dict, policies, results, fixed, best, comparisons, verifiers, slow_probes, segments, diagnosis,
-          generator: Path, head: str, wall: float, command: str) -> dict:
+          generator: Path, live: dict | None, head: str, wall: float, command: str) -> dict:
     base = spec.report_path
     base.parent.mkdir(parents=True, exist_ok=True)
-    study = {"headline": headline(spec, study, results, fixed, best, comparisons, verifiers, slow_probes, head, wall)} | study
+    top = headline(spec, study, results, fixed, best, comparisons, verifiers, slow_probes, head, wall)
+    if live is not None:
+        top["live"] = {k: live[k] for k in ("policy", "accuracy", "tokens_over_slow", "confidence_auroc")} | {"agreement": live["agreement"]["both"]}
+    study = {"headline": top} | study
     study |= {
         "command": command, "generator": str(generator),
         "fixed": {k: strip(v) for k, v in fixed.items()},
@@ -63,7 +66,7 @@ def write(spec, study: dict, policies, results, fixed, best, comparisons, verifi
         "comparisons": comparisons,
         "correctness": {mode: {n: {"val_auroc": e["val_auroc"], "test_auroc": e["test_auroc"], "live": e["live"], "test": e["results"]["test"]}
                                for n, e in entries.items()} for mode, entries in (("fast", verifiers), ("slow", slow_probes))},
-        "segments": segments, "diagnosis": diagnosis,
+        "segments": segments, "diagnosis": diagnosis, "live": live,
     }
     atomic(base.with_suffix(".json"), json.dumps(study, indent=1, default=float))
     fig = figure(spec, policies, results, fixed)
@@ -210,6 +213,23 @@ def markdown(spec, study: dict, policies, results, fixed, best, head: str, png: 
     lines += ["", f"Which wrong fast answers can slow mode fix? AUROC of each score for \"slow mode gets it right\" among the "
               f"{d['wrong_fast']} test questions whose fast answer is wrong:", "", "| score | AUROC |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in d["fixable"].items()]
+    if study["live"] is not None:
+        v = study["live"]
+        ag, d = v["agreement"], v["minus_offline"]
+        lines += ["", "## Live: the generator folder on the test questions", "",
+                  f"The folder below, loaded with `from_pretrained` as a user would, answered the {v['questions']} test "
+                  f"questions with its default policy (`{v['policy']}`, the thresholds calibrated above) through "
+                  "`KVProbeGenerator`. Per question, the decision (straight to slow, escalated after a fast answer, or "
+                  "answered fast) and the grade against the study's simulation of that policy from the captures:", "",
+                  "| | accuracy | tokens / always-slow | escalations | re-prompted tokens / q | confidence AUROC | probe time / wall | wall s |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| live | {v['accuracy']:.3f} | {v['tokens_over_slow']:.2f} | {v['escalations']} | {v['mean_reprompt_tokens']:.1f} | "
+                  f"{v['confidence_auroc']:.3f} | {v['probe_share']:.2%} | {v['wall_seconds']:.0f} |",
+                  f"| simulated | {v['offline_accuracy']:.3f} | {v['offline_tokens_over_slow']:.2f} | | | | | |", "",
+                  f"Same decision on {ag['decisions']:.1%} of the questions, same grade on {ag['grades']:.1%}, both on "
+                  f"{ag['both']:.1%}; live minus simulated accuracy {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] "
+                  "(paired bootstrap). A question can differ where a batched live decode picks another token at a near tie "
+                  "than the capture did (left padding changes the arithmetic in the last bits)."]
     lines += ["", "## Choices made on validation", "",
               f"- Router for `route+verify (wrong)`: `{plan['router']}` (between the difficulty probe and a logistic "
               "regression on the same prompt-window KV, by validation accuracy at the headline budget).",

@@ -14,7 +14,8 @@ far each answer can be trusted, on that task.
 4. On validation only: every threshold (per policy and budget), the router, the verifier and the correctness probe.
 5. On test, once: every policy at every budget, paired bootstrap intervals, correctness AUROCs beside answer
    length and the output scores. ``study.md``, ``study.json`` (a ``headline`` first, a ``plan`` of every choice
-   made on validation), ``study.png``, and a generator folder holding the chosen probes, policy and thresholds.
+   made on validation), ``study.png``, and a generator folder holding the chosen probes, policy and thresholds;
+   with ``live``, that folder loaded and run on the test questions beside the simulation of its policy.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def split_scores(entry: dict, qids: dict[str, list[str]], method: str = "predict
     return {s: scores(probe, loader, qids[s], method) for s, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader()))}
 
 
-def live(entry: dict) -> bool:
+def scorable_live(entry: dict) -> bool:
     """Whether the live generator can score answers with this correctness probe."""
     hp = entry["cli"].model.hparams
     return hp.source in LIVE_SOURCES and not hp.coe_features and not hp.get("length_inputs")
@@ -125,7 +126,7 @@ def correctness(spec: StudySpec, mode: str, variants: dict[str, list[str]], qids
     for name, entry in fitted.items():
         entry["scores"] = split_scores(entry, qids)
         entry |= {f"{s}_auroc": auroc_or_nan(entry["scores"][s], grades[s]) for s in ("val", "test")}
-        entry["live"] = live(entry)
+        entry["live"] = scorable_live(entry)
         out[name] = entry
     return out
 
@@ -171,7 +172,7 @@ def run(spec: StudySpec, command: str | None = None) -> dict:
     slow_probes = correctness(spec, "slow", levers.variants(shape["layers"], spec.weight_decays) if spec.levers else {"answer KV": []},
                               qids, grades["slow"], refit=spec.levers, also=verifiers["answer KV"])
     verifier_name, slow_name = chosen(verifiers), chosen(slow_probes, where=lambda e: True)
-    live_slow_name = chosen(slow_probes, where=live)
+    live_slow_name = chosen(slow_probes, where=scorable_live)
     fast_conf = verifiers[verifier_name]["scores"]
     escalate = {"wrong": {s: 1 - fast_conf[s] for s in ("val", "test")},
                 "gain": {s: (1 - fast_conf[s]) * helps[s] for s in ("val", "test")}}
@@ -222,9 +223,18 @@ def run(spec: StudySpec, command: str | None = None) -> dict:
     segments |= {label: by_segment(r[head]["per_question"], segment, outcomes["test"].slow_tokens, spec.segments) for label, r in results.items()}
     diagnosis = where_accuracy_goes(policies, results, route, escalate, helps, outcomes["test"], spec.headline_budget, head)
 
-    # --- the generator: the chosen probes, policy and thresholds ---
-    generator = save_generator(spec, lm, best[head][PROBE], policies, results[best[head][PROBE]][head], routers, router,
-                               slow_probes[live_slow_name]["folder"], verifiers[verifier_name]["folder"])
+    # --- the generator: the chosen probes, policy and thresholds; optionally run live on test ---
+    if lm is None:
+        from kvprobe.models import load_model
+
+        lm = load_model(spec.capture.model)
+    generator = save_generator(lm, Path(spec.out) / "generator", best[head][PROBE], policies, results[best[head][PROBE]][head],
+                               routers, router, slow_probes[live_slow_name]["folder"], verifiers[verifier_name]["folder"])
+    live_run = None
+    if spec.live:
+        from kvprobe.study.live import check
+
+        live_run = check(generator, lm, dm, results[best[head][PROBE]][head], qids["test"], fixed_test["always-slow"]["mean_tokens"])
 
     from kvprobe.study.report import write
 
@@ -235,7 +245,7 @@ def run(spec: StudySpec, command: str | None = None) -> dict:
         "test_qids": qids["test"],
     }
     return write(spec, study, policies, results, fixed_test, best, comparisons, verifiers, slow_probes, segments, diagnosis,
-                 generator, head, wall=time.perf_counter() - start, command=command or f"kvprobe.study.run.run({spec!r})")
+                 generator, live_run, head, wall=time.perf_counter() - start, command=command or f"kvprobe.study.run.run({spec!r})")
 
 
 def plan(routers, router, verifiers, verifier_name, slow_probes, slow_name, live_slow_name, peer_settings, results, best) -> dict:
@@ -275,11 +285,10 @@ def where_accuracy_goes(policies, results, route, escalate, helps, test: Outcome
     return {"ceiling": ceiling, "fixable": fixable, "wrong_fast": int(wrong.sum())}
 
 
-def save_generator(spec: StudySpec, lm, label: str, policies: list[Policy], result: dict, routers: dict, router: str,
+def save_generator(lm, folder: Path, label: str, policies: list[Policy], result: dict, routers: dict, router: str,
                    slow_folder: Path, fast_folder: Path) -> Path:
     """The generator folder: the chosen policy's router, the correctness probes of both modes, and the policy with
     its calibrated thresholds as the folder's default steering."""
-    from kvprobe.models import load_model
     from kvprobe.steering import KVProbeGenerator, SteeringSpec
 
     p = next(p for p in policies if p.label == label)
@@ -288,9 +297,8 @@ def save_generator(spec: StudySpec, lm, label: str, policies: list[Policy], resu
     steering |= {"route": {"threshold": t[0]}, "verify": {"escalate_above": t[0]},
                  "route+verify": {"threshold": t[0], "verify_route_threshold": t[0], "escalate_above": t[-1]}}[p.kind]
     difficulty = routers[p.router if p.router in routers else DIFFICULTY if p.rule == "gain" else router]["folder"]
-    lm = lm or load_model(spec.capture.model)
     gen = KVProbeGenerator.from_probes(lm, difficulty, [slow_folder, fast_folder], steering=SteeringSpec(**steering))
-    return gen.save_pretrained(Path(spec.out) / "generator")
+    return gen.save_pretrained(folder)
 
 
 def main(argv: list[str] | None = None) -> dict:

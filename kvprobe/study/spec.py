@@ -41,6 +41,9 @@ class StudySpec:
         levers: also fit the correctness levers (layer selection, regularisation, token-trajectory CoE scores,
             output scores, an MLP head) and report each one's validation and test AUROC.
         hidden_router: also fit a router on the prompt's hidden states (one forward pass over every prompt).
+        live: also load the generator folder the study wrote and run its policy live on the test questions (a decode
+            of each one, about the chosen policy's share of always-slow's capture time for them), reporting its
+            accuracy, tokens and per-question agreement with the study's simulation of that policy.
         cache_dir: where captures live; ``null`` = ``$KVPROBE_CACHE/captures``.
     """
 
@@ -58,6 +61,7 @@ class StudySpec:
     weight_decays: list[float] = field(default_factory=lambda: [0.01, 1.0, 100.0])
     levers: bool = True
     hidden_router: bool = True
+    live: bool = False
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
