@@ -8,7 +8,8 @@ server process (`kvprobe serve`, greedy, the chosen policy) answers `--requests`
 concurrency; then the same prompts run one by one through `KVProbeGenerator.generate` in this process, and through
 `transformers serve` on the same base model folder at the same concurrencies (its answers are unsteered: the plain
 chat, no mode instruction, so their lengths differ: compare tokens/s). Then an overload pass sends twice the
-server's capacity (batch + queue) at once: no 5xx, and how soon the first 429 comes back. Then a short request
+server's capacity (batch + queue) at once: no 5xx, how soon the first 429 comes back, and, while the server is
+full, how long single requests take to be refused (each from its own send). Then a short request
 (8 tokens) is timed alone and sent 0.3 s after a long one (same policy, `--long-tokens`): with continuous
 batching it joins the long one's batch.
 
@@ -16,7 +17,7 @@ Figures: `lost` (no answer at all), `failed` (an error status outside the overlo
 level, p50/p95 time to first token and end to end, `throughput_c8_over_c1`, `overhead_c1_over_in_process` (server
 wall at concurrency 1 / in-process wall), `steering_share` (probe seconds / wall, in process),
 `over_transformers_serve` (kvprobe tokens/s / transformers serve tokens/s at concurrency 8, or the highest level
-run), `overload_5xx`, `overload_first_429_s`, `short_behind_long_over_alone`.
+run), `overload_5xx`, `overload_first_429_s`, `overload_full_429_max_s`, `short_behind_long_over_alone`.
 """
 
 from __future__ import annotations
@@ -101,6 +102,11 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     return out
 
 
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+
 async def level(url: str, model: str, questions: list[str], concurrency: int, max_tokens: int, extra: dict) -> dict:
     """Every question once, ``concurrency`` at a time."""
     gate = asyncio.Semaphore(concurrency)
@@ -116,7 +122,6 @@ async def level(url: str, model: str, questions: list[str], concurrency: int, ma
     ok = [r for r in runs if r["status"] == 200]
     ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None) or [float("nan")]
     e2e = sorted(r["e2e"] for r in ok) or [float("nan")]
-    pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
     return {"concurrency": concurrency, "requests": len(runs), "lost": sum(r["status"] is None for r in runs),
             "failed": sum(r["status"] not in (None, 200) for r in runs), "wall_s": round(wall, 3),
             "completion_tokens": sum(r["tokens"] for r in ok), "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 3),
@@ -124,24 +129,35 @@ async def level(url: str, model: str, questions: list[str], concurrency: int, ma
             "p50_e2e_s": round(pct(e2e, 0.5), 4), "p95_e2e_s": round(pct(e2e, 0.95), 4), "texts": [r["text"] for r in runs]}
 
 
-async def overload(url: str, model: str, count: int, max_tokens: int) -> dict:
-    """``count`` requests at once (non-streamed): statuses, and when the first 429 came back."""
+async def overload(url: str, model: str, count: int, max_tokens: int, probes: int = 5) -> dict:
+    """``count`` requests at once (non-streamed): statuses, and when the first 429 came back (from the burst's start,
+    which includes this process opening ``count`` connections on the same cores). Then, while the server is full
+    (a 429 has come back), ``probes`` more requests one at a time, each timed from its own send: how soon a full
+    server refuses a request."""
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=count + 4)) as client:
         t0 = time.perf_counter()
 
-        async def ask(i):
+        async def ask(i, start):
             try:
                 r = await client.post(url + "/v1/chat/completions", json={
                     "model": model, "messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "max_tokens": max_tokens})
-                return r.status_code, time.perf_counter() - t0
+                return r.status_code, time.perf_counter() - start
             except httpx.HTTPError:
-                return None, time.perf_counter() - t0
+                return None, time.perf_counter() - start
 
-        runs = await asyncio.gather(*[ask(i) for i in range(count)])
+        burst = [asyncio.create_task(ask(i, t0)) for i in range(count)]
+        while not any(t.done() and t.result()[0] == 429 for t in burst) and not all(t.done() for t in burst):
+            await asyncio.sleep(0.005)
+        full = [await ask(count + i, time.perf_counter()) for i in range(probes)]
+        runs = await asyncio.gather(*burst)
     first_429 = min((t for s, t in runs if s == 429), default=None)
-    return {"requests": count, "ok": sum(s == 200 for s, _ in runs), "rejected_429": sum(s == 429 for s, _ in runs),
-            "5xx": sum(s is not None and s >= 500 for s, _ in runs), "lost": sum(s is None for s, _ in runs),
-            "first_429_s": None if first_429 is None else round(first_429, 4)}
+    refused = [t for s, t in full if s == 429]
+    everything = runs + full
+    return {"requests": count, "ok": sum(s == 200 for s, _ in everything), "rejected_429": sum(s == 429 for s, _ in everything),
+            "5xx": sum(s is not None and s >= 500 for s, _ in everything), "lost": sum(s is None for s, _ in everything),
+            "first_429_s": None if first_429 is None else round(first_429, 4),
+            "full_probes": probes, "full_probes_429": len(refused),
+            "full_429_max_s": round(max(refused), 4) if refused else None, "full_429_p50_s": round(pct(refused, 0.5), 4) if refused else None}
 
 
 async def short_behind_long(url: str, model: str, long_tokens: int) -> dict:
@@ -231,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
         "p95_ttft_s": {r["concurrency"]: r["p95_ttft_s"] for r in levels},
         "p95_e2e_s": {r["concurrency"]: r["p95_e2e_s"] for r in levels},
         "over_transformers_serve": None, "transformers_serve": None,
-        "overload_5xx": over["5xx"], "overload_first_429_s": over["first_429_s"], "overload": over,
+        "overload_5xx": over["5xx"], "overload_first_429_s": over["first_429_s"], "overload_full_429_max_s": over["full_429_max_s"],
+        "overload": over,
         **cut,
         "levels": [{k: v for k, v in r.items() if k != "texts"} for r in levels],
     }

@@ -60,13 +60,3 @@ def answer_and_grade(lm: LoadedModel, items: list[Item], prompt: PromptSpec, gen
             correct.append(grader(item, lm.tokenizer.decode(new[b, : int(lengths[b])], skip_special_tokens=True), prompt.mode)[1])
             tokens.append(int(lengths[b]))
     return correct, tokens
-
-
-def scores_of(probe, loader, method: str = "predict") -> tuple[torch.Tensor, list[str]]:
-    """``probe.<method>`` (its calibrated score; ``slow_helps`` for a difficulty probe's P(slow right | fast wrong))
-    over ``loader`` in eval mode, and the question ids, in order."""
-    probe.eval()
-    with torch.no_grad():
-        out = torch.cat([getattr(probe, method)(batch).float().cpu() for batch in loader])
-    ds = loader.dataset
-    return out, [ds.rows[i]["qid"] for i in ds.indices]

@@ -42,7 +42,8 @@ from kvprobe.metrics import auroc_or_nan
 from kvprobe.plots import pyplot
 from kvprobe.sampling import RULES, VoteTable, answer_classes, stopped_at
 from kvprobe.tasks import Item, grade, load_items
-from reports.common import quiet_fit, scores_of, write_report
+from kvprobe.study.run import scores
+from reports.common import quiet_fit, write_report
 
 DATA = "configs/data/qwen_sampled.yaml"
 SHIPPED = "checkpoints/qwen2.5-coder-0.5b"
@@ -92,7 +93,7 @@ def questions_of(dm, split: str, scores: dict[str, torch.Tensor]) -> list[Questi
 
 def probe_scores(probe, dm, split: str) -> torch.Tensor:
     """The probe's P(correct) of every answer of the split, in its order."""
-    return scores_of(probe, dm.val_dataloader() if split == "val" else dm.test_dataloader())[0]
+    return scores(probe, dm.val_dataloader() if split == "val" else dm.test_dataloader())
 
 
 def rule_at(qs: list[Question], rule: str, n: int, probe: str = "greedy") -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,7 @@ def header(gen: KVProbeGenerator, args, n: int, command: str) -> list[str]:
         f"verify / route+verify: a fast answer whose escalation score ({'1 - P(correct)' if s.escalate_on == 'wrong' else '(1 - P(correct)) x P(slow right | fast wrong)'}) "
         f"is above {s.escalate_above:.4f} is answered again in slow mode; route+verify sends a question straight to slow above "
         f"route score {_number(gen, s.verify_route_threshold):.4f} (both calibrated jointly on validation for route+verify, "
-        "python -m reports.cascade, where verify's own calibration is reported too). "
+        "the cascade report that made the shipped folder: checkpoints/README.md). "
         "Tokens count every decoded token of both modes and of both attempts; cue tokens are forced (fed, not decoded) and "
         "listed apart, as are prompt tokens. Confidence AUROC: the returned confidence (from the correctness probe of the "
         "mode each answer was written in) against the grades. "

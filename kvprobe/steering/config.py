@@ -42,7 +42,7 @@ class SteeringSpec:
         escalate_above: a fast answer whose escalation score is above this is answered again in slow mode.
         verify_route_threshold: ``route+verify``: the difficulty score above which a question goes straight to slow
             mode (a calibrated name or a number, like ``threshold``); ``None`` = ``threshold``. Calibrated jointly
-            with ``escalate_above`` by ``python -m reports.cascade``.
+            with ``escalate_above`` by ``kvprobe study`` (``kvprobe.cascade.calibrate``).
         samples: ``sample``: answers drawn per question (at most; fewer when early stopping settles sooner).
         select: ``sample``: the rule that picks the answer among them (``kvprobe.sampling``): ``vote``,
             ``probe_vote``, ``probe_best``, ``confidence_vote`` or ``max_prob_best``.

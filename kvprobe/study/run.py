@@ -89,11 +89,14 @@ def fit_probe(spec: StudySpec, config: str, data: dict, name: str, extra: list[s
     return {"results": results, "folder": folder, "cli": cli}
 
 
-def scores(probe, loader, qids: list[str], method: str = "predict") -> torch.Tensor:
-    """``probe.<method>`` over ``loader`` (eval mode), in the order of ``qids``."""
+def scores(probe, loader, qids: list[str] | None = None, method: str = "predict") -> torch.Tensor:
+    """``probe.<method>`` (its calibrated score; ``slow_helps`` for a difficulty probe's P(slow right | fast wrong))
+    over ``loader`` in eval mode, in the order of ``qids`` (None: the loader's order)."""
     probe.eval()
     with torch.no_grad():
         values = torch.cat([getattr(probe, method)(batch).float().cpu() for batch in loader])
+    if qids is None:
+        return values
     ds = loader.dataset
     where = {ds.rows[i]["qid"]: k for k, i in enumerate(ds.indices)}
     return values[[where[q] for q in qids]]

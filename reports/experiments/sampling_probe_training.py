@@ -40,7 +40,8 @@ from kvprobe.export import load_probe
 from kvprobe.metrics import auroc_or_nan
 from kvprobe.probes import CorrectnessProbe
 from kvprobe.sampling import first_settled
-from reports.common import quiet_fit, scores_of
+from kvprobe.study.run import scores as probe_scores
+from reports.common import quiet_fit
 from reports.sampling import (DATA, SHIPPED, WAVES, calibrate, cheapest, early, grouped_auroc, margins, paired,
                               questions_of, rule_at, waves, within_question_auroc)
 
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         fitted[name] = load_probe(folder)
     for name, probe in fitted.items():
         for s in SPLITS:
-            scores[s][name] = scores_of(probe, DataLoader(dm.datasets[s], batch_size=256))[0]
+            scores[s][name] = probe_scores(probe, DataLoader(dm.datasets[s], batch_size=256))
 
     splits = {s: features(dm, s) for s in SPLITS}
     full = splits["train"]
