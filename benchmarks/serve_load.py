@@ -172,10 +172,10 @@ async def short_behind_long(url: str, model: str, long_tokens: int) -> dict:
             "short_behind_long_over_alone": round(behind / alone, 3)}
 
 
-def in_process(generator: str, questions: list[str], policy: str, max_tokens: int) -> dict:
+def in_process(generator: str, questions: list[str], policy: str, max_tokens: int, dtype: str | None) -> dict:
     from kvprobe.steering import KVProbeGenerator
 
-    gen = KVProbeGenerator.from_pretrained(generator)
+    gen = KVProbeGenerator.from_pretrained(generator, dtype=dtype)
     gen.generate(questions[0], policy, max_new_tokens=max_tokens)  # warm-up, as the server's first request
     t0 = time.perf_counter()
     results = [gen.generate([{"role": "user", "content": q}], policy, max_new_tokens=max_tokens) for q in questions]
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-waiting", type=int, default=16)
+    p.add_argument("--dtype", default=None, help="the model's dtype in every server and in process (default: the folder's)")
     p.add_argument("--long-tokens", type=int, default=192, help="the long request of the short-behind-long check")
     p.add_argument("--deadline", type=float, default=1800, help="seconds for the whole run")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers serve comparison")
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     name = a.generator if "/" not in a.generator else os.path.basename(os.path.normpath(a.generator))
     cmd = [sys.executable, "-m", "kvprobe", "serve", a.generator, "--port", str(port), "--policy", a.policy,
            "--max-batch-size", str(a.max_batch_size), "--max-waiting", str(a.max_waiting), "--batch-wait-ms", "10",
-           "--log-level", "warning"]
+           "--log-level", "warning"] + (["--dtype", a.dtype] if a.dtype else [])
     with process(cmd, url, deadline, env):
         httpx.post(url + "/v1/chat/completions", json=warm | {"model": name}, timeout=600)
         levels = [asyncio.run(level(url, name, questions, c, a.max_tokens, {})) for c in a.concurrency]
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         cut = asyncio.run(short_behind_long(url, name, a.long_tokens))
         metrics = httpx.get(url + "/metrics").text
     probe_s = next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("kvprobe_probe_seconds_total ")), 0.0)
-    local = in_process(a.generator, questions, a.policy, a.max_tokens)
+    local = in_process(a.generator, questions, a.policy, a.max_tokens, a.dtype)
 
     theirs = []
     if not a.no_transformers:
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     c1 = by_c.get(1)
     same_text = c1 is not None and c1["texts"] == local["texts"]
     figures = {
-        "benchmark": "serve_load", "generator": a.generator, "policy": a.policy, "requests_per_level": a.requests,
+        "benchmark": "serve_load", "generator": a.generator, "policy": a.policy, "dtype": local["dtype"], "requests_per_level": a.requests,
         "max_tokens": a.max_tokens, "max_batch_size": a.max_batch_size, "max_waiting": a.max_waiting,
         "lost": sum(r["lost"] for r in levels), "failed": sum(r["failed"] for r in levels),
         "throughput_c8_over_c1": round(by_c[top]["tokens_per_s"] / c1["tokens_per_s"], 3) if c1 else None,

@@ -17,6 +17,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from conftest import real_assets_available
 from kvprobe.models import ModelSpec, load_model
@@ -389,6 +390,21 @@ def test_serve_refuses_bad_options():
     assert r.returncode == 2 and "--max-batch-size must be >= 1" in r.stderr
     r = subprocess.run([sys.executable, "-m", "kvprobe", "serve", "smollm2", "--policy", "oracle"], capture_output=True, text=True)
     assert r.returncode == 2 and "--policy" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kvprobe", "serve", "smollm2", "--dtype", "float8"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--dtype must be one of float32, bfloat16, float16" in r.stderr
+
+
+def test_dtype_loads_the_folder_in_that_dtype(trained, tmp_path):
+    """``--dtype`` (ServeSettings.dtype) reaches from_pretrained: the folder's model answers in bfloat16, and
+    /v1/models says so."""
+    lm = load_model(ModelSpec(name=str(trained["model"])))
+    root = trained["root"]
+    folder = KVProbeGenerator.from_probes(lm, root / "difficulty", [root / "correctness"]).save_pretrained(tmp_path / "gen")
+    with serving(None, path=str(folder), dtype="bfloat16") as (url, app):
+        info = httpx.get(url + "/v1/models").json()["data"][0]["kvprobe"]
+        assert info["dtype"] == "bfloat16" and app.state.server.gen.lm.model.dtype == torch.bfloat16
+        r = client(url).chat.completions.create(model="gen:fast", messages=chat(QUESTIONS[0]), max_tokens=4)
+        assert r.choices[0].finish_reason in ("stop", "length")
 
 
 @pytest.mark.integration

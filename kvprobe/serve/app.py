@@ -50,6 +50,7 @@ class ServeSettings:
     max_waiting: int = 64  # requests queued beyond this get 429 at once
     request_timeout: float = 600.0  # seconds from arrival to the last token
     max_n: int = 8
+    dtype: str | None = None  # the base model's dtype (kvprobe.models.DTYPES); None = the one the folder records
 
 
 def fingerprint(folder: Path | None) -> str:
@@ -116,7 +117,7 @@ class Server:
     def __init__(self, settings: ServeSettings, load=None):
         self.settings = settings
         self.metrics = Metrics()
-        self.worker = Worker(load or (lambda: KVProbeGenerator.from_pretrained(settings.path)), settings.max_batch_size,
+        self.worker = Worker(load or (lambda: KVProbeGenerator.from_pretrained(settings.path, dtype=settings.dtype)), settings.max_batch_size,
                              settings.batch_wait_ms, settings.max_waiting, self.metrics.batch_rows.observe)
         self.draining = False
         self._ready = None  # name, fingerprint, policies, eos: computed once the generator is loaded
@@ -428,7 +429,8 @@ def create_app(settings: ServeSettings, load=None) -> FastAPI:
         default = settings.policy or gen.steering.policy
         base = {"object": "model", "created": 0, "owned_by": "kvprobe"}
         rows = [base | {"id": name, "root": str(gen.path), "kvprobe": {"policies": policies, "default_policy": default,
-                                                                        "base_model": gen.lm.spec.name, "fingerprint": fp}}]
+                                                                        "base_model": gen.lm.spec.name, "dtype": gen.lm.spec.dtype,
+                                                                        "fingerprint": fp}}]
         rows += [base | {"id": f"{name}:{p}", "parent": name} for p in policies]
         return {"object": "list", "data": rows}
 

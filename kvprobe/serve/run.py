@@ -32,11 +32,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=d.max_waiting, help="queued requests beyond this get 429 at once")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds from arrival to the last token")
     p.add_argument("--max-n", type=int, default=d.max_n, help="the largest n a request may ask for")
+    p.add_argument("--dtype", default=None, help="the base model's dtype: float32, bfloat16 or float16 (default: the "
+                   "folder's; bfloat16 batches far better on CPUs with AVX512-BF16, docs/performance.md)")
     p.add_argument("--log-level", default="info")
     return p
 
 
 def settings_of(args: argparse.Namespace):
+    from kvprobe.models import DTYPES
     from kvprobe.serve.app import ServeSettings
     from kvprobe.steering.config import POLICIES
 
@@ -47,11 +50,14 @@ def settings_of(args: argparse.Namespace):
         raise ValueError("--batch-wait-ms must be >= 0 and --request-timeout > 0")
     if args.policy is not None and (args.policy not in POLICIES or args.policy == "oracle"):
         raise ValueError(f"--policy {args.policy!r} is not one of {POLICIES[:-1]}")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {args.dtype!r}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, not {args.port}")
     return ServeSettings(path=args.path, policy=args.policy, api_key=args.api_key or None,
                          max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                         max_waiting=args.max_waiting, request_timeout=args.request_timeout, max_n=args.max_n)
+                         max_waiting=args.max_waiting, request_timeout=args.request_timeout, max_n=args.max_n,
+                         dtype=args.dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
