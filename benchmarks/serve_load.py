@@ -8,8 +8,8 @@ server process (`kvprobe serve`, greedy, the chosen policy) answers `--requests`
 concurrency; then the same prompts run one by one through `KVProbeGenerator.generate` in this process, and through
 `transformers serve` on the same base model folder at the same concurrencies (its answers are unsteered: the plain
 chat, no mode instruction, so their lengths differ: compare tokens/s). Then an overload pass sends twice the
-server's capacity (batch + queue) at once: no 5xx, how soon the first 429 comes back, and, while the server is
-full, how long single requests take to be refused (each from its own send). Then a short request
+server's capacity (batch + queue) at once: no 5xx, and how soon the first 429 comes back; then the server is filled
+with long requests and single requests are timed from their own send to their 429. Then a short request
 (8 tokens) is timed alone and sent 0.3 s after a long one (same policy, `--long-tokens`): with continuous
 batching it joins the long one's batch.
 
@@ -128,35 +128,54 @@ async def level(url: str, model: str, questions: list[str], concurrency: int, ma
             "p50_e2e_s": round(pct(e2e, 0.5), 4), "p95_e2e_s": round(pct(e2e, 0.95), 4), "texts": [r["text"] for r in runs]}
 
 
-async def overload(url: str, model: str, count: int, max_tokens: int, probes: int = 5) -> dict:
+async def overload(url: str, model: str, count: int, max_tokens: int) -> dict:
     """``count`` requests at once (non-streamed): statuses, and when the first 429 came back (from the burst's start,
-    which includes this process opening ``count`` connections on the same cores). Then, while the server is full
-    (a 429 has come back), ``probes`` more requests one at a time, each timed from its own send: how soon a full
-    server refuses a request."""
+    which includes this process opening ``count`` connections on the same cores)."""
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=count + 4)) as client:
         t0 = time.perf_counter()
 
-        async def ask(i, start):
+        async def ask(i):
             try:
                 r = await client.post(url + "/v1/chat/completions", json={
                     "model": model, "messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "max_tokens": max_tokens})
-                return r.status_code, time.perf_counter() - start
+                return r.status_code, time.perf_counter() - t0
             except httpx.HTTPError:
-                return None, time.perf_counter() - start
+                return None, time.perf_counter() - t0
 
-        burst = [asyncio.create_task(ask(i, t0)) for i in range(count)]
-        while not any(t.done() and t.result()[0] == 429 for t in burst) and not all(t.done() for t in burst):
-            await asyncio.sleep(0.005)
-        full = [await ask(count + i, time.perf_counter()) for i in range(probes)]
-        runs = await asyncio.gather(*burst)
+        runs = await asyncio.gather(*[ask(i) for i in range(count)])
     first_429 = min((t for s, t in runs if s == 429), default=None)
-    refused = [t for s, t in full if s == 429]
-    everything = runs + full
-    return {"requests": count, "ok": sum(s == 200 for s, _ in everything), "rejected_429": sum(s == 429 for s, _ in everything),
-            "5xx": sum(s is not None and s >= 500 for s, _ in everything), "lost": sum(s is None for s, _ in everything),
-            "first_429_s": None if first_429 is None else round(first_429, 4),
-            "full_probes": probes, "full_probes_429": len(refused),
-            "full_429_max_s": round(max(refused), 4) if refused else None, "full_429_p50_s": round(pct(refused, 0.5), 4) if refused else None}
+    return {"requests": count, "ok": sum(s == 200 for s, _ in runs), "rejected_429": sum(s == 429 for s, _ in runs),
+            "5xx": sum(s is not None and s >= 500 for s, _ in runs), "lost": sum(s is None for s, _ in runs),
+            "first_429_s": None if first_429 is None else round(first_429, 4)}
+
+
+async def refused_when_full(url: str, model: str, capacity: int, fill_tokens: int, probes: int = 5) -> dict:
+    """Fill the server with ``capacity`` long streamed requests, wait until its queue is full (``/metrics``), then
+    send ``probes`` requests one at a time, each timed from its own send to its answer; then the long ones hang up
+    (the server frees their rows) and the server is left idle."""
+    waiting = lambda: sum(float(line.split()[-1]) for line in httpx.get(url + "/metrics").text.splitlines()  # noqa: E731
+                          if line.startswith(("kvprobe_requests_waiting ", "kvprobe_requests_running ")))
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=capacity + 4)) as client:
+        long = {"model": model, "messages": [{"role": "user", "content": "Count from 1 to 1000, one number a line."}],
+                "max_tokens": fill_tokens}
+        fill = [asyncio.create_task(one(client, url, long)) for _ in range(capacity)]
+        deadline = time.time() + 120
+        while (await asyncio.to_thread(waiting)) < capacity and time.time() < deadline:
+            await asyncio.sleep(0.05)
+        full = []
+        for _ in range(probes):
+            t0 = time.perf_counter()
+            r = await client.post(url + "/v1/chat/completions", json={"model": model, "max_tokens": 8, "messages": [
+                {"role": "user", "content": "What is 2 + 3?"}]})
+            full.append((r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")))
+        for task in fill:
+            task.cancel()
+        await asyncio.gather(*fill, return_exceptions=True)
+    while (await asyncio.to_thread(waiting)) > 0 and time.time() < deadline + 60:
+        await asyncio.sleep(0.1)
+    refused = [t for s, t, _ in full if s == 429]
+    return {"probes": probes, "refused_429": len(refused), "with_retry_after": sum(s == 429 and ra is not None for s, _, ra in full),
+            "max_s": round(max(refused), 4) if refused else None, "p50_s": round(pct(refused, 0.5), 4) if refused else None}
 
 
 async def short_behind_long(url: str, model: str, long_tokens: int) -> dict:
@@ -195,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-waiting", type=int, default=16)
     p.add_argument("--dtype", default=None, help="the model's dtype in every server and in process (default: the folder's)")
+    p.add_argument("--fill-tokens", type=int, default=1024, help="the token cap of the requests that fill the server")
     p.add_argument("--long-tokens", type=int, default=192, help="the long request of the short-behind-long check")
     p.add_argument("--deadline", type=float, default=1800, help="seconds for the whole run")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers serve comparison")
@@ -215,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         httpx.post(url + "/v1/chat/completions", json=warm | {"model": name}, timeout=600)
         levels = [asyncio.run(level(url, name, questions, c, a.max_tokens, {})) for c in a.concurrency]
         over = asyncio.run(overload(url, name, 2 * (a.max_batch_size + a.max_waiting), a.max_tokens))
+        over["when_full"] = asyncio.run(refused_when_full(url, name, a.max_batch_size + a.max_waiting, a.fill_tokens))
         cut = asyncio.run(short_behind_long(url, name, a.long_tokens))
         metrics = httpx.get(url + "/metrics").text
     probe_s = next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("kvprobe_probe_seconds_total ")), 0.0)
@@ -247,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         "p95_ttft_s": {r["concurrency"]: r["p95_ttft_s"] for r in levels},
         "p95_e2e_s": {r["concurrency"]: r["p95_e2e_s"] for r in levels},
         "over_transformers_serve": None, "transformers_serve": None,
-        "overload_5xx": over["5xx"], "overload_first_429_s": over["first_429_s"], "overload_full_429_max_s": over["full_429_max_s"],
+        "overload_5xx": over["5xx"], "overload_first_429_s": over["first_429_s"], "overload_full_429_max_s": over["when_full"]["max_s"],
         "overload": over,
         **cut,
         "levels": [{k: v for k, v in r.items() if k != "texts"} for r in levels],

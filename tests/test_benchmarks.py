@@ -93,10 +93,12 @@ def test_serve_load_reduced(trained, tmp_path):
     out = tmp_path / "serve_load.json"
     figures = load("serve_load").main(["--generator", str(folder), "--requests", "3", "--concurrency", "1", "2",
                                        "--max-tokens", "6", "--max-batch-size", "2", "--max-waiting", "2",
-                                       "--long-tokens", "12", "--no-transformers", "--deadline", "300", "--out", str(out)])
+                                       "--long-tokens", "12", "--fill-tokens", "400", "--no-transformers", "--deadline", "300", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(figures))
     assert figures["lost"] == 0 and figures["failed"] == 0 and figures["overload_5xx"] == 0
     assert figures["greedy_text_equal_in_process_c1"]  # the served greedy answers are the in-process ones
     over = figures["overload"]
-    assert over["requests"] == 8 and over["ok"] + over["rejected_429"] == 8 + over["full_probes"] and over["rejected_429"] >= 1
+    assert over["requests"] == 8 and over["ok"] + over["rejected_429"] == 8 and over["rejected_429"] >= 1
+    full = over["when_full"]  # a full server refuses every further request, with Retry-After
+    assert full["refused_429"] == full["with_retry_after"] == full["probes"] == 5 and full["max_s"] > 0
     assert [r["requests"] for r in figures["levels"]] == [3, 3] and figures["throughput_c8_over_c1"] > 0
