@@ -5,8 +5,9 @@
 
 Everything runs against 127.0.0.1 only, with a fixed number of requests per level and a global deadline. One
 server process (`kvprobe serve`, greedy, the chosen policy) answers `--requests` streamed chat requests at each
-concurrency; then the same prompts run one by one through `KVProbeGenerator.generate` in this process, and through
-`transformers serve` on the same base model folder at the same concurrencies (its answers are unsteered: the plain
+concurrency; then, alternated `--pairs` times, the server at concurrency 1 and the same prompts one by one through
+`KVProbeGenerator.generate` in this process. `transformers serve` then runs on the same base model folder at the
+same concurrencies (its answers are unsteered: the plain
 chat, no mode instruction, so their lengths differ: compare tokens/s). Then an overload pass sends twice the
 server's capacity (batch + queue) at once: no 5xx, and how soon the first 429 comes back; then the server is filled
 with long requests and single requests are timed from their own send to their 429. Then a short request
@@ -15,7 +16,8 @@ batching it joins the long one's batch.
 
 Figures: `lost` (no answer at all), `failed` (an error status outside the overload pass), completion tokens/s per
 level, p50/p95 time to first token and end to end, `throughput_c8_over_c1`, `overhead_c1_over_in_process` (server
-wall at concurrency 1 / in-process wall), `steering_share` (probe seconds / wall, in process),
+wall at concurrency 1 / in-process wall, the median of the alternated passes), `steering_share` (probe seconds /
+wall, in process),
 `over_transformers_serve` (kvprobe tokens/s / transformers serve tokens/s at concurrency 8, or the highest level
 run), `overload_5xx`, `overload_first_429_s`, `overload_full_429_max_s`, `short_behind_long_over_alone`.
 """
@@ -159,8 +161,8 @@ async def refused_when_full(url: str, model: str, capacity: int, fill_tokens: in
         long = {"model": model, "messages": [{"role": "user", "content": "Count from 1 to 1000, one number a line."}],
                 "max_tokens": fill_tokens}
         fill = [asyncio.create_task(one(client, url, long)) for _ in range(capacity)]
-        deadline = time.time() + 120
-        while (await asyncio.to_thread(waiting)) < capacity and time.time() < deadline:
+        deadline = time.time() + 60
+        while (await asyncio.to_thread(waiting)) < capacity and time.time() < deadline and not all(t.done() for t in fill):
             await asyncio.sleep(0.05)
         full = []
         for _ in range(probes):
@@ -191,17 +193,23 @@ async def short_behind_long(url: str, model: str, long_tokens: int) -> dict:
             "short_behind_long_over_alone": round(behind / alone, 3)}
 
 
-def in_process(generator: str, questions: list[str], policy: str, max_tokens: int, dtype: str | None) -> dict:
-    from kvprobe.steering import KVProbeGenerator
+class InProcess:
+    """The same prompts one by one through ``KVProbeGenerator.generate`` in this process (loaded once, warmed up)."""
 
-    gen = KVProbeGenerator.from_pretrained(generator, dtype=dtype)
-    gen.generate(questions[0], policy, max_new_tokens=max_tokens)  # warm-up, as the server's first request
-    t0 = time.perf_counter()
-    results = [gen.generate([{"role": "user", "content": q}], policy, max_new_tokens=max_tokens) for q in questions]
-    wall = time.perf_counter() - t0
-    return {"wall_s": round(wall, 3), "texts": [r.text for r in results], "source": gen.lm.source, "dtype": gen.lm.spec.dtype,
-            "steering_share": round(sum(r.probe_seconds for r in results) / sum(r.seconds for r in results), 5),
-            "completion_tokens": sum(len(r.token_ids) for r in results)}
+    def __init__(self, generator: str, policy: str, max_tokens: int, dtype: str | None):
+        from kvprobe.steering import KVProbeGenerator
+
+        self.gen, self.policy, self.max_tokens = KVProbeGenerator.from_pretrained(generator, dtype=dtype), policy, max_tokens
+        self.gen.generate("What is 1 + 1?", policy, max_new_tokens=max_tokens)  # warm-up, as the server's first request
+
+    def run(self, questions: list[str]) -> dict:
+        gen = self.gen
+        t0 = time.perf_counter()
+        results = [gen.generate([{"role": "user", "content": q}], self.policy, max_new_tokens=self.max_tokens) for q in questions]
+        wall = time.perf_counter() - t0
+        return {"wall_s": round(wall, 3), "texts": [r.text for r in results], "source": gen.lm.source, "dtype": gen.lm.spec.dtype,
+                "steering_share": round(sum(r.probe_seconds for r in results) / sum(r.seconds for r in results), 5),
+                "completion_tokens": sum(len(r.token_ids) for r in results)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -214,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-waiting", type=int, default=16)
     p.add_argument("--dtype", default=None, help="the model's dtype in every server and in process (default: the folder's)")
+    p.add_argument("--pairs", type=int, default=3, help="alternated server / in-process passes for the overhead")
     p.add_argument("--fill-tokens", type=int, default=1024, help="the token cap of the requests that fill the server")
     p.add_argument("--long-tokens", type=int, default=192, help="the long request of the short-behind-long check")
     p.add_argument("--deadline", type=float, default=1800, help="seconds for the whole run")
@@ -231,15 +240,22 @@ def main(argv: list[str] | None = None) -> dict:
     cmd = [sys.executable, "-m", "kvprobe", "serve", a.generator, "--port", str(port), "--policy", a.policy,
            "--max-batch-size", str(a.max_batch_size), "--max-waiting", str(a.max_waiting), "--batch-wait-ms", "10",
            "--log-level", "warning"] + (["--dtype", a.dtype] if a.dtype else [])
+    mine = InProcess(a.generator, a.policy, a.max_tokens, a.dtype)
     with process(cmd, url, deadline, env):
         httpx.post(url + "/v1/chat/completions", json=warm | {"model": name}, timeout=600)
         levels = [asyncio.run(level(url, name, questions, c, a.max_tokens, {})) for c in a.concurrency]
+        # The overhead: the server at concurrency 1 and the same prompts in process, alternated (this machine's speed
+        # drifts by ~10% over minutes, so two runs minutes apart do not compare); the median ratio.
+        pairs = []
+        for _ in range(a.pairs):
+            served = asyncio.run(level(url, name, questions, 1, a.max_tokens, {}))
+            local = mine.run(questions)
+            pairs.append({"server_s": served["wall_s"], "in_process_s": local["wall_s"], "same_text": served["texts"] == local["texts"]})
         over = asyncio.run(overload(url, name, 2 * (a.max_batch_size + a.max_waiting), a.max_tokens))
         over["when_full"] = asyncio.run(refused_when_full(url, name, a.max_batch_size + a.max_waiting, a.fill_tokens))
         cut = asyncio.run(short_behind_long(url, name, a.long_tokens))
         metrics = httpx.get(url + "/metrics").text
     probe_s = next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("kvprobe_probe_seconds_total ")), 0.0)
-    local = in_process(a.generator, questions, a.policy, a.max_tokens, a.dtype)
 
     theirs = []
     if not a.no_transformers:
@@ -254,14 +270,15 @@ def main(argv: list[str] | None = None) -> dict:
     by_c = {r["concurrency"]: r for r in levels}
     top = 8 if 8 in by_c else max(by_c)
     c1 = by_c.get(1)
-    same_text = c1 is not None and c1["texts"] == local["texts"]
+    same_text = all(p["same_text"] for p in pairs) and (c1 is None or c1["texts"] == local["texts"])
+    ratios = sorted(p["server_s"] / p["in_process_s"] for p in pairs)
     figures = {
         "benchmark": "serve_load", "generator": a.generator, "policy": a.policy, "dtype": local["dtype"], "requests_per_level": a.requests,
         "max_tokens": a.max_tokens, "max_batch_size": a.max_batch_size, "max_waiting": a.max_waiting,
         "lost": sum(r["lost"] for r in levels), "failed": sum(r["failed"] for r in levels),
         "throughput_c8_over_c1": round(by_c[top]["tokens_per_s"] / c1["tokens_per_s"], 3) if c1 else None,
         "throughput_level": top,
-        "overhead_c1_over_in_process": round(c1["wall_s"] / local["wall_s"], 4) if c1 else None,
+        "overhead_c1_over_in_process": round(ratios[len(ratios) // 2], 4), "overhead_pairs": pairs,
         "greedy_text_equal_in_process_c1": same_text,
         "steering_share": local["steering_share"],
         "server_probe_seconds_over_c1_wall": round(probe_s / sum(r["wall_s"] for r in levels), 5),
