@@ -158,9 +158,9 @@ async def refused_when_full(url: str, model: str, capacity: int, fill_tokens: in
     waiting = lambda: sum(float(line.split()[-1]) for line in httpx.get(url + "/metrics").text.splitlines()  # noqa: E731
                           if line.startswith(("kvprobe_requests_waiting ", "kvprobe_requests_running ")))
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=capacity + 4)) as client:
-        long = {"model": model, "messages": [{"role": "user", "content": "Count from 1 to 1000, one number a line."}],
-                "max_tokens": fill_tokens}
-        fill = [asyncio.create_task(one(client, url, long)) for _ in range(capacity)]
+        long = lambda i: {"model": model + ":slow", "max_tokens": fill_tokens, "messages": [  # noqa: E731
+            {"role": "user", "content": f"Write the numbers from {7 + i} to 400 in words, one per line."}]}  # SmolLM2: to the cap
+        fill = [asyncio.create_task(one(client, url, long(i))) for i in range(capacity)]
         deadline = time.time() + 60
         while (await asyncio.to_thread(waiting)) < capacity and time.time() < deadline and not all(t.done() for t in fill):
             await asyncio.sleep(0.05)
