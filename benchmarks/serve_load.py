@@ -151,19 +151,20 @@ async def overload(url: str, model: str, count: int, max_tokens: int) -> dict:
             "first_429_s": None if first_429 is None else round(first_429, 4)}
 
 
-async def refused_when_full(url: str, model: str, capacity: int, fill_tokens: int, probes: int = 5) -> dict:
-    """Fill the server with ``capacity`` long streamed requests, wait until its queue is full (``/metrics``), then
-    send ``probes`` requests one at a time, each timed from its own send to its answer; then the long ones hang up
-    (the server frees their rows) and the server is left idle."""
-    waiting = lambda: sum(float(line.split()[-1]) for line in httpx.get(url + "/metrics").text.splitlines()  # noqa: E731
-                          if line.startswith(("kvprobe_requests_waiting ", "kvprobe_requests_running ")))
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=capacity + 4)) as client:
+async def refused_when_full(url: str, model: str, capacity: int, max_waiting: int, fill_tokens: int, probes: int = 5) -> dict:
+    """Fill the server with long streamed requests, one at a time until ``/metrics`` says ``max_waiting`` are queued,
+    then send ``probes`` requests one at a time, each timed from its own send to its answer; then the long ones hang
+    up (the server frees their rows) and the server is left idle."""
+    gauge = lambda name: sum(float(line.split()[-1]) for line in httpx.get(url + "/metrics").text.splitlines()  # noqa: E731
+                             if line.startswith(name + " "))
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=2 * capacity + 8)) as client:
         long = lambda i: {"model": model + ":slow", "max_tokens": fill_tokens, "messages": [  # noqa: E731
             {"role": "user", "content": f"Write the numbers from {7 + i} to 400 in words, one per line."}]}  # SmolLM2: to the cap
-        fill = [asyncio.create_task(one(client, url, long(i))) for i in range(capacity)]
-        deadline = time.time() + 60
-        while (await asyncio.to_thread(waiting)) < capacity and time.time() < deadline and not all(t.done() for t in fill):
-            await asyncio.sleep(0.05)
+        fill, deadline = [], time.time() + 60
+        while await asyncio.to_thread(gauge, "kvprobe_requests_waiting") < max_waiting and len(fill) < 2 * capacity \
+                and time.time() < deadline:
+            fill.append(asyncio.create_task(one(client, url, long(len(fill)))))
+            await asyncio.sleep(0.1)
         full = []
         for _ in range(probes):
             t0 = time.perf_counter()
@@ -173,7 +174,8 @@ async def refused_when_full(url: str, model: str, capacity: int, fill_tokens: in
         for task in fill:
             task.cancel()
         await asyncio.gather(*fill, return_exceptions=True)
-    while (await asyncio.to_thread(waiting)) > 0 and time.time() < deadline + 60:
+    while await asyncio.to_thread(lambda: gauge("kvprobe_requests_waiting") + gauge("kvprobe_requests_running")) > 0 \
+            and time.time() < deadline + 60:
         await asyncio.sleep(0.1)
     refused = [t for s, t, _ in full if s == 429]
     return {"probes": probes, "refused_429": len(refused), "with_retry_after": sum(s == 429 and ra is not None for s, _, ra in full),
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
             local = mine.run(questions)
             pairs.append({"server_s": served["wall_s"], "in_process_s": local["wall_s"], "same_text": served["texts"] == local["texts"]})
         over = asyncio.run(overload(url, name, 2 * (a.max_batch_size + a.max_waiting), a.max_tokens))
-        over["when_full"] = asyncio.run(refused_when_full(url, name, a.max_batch_size + a.max_waiting, a.fill_tokens))
+        over["when_full"] = asyncio.run(refused_when_full(url, name, a.max_batch_size + a.max_waiting, a.max_waiting, a.fill_tokens))
         cut = asyncio.run(short_behind_long(url, name, a.long_tokens))
         metrics = httpx.get(url + "/metrics").text
     probe_s = next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("kvprobe_probe_seconds_total ")), 0.0)

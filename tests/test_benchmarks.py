@@ -102,3 +102,13 @@ def test_serve_load_reduced(trained, tmp_path):
     full = over["when_full"]  # a tiny model may finish its fill requests before the probes: refusals are not certain
     assert full["probes"] == 5 and full["with_retry_after"] == full["refused_429"] <= 5
     assert [r["requests"] for r in figures["levels"]] == [3, 3] and figures["throughput_c8_over_c1"] > 0
+
+
+def test_decode_step_reduced(tiny_models, tmp_path):
+    out = tmp_path / "decode_step.json"
+    figures = load("decode_step").main(["--model", str(tiny_models["llama"]), "--rows", "1", "2", "--steps", "2",
+                                        "--prompt-tokens", "5", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(figures))
+    for dtype in ("float32", "bfloat16"):
+        assert written[dtype]["step_over_1_row"]["1"] == 1.0 and written[dtype]["step_ms"]["2"] > 0
