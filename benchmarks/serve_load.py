@@ -17,7 +17,7 @@ batching it joins the long one's batch.
 Figures: `lost` (no answer at all), `failed` (an error status outside the overload pass), completion tokens/s per
 level, p50/p95 time to first token and end to end, `throughput_c8_over_c1`, `overhead_c1_over_in_process` (server
 wall at concurrency 1 / in-process wall, the median of the alternated passes), `steering_share` (probe seconds /
-wall, in process),
+wall, in process), `server_steering_share` (the server's probe seconds over the concurrency levels / their wall),
 `over_transformers_serve` (kvprobe tokens/s / transformers serve tokens/s at concurrency 8, or the highest level
 run), `overload_5xx`, `overload_first_429_s`, `overload_full_429_max_s`, `short_behind_long_over_alone`.
 """
@@ -101,6 +101,12 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
         out["error"] = repr(err)
     out["e2e"] = time.perf_counter() - t0
     return out
+
+
+def probe_seconds(url: str) -> float:
+    """The server's probe seconds so far (``/metrics``)."""
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return next((float(line.split()[-1]) for line in lines if line.startswith("kvprobe_probe_seconds_total ")), 0.0)
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -245,7 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
     mine = InProcess(a.generator, a.policy, a.max_tokens, a.dtype)
     with process(cmd, url, deadline, env):
         httpx.post(url + "/v1/chat/completions", json=warm | {"model": name}, timeout=600)
+        before = probe_seconds(url)
         levels = [asyncio.run(level(url, name, questions, c, a.max_tokens, {})) for c in a.concurrency]
+        levels_probe_s = probe_seconds(url) - before
         # The overhead: the server at concurrency 1 and the same prompts in process, alternated (this machine's speed
         # drifts by ~10% over minutes, so two runs minutes apart do not compare); the median ratio.
         pairs = []
@@ -256,8 +264,6 @@ def main(argv: list[str] | None = None) -> dict:
         over = asyncio.run(overload(url, name, 2 * (a.max_batch_size + a.max_waiting), a.max_tokens))
         over["when_full"] = asyncio.run(refused_when_full(url, name, a.max_batch_size + a.max_waiting, a.max_waiting, a.fill_tokens))
         cut = asyncio.run(short_behind_long(url, name, a.long_tokens))
-        metrics = httpx.get(url + "/metrics").text
-    probe_s = next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("kvprobe_probe_seconds_total ")), 0.0)
 
     theirs = []
     if not a.no_transformers:
@@ -283,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
         "overhead_c1_over_in_process": round(ratios[len(ratios) // 2], 4), "overhead_pairs": pairs,
         "greedy_text_equal_in_process_c1": same_text,
         "steering_share": local["steering_share"],
-        "server_probe_seconds_over_c1_wall": round(probe_s / sum(r["wall_s"] for r in levels), 5),
+        "server_steering_share": round(levels_probe_s / sum(r["wall_s"] for r in levels), 5),
         "p95_ttft_s": {r["concurrency"]: r["p95_ttft_s"] for r in levels},
         "p95_e2e_s": {r["concurrency"]: r["p95_e2e_s"] for r in levels},
         "over_transformers_serve": None, "transformers_serve": None,
