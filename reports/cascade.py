@@ -17,7 +17,10 @@ CONFIG = "configs/study_mix.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return study(["--config", CONFIG, *(sys.argv[1:] if argv is None else argv)])
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)  # then the study's own options
+    return study(["--config", CONFIG, *argv])
 
 
 if __name__ == "__main__":
