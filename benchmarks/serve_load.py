@@ -103,10 +103,10 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     return out
 
 
-def probe_seconds(url: str) -> float:
-    """The server's probe seconds so far (``/metrics``)."""
+def metric(url: str, name: str) -> float:
+    """A metric's value from the server's ``/metrics`` (0 when absent)."""
     lines = httpx.get(url + "/metrics").text.splitlines()
-    return next((float(line.split()[-1]) for line in lines if line.startswith("kvprobe_probe_seconds_total ")), 0.0)
+    return next((float(line.split()[-1]) for line in lines if line.startswith(name + " ")), 0.0)
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -127,8 +127,8 @@ async def level(url: str, model: str, questions: list[str], concurrency: int, ma
         runs = await asyncio.gather(*[ask(q) for q in questions])
         wall = time.perf_counter() - t0
     ok = [r for r in runs if r["status"] == 200]
-    ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None) or [float("nan")]
-    e2e = sorted(r["e2e"] for r in ok) or [float("nan")]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None] or [float("nan")]
+    e2e = [r["e2e"] for r in ok] or [float("nan")]
     return {"concurrency": concurrency, "requests": len(runs), "lost": sum(r["status"] is None for r in runs),
             "failed": sum(r["status"] not in (None, 200) for r in runs), "wall_s": round(wall, 3),
             "completion_tokens": sum(r["tokens"] for r in ok), "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 3),
@@ -161,13 +161,11 @@ async def refused_when_full(url: str, model: str, capacity: int, max_waiting: in
     """Fill the server with long streamed requests, one at a time until ``/metrics`` says ``max_waiting`` are queued,
     then send ``probes`` requests one at a time, each timed from its own send to its answer; then the long ones hang
     up (the server frees their rows) and the server is left idle."""
-    gauge = lambda name: sum(float(line.split()[-1]) for line in httpx.get(url + "/metrics").text.splitlines()  # noqa: E731
-                             if line.startswith(name + " "))
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=2 * capacity + 8)) as client:
         long = lambda i: {"model": model + ":slow", "max_tokens": fill_tokens, "messages": [  # noqa: E731
             {"role": "user", "content": f"Write the numbers from {7 + i} to 400 in words, one per line."}]}  # SmolLM2: to the cap
         fill, deadline = [], time.time() + 60
-        while await asyncio.to_thread(gauge, "kvprobe_requests_waiting") < max_waiting and len(fill) < 2 * capacity \
+        while await asyncio.to_thread(metric, url, "kvprobe_requests_waiting") < max_waiting and len(fill) < 2 * capacity \
                 and time.time() < deadline:
             fill.append(asyncio.create_task(one(client, url, long(len(fill)))))
             await asyncio.sleep(0.1)
@@ -180,7 +178,7 @@ async def refused_when_full(url: str, model: str, capacity: int, max_waiting: in
         for task in fill:
             task.cancel()
         await asyncio.gather(*fill, return_exceptions=True)
-    while await asyncio.to_thread(lambda: gauge("kvprobe_requests_waiting") + gauge("kvprobe_requests_running")) > 0 \
+    while await asyncio.to_thread(lambda: metric(url, "kvprobe_requests_waiting") + metric(url, "kvprobe_requests_running")) > 0 \
             and time.time() < deadline + 60:
         await asyncio.sleep(0.1)
     refused = [t for s, t, _ in full if s == 429]
@@ -237,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers serve comparison")
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
     a = p.parse_args(argv)
+    if a.pairs < 1:
+        p.error("--pairs must be >= 1: the overhead is their median")
     deadline = time.time() + a.deadline
     questions = prompts(a.requests)
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
@@ -251,9 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
     mine = InProcess(a.generator, a.policy, a.max_tokens, a.dtype)
     with process(cmd, url, deadline, env):
         httpx.post(url + "/v1/chat/completions", json=warm | {"model": name}, timeout=600)
-        before = probe_seconds(url)
+        before = metric(url, "kvprobe_probe_seconds_total")
         levels = [asyncio.run(level(url, name, questions, c, a.max_tokens, {})) for c in a.concurrency]
-        levels_probe_s = probe_seconds(url) - before
+        levels_probe_s = metric(url, "kvprobe_probe_seconds_total") - before
         # The overhead: the server at concurrency 1 and the same prompts in process, alternated (this machine's speed
         # drifts by ~10% over minutes, so two runs minutes apart do not compare); the median ratio.
         pairs = []

@@ -99,7 +99,8 @@ def evaluate(gen: KVProbeGenerator, dm, split: str = "test", policies=GREEDY_POL
     indices = ds.indices[:limit]
     # The questions as their task loads them (choices and all), each graded by its task's grader, as captured.
     tasks = [dm.capture.task] + ([dm.extra_train] if dm.extra_train else [])
-    known = {item.qid: (item, grader_of(task)) for task in tasks for item in load_items(task)}
+    graders = [grader_of(task) for task in tasks]
+    known = {item.qid: (item, g) for task, g in zip(tasks, graders) for item in load_items(task)}
     items = [known[ds.rows[g]["qid"]][0] for g in indices]
     grader = lambda item, response, mode: known[item.qid][1](item, response, mode)
     idx = torch.tensor(indices)

@@ -228,8 +228,8 @@ def markdown(spec, study: dict, policies, results, fixed, best, head: str, png: 
                   f"| simulated | {v['offline_accuracy']:.3f} | {v['offline_tokens_over_slow']:.2f} | | | | | |", "",
                   f"Same decision on {ag['decisions']:.1%} of the questions, same grade on {ag['grades']:.1%}, both on "
                   f"{ag['both']:.1%}; live minus simulated accuracy {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] "
-                  "(paired bootstrap). A question can differ where a batched live decode picks another token at a near tie "
-                  "than the capture did (left padding changes the arithmetic in the last bits)."]
+                  "(paired bootstrap). A question can differ where a live batch takes another token than the capture's "
+                  "batch did at a near tie."]
     lines += ["", "## Choices made on validation", "",
               f"- Router for `route+verify (wrong)`: `{plan['router']}` (between the difficulty probe and a logistic "
               "regression on the same prompt-window KV, by validation accuracy at the headline budget).",
