@@ -1,25 +1,29 @@
 """kvprobe serve under load, against the same prompts in process and through `transformers serve`.
 
-    python benchmarks/serve_load.py                          # SmolLM2's shipped generator, ~10 min on 2 cores
+    python benchmarks/serve_load.py --dtype bfloat16         # SmolLM2's shipped generator, ~20 min on 2 cores
     python benchmarks/serve_load.py --generator FOLDER --requests 2 --concurrency 1 2 --no-transformers   # reduced
 
-Everything runs against 127.0.0.1 only, with a fixed number of requests per level and a global deadline. One
-server process (`kvprobe serve`, greedy, the chosen policy) answers `--requests` streamed chat requests at each
-concurrency; then, alternated `--pairs` times, the server at concurrency 1 and the same prompts one by one through
-`KVProbeGenerator.generate` in this process. `transformers serve` then runs on the same base model folder at the
-same concurrencies (its answers are unsteered: the plain
-chat, no mode instruction, so their lengths differ: compare tokens/s). Then an overload pass sends twice the
-server's capacity (batch + queue) at once: no 5xx, and how soon the first 429 comes back; then the server is filled
-with long requests and single requests are timed from their own send to their 429. Then a short request
-(8 tokens) is timed alone and sent 0.3 s after a long one (same policy, `--long-tokens`): with continuous
-batching it joins the long one's batch.
+Everything runs against 127.0.0.1 only, with a fixed number of requests per level and a global deadline. Three
+servers run side by side, each idle while another answers: `kvprobe serve` (greedy, the chosen policy, default
+settings) and `transformers serve` on the same base model folder and dtype, on its default path and with its
+continuous batching. transformers serve does not route, so it is sent the chats the generator answered in (the
+question with the instruction of the mode the router chose): both decode the same text, and kvprobe also routes
+and scores every answer. This machine's speed drifts by ~10% over minutes, so nothing is compared across minutes:
+at concurrency 1 every request goes to kvprobe serve, to `KVProbeGenerator.generate` in this process and to both
+transformers serve paths in turn before the next request (`--pairs` passes, the order rotating); at the other
+concurrencies the servers take turns level by level, `--pairs` rounds, and each round's ratio is taken before the
+median. Then an overload pass sends twice the server's capacity (batch + queue) at once on connections opened
+beforehand: no 5xx, and when the first and the last 429 come back; then the server is filled with long requests and
+single requests are timed from their own send to their 429. Then a short request (8 tokens) is timed alone and
+sent 0.3 s after a long one (same policy, `--long-tokens`): with continuous batching it joins the long one's batch.
 
 Figures: `lost` (no answer at all), `failed` (an error status outside the overload pass), completion tokens/s per
-level, p50/p95 time to first token and end to end, `throughput_c8_over_c1`, `overhead_c1_over_in_process` (server
-wall at concurrency 1 / in-process wall, the median of the alternated passes), `steering_share` (probe seconds /
-wall, in process), `server_steering_share` (the server's probe seconds over the concurrency levels / their wall),
-`over_transformers_serve` (kvprobe tokens/s / transformers serve tokens/s at concurrency 8, or the highest level
-run), `overload_5xx`, `overload_first_429_s`, `overload_full_429_max_s`, `short_behind_long_over_alone`.
+level, p50/p95 time to first token and end to end, `throughput_c8_over_c1`, `overhead_c1_over_in_process` (kvprobe
+serve's time over the in-process time, summed over the interleaved requests), `steering_share` (probe seconds /
+wall, in process), `server_steering_share` (the server's probe seconds / its time in the levels),
+`over_transformers_serve` (kvprobe tokens/s over the faster transformers serve path's, at each concurrency: the
+lowest), `transformers_serve_same_text`, `overload_5xx`, `overload_first_429_s`, `overload_last_429_s`,
+`overload_full_429_max_s`, `short_behind_long_over_alone`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import random
@@ -35,6 +40,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import httpx
 
@@ -114,32 +120,55 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 
-async def level(url: str, model: str, questions: list[str], concurrency: int, max_tokens: int, extra: dict) -> dict:
-    """Every question once, ``concurrency`` at a time."""
-    gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
-        async def ask(q):
-            async with gate:
-                return await one(client, url, {"model": model, "messages": [{"role": "user", "content": q}],
-                                               "max_tokens": max_tokens, "temperature": 0} | extra)
-
-        t0 = time.perf_counter()
-        runs = await asyncio.gather(*[ask(q) for q in questions])
-        wall = time.perf_counter() - t0
+def summary(runs: list[dict], concurrency: int, requests: int, seconds: float) -> dict:
+    """Figures of ``runs`` (``one``'s records) that took ``seconds`` in all: tokens/s, p50/p95 TTFT and end to end."""
     ok = [r for r in runs if r["status"] == 200]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None] or [float("nan")]
     e2e = [r["e2e"] for r in ok] or [float("nan")]
-    return {"concurrency": concurrency, "requests": len(runs), "lost": sum(r["status"] is None for r in runs),
-            "failed": sum(r["status"] not in (None, 200) for r in runs), "wall_s": round(wall, 3),
-            "completion_tokens": sum(r["tokens"] for r in ok), "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 3),
+    tokens = sum(r["tokens"] for r in ok)
+    return {"concurrency": concurrency, "requests": requests, "passes": len(runs) // requests,
+            "lost": sum(r["status"] is None for r in runs), "failed": sum(r["status"] not in (None, 200) for r in runs),
+            "wall_s": round(seconds, 3), "completion_tokens": tokens, "tokens_per_s": round(tokens / seconds, 3),
             "p50_ttft_s": round(pct(ttft, 0.5), 4), "p95_ttft_s": round(pct(ttft, 0.95), 4),
             "p50_e2e_s": round(pct(e2e, 0.5), 4), "p95_e2e_s": round(pct(e2e, 0.95), 4), "texts": [r["text"] for r in runs]}
 
 
+def body(model: str, chat: list[dict], max_tokens: int) -> dict:
+    return {"model": model, "messages": chat, "max_tokens": max_tokens, "temperature": 0}
+
+
+async def level(url: str, model: str, chats: list[list[dict]], concurrency: int, max_tokens: int) -> dict:
+    """Every chat once, ``concurrency`` at a time."""
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        async def ask(chat):
+            async with gate:
+                return await one(client, url, body(model, chat, max_tokens))
+
+        t0 = time.perf_counter()
+        runs = await asyncio.gather(*[ask(c) for c in chats])
+        wall = time.perf_counter() - t0
+    return summary(runs, concurrency, len(chats), wall)
+
+
+async def one_by_one(targets: dict[str, Callable], requests: int, passes: int) -> dict[str, list[dict]]:
+    """Concurrency 1, interleaved request by request: request i goes to every target in turn before request i + 1
+    (the order rotating with each pass), so that the machine's drift over minutes falls on every target alike.
+    ``targets``: name -> async function of the request's index returning ``one``'s record."""
+    names, runs = list(targets), {n: [] for n in targets}
+    for p in range(passes):
+        order = names[p % len(names):] + names[:p % len(names)]
+        for i in range(requests):
+            for n in order:
+                runs[n].append(await targets[n](i))
+    return runs
+
+
 async def overload(url: str, model: str, count: int, max_tokens: int) -> dict:
-    """``count`` requests at once (non-streamed): statuses, and when the first 429 came back (from the burst's start,
-    which includes this process opening ``count`` connections on the same cores)."""
+    """``count`` requests at once (non-streamed) on ``count`` connections opened beforehand (as a client's pool
+    keeps them): statuses, when the first 429 came back and the slowest 429, from the burst's start."""
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=count + 4)) as client:
+        await asyncio.gather(*[client.get(url + "/health") for _ in range(count)])  # opens the pool's connections
         t0 = time.perf_counter()
 
         async def ask(i):
@@ -151,10 +180,10 @@ async def overload(url: str, model: str, count: int, max_tokens: int) -> dict:
                 return None, time.perf_counter() - t0
 
         runs = await asyncio.gather(*[ask(i) for i in range(count)])
-    first_429 = min((t for s, t in runs if s == 429), default=None)
-    return {"requests": count, "ok": sum(s == 200 for s, _ in runs), "rejected_429": sum(s == 429 for s, _ in runs),
+    refused = [t for s, t in runs if s == 429]
+    return {"requests": count, "ok": sum(s == 200 for s, _ in runs), "rejected_429": len(refused),
             "5xx": sum(s is not None and s >= 500 for s, _ in runs), "lost": sum(s is None for s, _ in runs),
-            "first_429_s": None if first_429 is None else round(first_429, 4)}
+            "first_429_s": round(min(refused), 4) if refused else None, "last_429_s": round(max(refused), 4) if refused else None}
 
 
 async def refused_when_full(url: str, model: str, capacity: int, max_waiting: int, fill_tokens: int, probes: int = 5) -> dict:
@@ -200,7 +229,7 @@ async def short_behind_long(url: str, model: str, long_tokens: int) -> dict:
 
 
 class InProcess:
-    """The same prompts one by one through ``KVProbeGenerator.generate`` in this process (loaded once, warmed up)."""
+    """The same prompts through ``KVProbeGenerator.generate`` in this process (loaded once, warmed up)."""
 
     def __init__(self, generator: str, policy: str, max_tokens: int, dtype: str | None):
         from kvprobe.steering import KVProbeGenerator
@@ -208,14 +237,22 @@ class InProcess:
         self.gen, self.policy, self.max_tokens = KVProbeGenerator.from_pretrained(generator, dtype=dtype), policy, max_tokens
         self.gen.generate("What is 1 + 1?", policy, max_new_tokens=max_tokens)  # warm-up, as the server's first request
 
-    def run(self, questions: list[str]) -> dict:
-        gen = self.gen
+    def one(self, question: str) -> dict:
+        """``one``'s record for ``question`` answered in process (no time to first token: not streamed), with the
+        probes' seconds and the chat it was answered in."""
         t0 = time.perf_counter()
-        results = [gen.generate([{"role": "user", "content": q}], self.policy, max_new_tokens=self.max_tokens) for q in questions]
-        wall = time.perf_counter() - t0
-        return {"wall_s": round(wall, 3), "texts": [r.text for r in results], "source": gen.lm.source, "dtype": gen.lm.spec.dtype,
-                "steering_share": round(sum(r.probe_seconds for r in results) / sum(r.seconds for r in results), 5),
-                "completion_tokens": sum(len(r.token_ids) for r in results)}
+        r = self.gen.generate([{"role": "user", "content": question}], self.policy, max_new_tokens=self.max_tokens)
+        return {"status": 200, "ttft": None, "e2e": time.perf_counter() - t0, "tokens": len(r.token_ids), "text": r.text,
+                "probe_s": r.probe_seconds, "seconds": r.seconds, "answered_in": self.chat_in(question, r.final_mode)}
+
+    def chat_in(self, question: str, mode: str) -> list[dict]:
+        """The chat the generator answered ``question`` in: the user's message with ``mode``'s instruction (what a
+        server without routing must be sent to decode the same text)."""
+        from kvprobe.prompts import with_instruction
+
+        spec = copy.deepcopy(self.gen.prompt)
+        spec.mode = mode
+        return with_instruction([{"role": "user", "content": question}], spec, self.gen.lm.tokenizer)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -228,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-waiting", type=int, default=16)
     p.add_argument("--dtype", default=None, help="the model's dtype in every server and in process (default: the folder's)")
-    p.add_argument("--pairs", type=int, default=3, help="alternated server / in-process passes for the overhead")
+    p.add_argument("--pairs", type=int, default=3, help="interleaved passes at concurrency 1, rounds at the others")
     p.add_argument("--fill-tokens", type=int, default=1024, help="the token cap of the requests that fill the server")
     p.add_argument("--long-tokens", type=int, default=192, help="the long request of the short-behind-long check")
     p.add_argument("--deadline", type=float, default=1800, help="seconds for the whole run")
@@ -236,73 +273,109 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
     a = p.parse_args(argv)
     if a.pairs < 1:
-        p.error("--pairs must be >= 1: the overhead is their median")
+        p.error("--pairs must be >= 1")
     deadline = time.time() + a.deadline
     questions = prompts(a.requests)
+    chats = [[{"role": "user", "content": q}] for q in questions]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    warm = {"model": None, "messages": [{"role": "user", "content": "What is 1 + 1?"}], "max_tokens": 4}
+    warm = {"messages": [{"role": "user", "content": "What is 1 + 1?"}], "max_tokens": 4}
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     name = a.generator if "/" not in a.generator else os.path.basename(os.path.normpath(a.generator))
     cmd = [sys.executable, "-m", "kvprobe", "serve", a.generator, "--port", str(port), "--policy", a.policy,
-           "--max-batch-size", str(a.max_batch_size), "--max-waiting", str(a.max_waiting), "--batch-wait-ms", "10",
-           "--log-level", "warning"] + (["--dtype", a.dtype] if a.dtype else [])
+           "--max-batch-size", str(a.max_batch_size), "--max-waiting", str(a.max_waiting), "--log-level", "warning"] \
+        + (["--dtype", a.dtype] if a.dtype else [])
     mine = InProcess(a.generator, a.policy, a.max_tokens, a.dtype)
-    with process(cmd, url, deadline, env):
+    answered = [mine.one(q) for q in questions]  # the chats the generator answers in: what transformers serve is sent
+    source, dtype = mine.gen.lm.source, mine.gen.lm.spec.dtype
+    with contextlib.ExitStack() as servers:
+        servers.enter_context(process(cmd, url, deadline, env))
         httpx.post(url + "/v1/chat/completions", json=warm | {"model": name}, timeout=600)
-        before = metric(url, "kvprobe_probe_seconds_total")
-        levels = [asyncio.run(level(url, name, questions, c, a.max_tokens, {})) for c in a.concurrency]
-        levels_probe_s = metric(url, "kvprobe_probe_seconds_total") - before
-        # The overhead: the server at concurrency 1 and the same prompts in process, alternated (this machine's speed
-        # drifts by ~10% over minutes, so two runs minutes apart do not compare); the median ratio.
-        pairs = []
-        for _ in range(a.pairs):
-            served = asyncio.run(level(url, name, questions, 1, a.max_tokens, {}))
-            local = mine.run(questions)
-            pairs.append({"server_s": served["wall_s"], "in_process_s": local["wall_s"], "same_text": served["texts"] == local["texts"]})
+        # transformers serve, on its default path and with its continuous batching (a paged cache sized for this
+        # run), is sent the chats the generator answered in (its routing given for free), so both decode the same
+        # text; it runs beside kvprobe serve, idle while the other answers, so that their passes can alternate.
+        theirs: dict[str, str] = {}
+        for path, flags in ([] if a.no_transformers else [("default", []), ("continuous_batching", [
+                "--continuous-batching", "--cb-num-blocks", "512", "--cb-block-size", "32"])]):
+            turl = f"http://127.0.0.1:{free_port()}"
+            servers.enter_context(process(["transformers", "serve", source, "--host", "127.0.0.1", "--port", turl.rsplit(":", 1)[1],
+                                           "--device", "cpu", "--dtype", dtype, "--log-level", "warning"] + flags, turl, deadline, env))
+            httpx.post(turl + "/v1/chat/completions", json=warm | {"model": source}, timeout=600)
+            theirs[path] = turl
+        probe_s0 = metric(url, "kvprobe_probe_seconds_total")
+
+        async def at_one() -> dict[str, list[dict]]:
+            async with httpx.AsyncClient(timeout=600) as client:  # one pool, kept alive, as a client would
+                def served(base: str, model: str, chat_of: Callable[[int], list[dict]]) -> Callable:
+                    return lambda i: one(client, base, body(model, chat_of(i), a.max_tokens))
+
+                async def in_process(i: int) -> dict:
+                    return mine.one(questions[i])
+
+                targets = {"kvprobe": served(url, name, lambda i: chats[i]), "in_process": in_process} | {
+                    f"transformers_serve_{path}": served(turl, source, lambda i: answered[i]["answered_in"])
+                    for path, turl in theirs.items()}
+                return await one_by_one(targets, len(questions), a.pairs)
+
+        c1 = asyncio.run(at_one()) if 1 in a.concurrency else {}
+        # the other levels: kvprobe and each transformers serve path in turn, ``pairs`` rounds
+        rounds: dict[int, list[dict[str, dict]]] = {c: [] for c in a.concurrency if c != 1}
+        for r in range(a.pairs):
+            for c in rounds:
+                order = ["kvprobe"] + list(theirs)
+                order = order[r % len(order):] + order[:r % len(order)]
+                rounds[c].append({n: asyncio.run(level(url, name, chats, c, a.max_tokens)) if n == "kvprobe" else
+                                  asyncio.run(level(theirs[n], source, [x["answered_in"] for x in answered], c, a.max_tokens))
+                                  for n in order})
+        kv_seconds = sum(x["e2e"] for x in c1.get("kvprobe", [])) + sum(p["kvprobe"]["wall_s"] for ps in rounds.values() for p in ps)
+        server_probe_s = metric(url, "kvprobe_probe_seconds_total") - probe_s0
         over = asyncio.run(overload(url, name, 2 * (a.max_batch_size + a.max_waiting), a.max_tokens))
         over["when_full"] = asyncio.run(refused_when_full(url, name, a.max_batch_size + a.max_waiting, a.max_waiting, a.fill_tokens))
         cut = asyncio.run(short_behind_long(url, name, a.long_tokens))
 
-    theirs = []
-    if not a.no_transformers:
-        tport = free_port()
-        turl = f"http://127.0.0.1:{tport}"
-        tcmd = ["transformers", "serve", local["source"], "--host", "127.0.0.1", "--port", str(tport), "--device", "cpu",
-                "--dtype", local["dtype"], "--log-level", "warning"]
-        with process(tcmd, turl, deadline, env):
-            httpx.post(turl + "/v1/chat/completions", json=warm | {"model": local["source"]}, timeout=600)
-            theirs = [asyncio.run(level(turl, local["source"], questions, c, a.max_tokens, {})) for c in a.concurrency]
-
-    by_c = {r["concurrency"]: r for r in levels}
-    top = 8 if 8 in by_c else max(by_c)
-    c1 = by_c.get(1)
-    same_text = all(p["same_text"] for p in pairs) and (c1 is None or c1["texts"] == local["texts"])
-    ratios = sorted(p["server_s"] / p["in_process_s"] for p in pairs)
+    n = len(questions)
+    levels, versus = {}, {}
+    if c1:
+        levels[1] = summary(c1["kvprobe"], 1, n, sum(x["e2e"] for x in c1["kvprobe"]))
+        if theirs:
+            t = {p: summary(c1[f"transformers_serve_{p}"], 1, n, sum(x["e2e"] for x in c1[f"transformers_serve_{p}"])) for p in theirs}
+            versus[1] = {"kvprobe_over_best": round(levels[1]["tokens_per_s"] / max(x["tokens_per_s"] for x in t.values()), 3)} | {
+                p: {k: v for k, v in x.items() if k != "texts"} for p, x in t.items()}
+    for c, ps in rounds.items():
+        mid = sorted(ps, key=lambda p: p["kvprobe"]["tokens_per_s"])[len(ps) // 2]
+        levels[c] = mid["kvprobe"] | {"lost": sum(p["kvprobe"]["lost"] for p in ps), "failed": sum(p["kvprobe"]["failed"] for p in ps)}
+        if theirs:
+            ratios = sorted(p["kvprobe"]["tokens_per_s"] / max(p[x]["tokens_per_s"] for x in theirs) for p in ps)
+            versus[c] = {"kvprobe_over_best": round(ratios[len(ratios) // 2], 3), "rounds": [round(x, 3) for x in ratios]} | {
+                x: {k: v for k, v in mid[x].items() if k != "texts"} for x in theirs}
+    top = 8 if 8 in levels else max(levels)
+    pair_ratios = [sum(s["e2e"] for s in c1["kvprobe"][k * n:(k + 1) * n]) / sum(s["e2e"] for s in c1["in_process"][k * n:(k + 1) * n])
+                   for k in range(a.pairs)] if c1 else []
+    local = c1.get("in_process") or answered
     figures = {
-        "benchmark": "serve_load", "generator": a.generator, "policy": a.policy, "dtype": local["dtype"], "requests_per_level": a.requests,
-        "max_tokens": a.max_tokens, "max_batch_size": a.max_batch_size, "max_waiting": a.max_waiting,
-        "lost": sum(r["lost"] for r in levels), "failed": sum(r["failed"] for r in levels),
-        "throughput_c8_over_c1": round(by_c[top]["tokens_per_s"] / c1["tokens_per_s"], 3) if c1 else None,
+        "benchmark": "serve_load", "generator": a.generator, "policy": a.policy, "dtype": dtype, "requests_per_level": n,
+        "passes": a.pairs, "max_tokens": a.max_tokens, "max_batch_size": a.max_batch_size, "max_waiting": a.max_waiting,
+        "lost": sum(r["lost"] for r in levels.values()), "failed": sum(r["failed"] for r in levels.values()),
+        "throughput_c8_over_c1": round(levels[top]["tokens_per_s"] / levels[1]["tokens_per_s"], 3) if c1 else None,
         "throughput_level": top,
-        "overhead_c1_over_in_process": round(ratios[len(ratios) // 2], 4), "overhead_pairs": pairs,
-        "greedy_text_equal_in_process_c1": same_text,
-        "steering_share": local["steering_share"],
-        "server_steering_share": round(levels_probe_s / sum(r["wall_s"] for r in levels), 5),
-        "p95_ttft_s": {r["concurrency"]: r["p95_ttft_s"] for r in levels},
-        "p95_e2e_s": {r["concurrency"]: r["p95_e2e_s"] for r in levels},
-        "over_transformers_serve": None, "transformers_serve": None,
-        "overload_5xx": over["5xx"], "overload_first_429_s": over["first_429_s"], "overload_full_429_max_s": over["when_full"]["max_s"],
-        "overload": over,
+        "overhead_c1_over_in_process": round(sum(s["e2e"] for s in c1["kvprobe"]) / sum(s["e2e"] for s in c1["in_process"]), 4) if c1 else None,
+        "overhead_passes": [round(x, 4) for x in pair_ratios],
+        "greedy_text_equal_in_process_c1": all(s["text"] == m["text"] for s, m in zip(c1.get("kvprobe", []), c1.get("in_process", []))),
+        "steering_share": round(sum(x["probe_s"] for x in local) / sum(x["seconds"] for x in local), 5),
+        "server_steering_share": round(server_probe_s / kv_seconds, 5) if kv_seconds else None,
+        "p95_ttft_s": {c: r["p95_ttft_s"] for c, r in levels.items()},
+        "p95_e2e_s": {c: r["p95_e2e_s"] for c, r in levels.items()},
+        "over_transformers_serve": min(v["kvprobe_over_best"] for v in versus.values()) if versus else None,
+        "over_transformers_serve_by_level": {c: v["kvprobe_over_best"] for c, v in versus.items()} or None,
+        "transformers_serve_same_text": {p: round(sum(t["text"] == m["text"] for t, m in zip(c1[f"transformers_serve_{p}"], c1["in_process"]))
+                                                  / len(c1["in_process"]), 3) for p in theirs} if c1 and theirs else None,
+        "transformers_serve": versus or None,
+        "overload_5xx": over["5xx"], "overload_first_429_s": over["first_429_s"], "overload_last_429_s": over["last_429_s"],
+        "overload_full_429_max_s": over["when_full"]["max_s"], "overload": over,
         **cut,
-        "levels": [{k: v for k, v in r.items() if k != "texts"} for r in levels],
+        "levels": [{k: v for k, v in r.items() if k != "texts"} for r in levels.values()],
     }
-    if theirs:
-        t_by_c = {r["concurrency"]: r for r in theirs}
-        figures["over_transformers_serve"] = round(by_c[top]["tokens_per_s"] / t_by_c[top]["tokens_per_s"], 3)
-        figures["over_transformers_serve_by_level"] = {c: round(by_c[c]["tokens_per_s"] / t_by_c[c]["tokens_per_s"], 3) for c in by_c}
-        figures["transformers_serve"] = [{k: v for k, v in r.items() if k != "texts"} for r in theirs]
     return emit(figures, a.out)
 
 

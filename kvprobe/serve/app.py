@@ -46,7 +46,10 @@ class ServeSettings:
     policy: str | None = None  # the default policy; None = the folder's
     api_key: str | None = None
     max_batch_size: int = 8  # rows decoded together (a request's n counts n rows)
-    batch_wait_ms: float = 10.0  # how long the first request of a batch waits for others
+    # how long the first request of a batch waits for others. 0: batches stay open, so a request that arrives while
+    # one decodes joins it at its next step anyway (continuous batching); a wait only delays the first. It gathers
+    # closed batches (``sample``, whose samples finish together).
+    batch_wait_ms: float = 0.0
     max_waiting: int = 64  # requests queued beyond this get 429 at once
     request_timeout: float = 600.0  # seconds from arrival to the last token
     max_n: int = 8
