@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from typing import Callable
 
 import httpx
@@ -165,24 +166,42 @@ async def one_by_one(targets: dict[str, Callable], requests: int, passes: int) -
 
 
 async def overload(url: str, model: str, count: int, max_tokens: int) -> dict:
-    """``count`` requests at once (non-streamed) on ``count`` connections opened beforehand (as a client's pool
-    keeps them): statuses, when the first 429 came back and the slowest 429, from the burst's start."""
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=count + 4)) as client:
-        await asyncio.gather(*[client.get(url + "/health") for _ in range(count)])  # opens the pool's connections
-        t0 = time.perf_counter()
+    """``count`` non-streamed requests at once, as wrk sends them: written in one go on ``count`` connections opened
+    beforehand (an HTTP client in Python, building them one by one on these same 2 cores beside a busy server, takes
+    longer to send 64 requests than the server takes to refuse them). Statuses, and when the first and the last 429
+    came back, from the burst's start."""
+    parts = urllib.parse.urlsplit(url)
+    conns = [await asyncio.open_connection(parts.hostname, parts.port) for _ in range(count)]
+    requests = []
+    for i in range(count):
+        payload = json.dumps({"model": model, "messages": [{"role": "user", "content": f"What is {i} + {i}?"}],
+                              "max_tokens": max_tokens}).encode()
+        requests.append(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    t0 = time.perf_counter()
+    for (_, writer), request in zip(conns, requests):
+        writer.write(request)
 
-        async def ask(i):
-            try:
-                r = await client.post(url + "/v1/chat/completions", json={
-                    "model": model, "messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "max_tokens": max_tokens})
-                return r.status_code, time.perf_counter() - t0
-            except httpx.HTTPError:
-                return None, time.perf_counter() - t0
+    async def answer(reader: asyncio.StreamReader) -> tuple[int | None, float, dict]:
+        try:
+            status = int((await reader.readline()).split()[1])
+            headers = {}
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                key, _, value = line.decode().partition(":")
+                headers[key.strip().lower()] = value.strip()
+            seconds = time.perf_counter() - t0
+            await reader.readexactly(int(headers.get("content-length", 0)))
+            return status, seconds, headers
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            return None, time.perf_counter() - t0, {}
 
-        runs = await asyncio.gather(*[ask(i) for i in range(count)])
-    refused = [t for s, t in runs if s == 429]
-    return {"requests": count, "ok": sum(s == 200 for s, _ in runs), "rejected_429": len(refused),
-            "5xx": sum(s is not None and s >= 500 for s, _ in runs), "lost": sum(s is None for s, _ in runs),
+    runs = await asyncio.gather(*[answer(reader) for reader, _ in conns])
+    for _, writer in conns:
+        writer.close()
+    refused = [t for s, t, _ in runs if s == 429]
+    return {"requests": count, "ok": sum(s == 200 for s, _, _ in runs), "rejected_429": len(refused),
+            "with_retry_after": sum(s == 429 and "retry-after" in h for s, _, h in runs),
+            "5xx": sum(s is not None and s >= 500 for s, _, _ in runs), "lost": sum(s is None for s, _, _ in runs),
             "first_429_s": round(min(refused), 4) if refused else None, "last_429_s": round(max(refused), 4) if refused else None}
 
 
@@ -207,25 +226,39 @@ async def refused_when_full(url: str, model: str, capacity: int, max_waiting: in
         for task in fill:
             task.cancel()
         await asyncio.gather(*fill, return_exceptions=True)
-    while await asyncio.to_thread(lambda: metric(url, "kvprobe_requests_waiting") + metric(url, "kvprobe_requests_running")) > 0 \
-            and time.time() < deadline + 60:
-        await asyncio.sleep(0.1)
+    await idle(url)
     refused = [t for s, t, _ in full if s == 429]
     return {"probes": probes, "refused_429": len(refused), "with_retry_after": sum(s == 429 and ra is not None for s, _, ra in full),
             "max_s": round(max(refused), 4) if refused else None, "p50_s": round(pct(refused, 0.5), 4) if refused else None}
 
 
-async def short_behind_long(url: str, model: str, long_tokens: int) -> dict:
+async def idle(url: str, limit: float = 120) -> None:
+    """Until the server has no request running or waiting."""
+    deadline = time.time() + limit
+    while await asyncio.to_thread(lambda: metric(url, "kvprobe_requests_waiting") + metric(url, "kvprobe_requests_running")) > 0 \
+            and time.time() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def short_behind_long(url: str, model: str, long_tokens: int, trials: int) -> dict:
+    """A short request (8 tokens) alone, then sent 0.3 s after a long one (``long_tokens``), ``trials`` times
+    alternated; the long one hangs up once the short one is answered. Medians."""
+    short = {"model": model + ":slow", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 8}
+    long = {"model": model + ":slow", "max_tokens": long_tokens, "messages": [
+        {"role": "user", "content": "Explain step by step how to compute 37 * 43 - 19."}]}
+    alone, behind = [], []
     async with httpx.AsyncClient(timeout=600) as client:
-        short = {"model": model + ":slow", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 8}
-        alone = (await one(client, url, short))["e2e"]
-        long = asyncio.create_task(one(client, url, {"model": model + ":slow", "max_tokens": long_tokens, "messages": [
-            {"role": "user", "content": "Explain step by step how to compute 37 * 43 - 19."}]}))
-        await asyncio.sleep(0.3)
-        behind = (await one(client, url, short))["e2e"]
-        await long
-    return {"short_alone_s": round(alone, 3), "short_behind_long_s": round(behind, 3),
-            "short_behind_long_over_alone": round(behind / alone, 3)}
+        for _ in range(trials):
+            alone.append((await one(client, url, short))["e2e"])
+            first = asyncio.create_task(one(client, url, long))
+            await asyncio.sleep(0.3)
+            behind.append((await one(client, url, short))["e2e"])
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            await idle(url)
+    a, b = pct(alone, 0.5), pct(behind, 0.5)
+    return {"short_alone_s": round(a, 3), "short_behind_long_s": round(b, 3), "short_behind_long_over_alone": round(b / a, 3),
+            "short_trials": {"alone_s": [round(x, 3) for x in alone], "behind_long_s": [round(x, 3) for x in behind]}}
 
 
 class InProcess:
@@ -268,6 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pairs", type=int, default=3, help="interleaved passes at concurrency 1, rounds at the others")
     p.add_argument("--fill-tokens", type=int, default=1024, help="the token cap of the requests that fill the server")
     p.add_argument("--long-tokens", type=int, default=192, help="the long request of the short-behind-long check")
+    p.add_argument("--trials", type=int, default=5, help="short-behind-long trials (medians)")
     p.add_argument("--deadline", type=float, default=1800, help="seconds for the whole run")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers serve comparison")
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
@@ -332,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
         server_probe_s = metric(url, "kvprobe_probe_seconds_total") - probe_s0
         over = asyncio.run(overload(url, name, 2 * (a.max_batch_size + a.max_waiting), a.max_tokens))
         over["when_full"] = asyncio.run(refused_when_full(url, name, a.max_batch_size + a.max_waiting, a.max_waiting, a.fill_tokens))
-        cut = asyncio.run(short_behind_long(url, name, a.long_tokens))
+        cut = asyncio.run(short_behind_long(url, name, a.long_tokens, a.trials))
 
     n = len(questions)
     levels, versus = {}, {}
@@ -340,7 +374,12 @@ def main(argv: list[str] | None = None) -> dict:
         levels[1] = summary(c1["kvprobe"], 1, n, sum(x["e2e"] for x in c1["kvprobe"]))
         if theirs:
             t = {p: summary(c1[f"transformers_serve_{p}"], 1, n, sum(x["e2e"] for x in c1[f"transformers_serve_{p}"])) for p in theirs}
-            versus[1] = {"kvprobe_over_best": round(levels[1]["tokens_per_s"] / max(x["tokens_per_s"] for x in t.values()), 3)} | {
+            def rate(runs: list[dict], k: int) -> float:  # pass k's tokens/s
+                return sum(x["tokens"] for x in runs[k * n:(k + 1) * n]) / sum(x["e2e"] for x in runs[k * n:(k + 1) * n])
+
+            passes = [rate(c1["kvprobe"], k) / max(rate(c1[f"transformers_serve_{p}"], k) for p in theirs) for k in range(a.pairs)]
+            versus[1] = {"kvprobe_over_best": round(levels[1]["tokens_per_s"] / max(x["tokens_per_s"] for x in t.values()), 3),
+                         "passes": [round(x, 3) for x in passes]} | {
                 p: {k: v for k, v in x.items() if k != "texts"} for p, x in t.items()}
     for c, ps in rounds.items():
         mid = sorted(ps, key=lambda p: p["kvprobe"]["tokens_per_s"])[len(ps) // 2]

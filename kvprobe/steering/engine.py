@@ -86,14 +86,19 @@ class DecodeEngine:
                         live = state if live is None else self.merge(live, state)
                 if live is None:
                     return
-                yield from self._step(live)
+                blocks, fed = yield from self._pick(live)
                 done = [j for j, r in enumerate(live.rows) if r.done]
-                if done:
+                again = []
+                if done:  # answered before the others' next forward, which then runs without their rows
                     finished = self.take(live, done)
                     rest = [j for j, r in enumerate(live.rows) if not r.done]
                     live = live.select(rest) if rest else None
-                    for state in (yield from self._finish(finished)):
-                        live = state if live is None else self.merge(live, state)
+                    blocks, fed = [blocks[j] for j in rest], [fed[j] for j in rest]
+                    again = yield from self._finish(finished)
+                if live is not None:
+                    self._feed(live, blocks, fed)
+                for state in again:
+                    live = state if live is None else self.merge(live, state)
                 waiting = list(admit() or [])
 
     def _enter(self, indices: list[int]):
@@ -166,8 +171,14 @@ class DecodeEngine:
                            {k: torch.cat([a.row_tensors[k], b.row_tensors[k].to(a.row_tensors[k].device)]) for k in keys})
 
     def _step(self, state: DecodeState) -> Iterator[Event]:
-        """One decode step of every row of ``state``: pick each row's next token (a forced cue token first), end the
-        rows that are done (eos, their mode's cap, a stop string), let the hooks see the blocks, feed the rest."""
+        """One decode step of every row of ``state``: ``_pick``, then ``_feed``."""
+        blocks, fed = yield from self._pick(state)
+        self._feed(state, blocks, fed)
+
+    def _pick(self, state: DecodeState):
+        """Pick each row's next token (a forced cue token first), end the rows that are done (eos, their mode's cap,
+        a stop string), let the hooks see the blocks (a generator: yields events, returns each row's block and
+        whether it is fed)."""
         tok, stops, rows = self.lm.tokenizer, self.config.stop_strings or [], state.rows
         next_ids = self.pick(state.logits, rows)
         blocks, fed = [], []
@@ -191,10 +202,13 @@ class DecodeEngine:
             else:
                 blocks.append([t]), fed.append(True)
         yield from self._call("on_token", state, blocks)
-        fed = [f and not r.done for r, f in zip(rows, fed)]  # a hook may end a row (a cancelled request)
+        return blocks, [f and not r.done for r, f in zip(rows, fed)]  # a hook may end a row (a cancelled request)
+
+    def _feed(self, state: DecodeState, blocks: list[list[int]], fed: list[bool]) -> None:
+        """Feed the picked blocks of the rows still decoding (the others feed masked padding)."""
         if not any(fed):
             return
-        for r, b, f in zip(rows, blocks, fed):
+        for r, b, f in zip(state.rows, blocks, fed):
             if f:
                 r.ids.extend(b)
         state.logits = self.forward(state, blocks, fed)
