@@ -10,8 +10,8 @@ continuous batching. transformers serve does not route, so it is sent the chats 
 question with the instruction of the mode the router chose): both decode the same text, and kvprobe also routes
 and scores every answer. This machine's speed drifts by ~10% over minutes, so nothing is compared across minutes:
 at concurrency 1 every request goes to kvprobe serve, to `KVProbeGenerator.generate` in this process and to both
-transformers serve paths in turn before the next request (`--pairs` passes, the order rotating); at the other
-concurrencies the servers take turns level by level, `--pairs` rounds, and each round's ratio is taken before the
+transformers serve paths in turn before the next request (`--passes` passes, the order rotating); at the other
+concurrencies the servers take turns level by level, `--passes` rounds, and each round's ratio is taken before the
 median. Then an overload pass sends twice the server's capacity (batch + queue) at once on connections opened
 beforehand: no 5xx, and when the first and the last 429 come back; then the server is filled with long requests and
 single requests are timed from their own send to their 429. Then a short request (8 tokens) is timed alone and
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-waiting", type=int, default=16)
     p.add_argument("--dtype", default=None, help="the model's dtype in every server and in process (default: the folder's)")
-    p.add_argument("--pairs", type=int, default=3, help="interleaved passes at concurrency 1, rounds at the others")
+    p.add_argument("--passes", type=int, default=3, help="interleaved passes at concurrency 1, rounds at the others")
     p.add_argument("--fill-tokens", type=int, default=1024, help="the token cap of the requests that fill the server")
     p.add_argument("--long-tokens", type=int, default=192, help="the long request of the short-behind-long check")
     p.add_argument("--trials", type=int, default=5, help="short-behind-long trials (medians)")
@@ -306,8 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers serve comparison")
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
     a = p.parse_args(argv)
-    if a.pairs < 1:
-        p.error("--pairs must be >= 1")
+    if a.passes < 1:
+        p.error("--passes must be >= 1")
     deadline = time.time() + a.deadline
     questions = prompts(a.requests)
     chats = [[{"role": "user", "content": q}] for q in questions]
@@ -350,12 +350,12 @@ def main(argv: list[str] | None = None) -> dict:
                 targets = {"kvprobe": served(url, name, lambda i: chats[i]), "in_process": in_process} | {
                     f"transformers_serve_{path}": served(turl, source, lambda i: answered[i]["answered_in"])
                     for path, turl in theirs.items()}
-                return await one_by_one(targets, len(questions), a.pairs)
+                return await one_by_one(targets, len(questions), a.passes)
 
         c1 = asyncio.run(at_one()) if 1 in a.concurrency else {}
-        # the other levels: kvprobe and each transformers serve path in turn, ``pairs`` rounds
+        # the other levels: kvprobe and each transformers serve path in turn, ``passes`` rounds
         rounds: dict[int, list[dict[str, dict]]] = {c: [] for c in a.concurrency if c != 1}
-        for r in range(a.pairs):
+        for r in range(a.passes):
             for c in rounds:
                 order = ["kvprobe"] + list(theirs)
                 order = order[r % len(order):] + order[:r % len(order)]
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
             def rate(runs: list[dict], k: int) -> float:  # pass k's tokens/s
                 return sum(x["tokens"] for x in runs[k * n:(k + 1) * n]) / sum(x["e2e"] for x in runs[k * n:(k + 1) * n])
 
-            passes = [rate(c1["kvprobe"], k) / max(rate(c1[f"transformers_serve_{p}"], k) for p in theirs) for k in range(a.pairs)]
+            passes = [rate(c1["kvprobe"], k) / max(rate(c1[f"transformers_serve_{p}"], k) for p in theirs) for k in range(a.passes)]
             versus[1] = {"kvprobe_over_best": round(levels[1]["tokens_per_s"] / max(x["tokens_per_s"] for x in t.values()), 3),
                          "passes": [round(x, 3) for x in passes]} | {
                 p: {k: v for k, v in x.items() if k != "texts"} for p, x in t.items()}
@@ -390,11 +390,11 @@ def main(argv: list[str] | None = None) -> dict:
                 x: {k: v for k, v in mid[x].items() if k != "texts"} for x in theirs}
     top = 8 if 8 in levels else max(levels)
     pair_ratios = [sum(s["e2e"] for s in c1["kvprobe"][k * n:(k + 1) * n]) / sum(s["e2e"] for s in c1["in_process"][k * n:(k + 1) * n])
-                   for k in range(a.pairs)] if c1 else []
+                   for k in range(a.passes)] if c1 else []
     local = c1.get("in_process") or answered
     figures = {
         "benchmark": "serve_load", "generator": a.generator, "policy": a.policy, "dtype": dtype, "requests_per_level": n,
-        "passes": a.pairs, "max_tokens": a.max_tokens, "max_batch_size": a.max_batch_size, "max_waiting": a.max_waiting,
+        "passes": a.passes, "max_tokens": a.max_tokens, "max_batch_size": a.max_batch_size, "max_waiting": a.max_waiting,
         "lost": sum(r["lost"] for r in levels.values()), "failed": sum(r["failed"] for r in levels.values()),
         "throughput_c8_over_c1": round(levels[top]["tokens_per_s"] / levels[1]["tokens_per_s"], 3) if c1 else None,
         "throughput_level": top,

@@ -93,12 +93,16 @@ def test_serve_load_reduced(trained, tmp_path):
     out = tmp_path / "serve_load.json"
     figures = load("serve_load").main(["--generator", str(folder), "--requests", "3", "--concurrency", "1", "2",
                                        "--max-tokens", "6", "--max-batch-size", "2", "--max-waiting", "2",
-                                       "--long-tokens", "12", "--fill-tokens", "400", "--no-transformers", "--deadline", "300", "--out", str(out)])
+                                       "--long-tokens", "12", "--fill-tokens", "400", "--trials", "2", "--passes", "2", "--no-transformers",
+                                       "--deadline", "300", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(figures))
     assert figures["lost"] == 0 and figures["failed"] == 0 and figures["overload_5xx"] == 0
     assert figures["greedy_text_equal_in_process_c1"]  # the served greedy answers are the in-process ones
     over = figures["overload"]
     assert over["requests"] == 8 and over["ok"] + over["rejected_429"] == 8 and over["rejected_429"] >= 1
+    assert over["with_retry_after"] == over["rejected_429"] and over["first_429_s"] <= over["last_429_s"]
+    assert len(figures["overhead_passes"]) == 2 and figures["levels"][0]["passes"] == 2  # concurrency 1: interleaved
+    assert [len(v) for v in figures["short_trials"].values()] == [2, 2]
     full = over["when_full"]  # a tiny model may finish its fill requests before the probes: refusals are not certain
     assert full["probes"] == 5 and full["with_retry_after"] == full["refused_429"] <= 5
     assert [r["requests"] for r in figures["levels"]] == [3, 3] and figures["throughput_c8_over_c1"] > 0

@@ -685,6 +685,37 @@ def test_an_open_batch_admits_prompts_mid_decode_and_answers_each_as_alone(gen, 
     assert min(finished_at.values()) < max(finished_at.values())  # rows end on their own, not with the batch
 
 
+def test_an_open_batch_answers_a_finished_row_before_the_next_forward(gen):
+    """In an open batch a row that ends is answered at once: its ``DoneEvent`` comes before the model runs again for
+    the rows still decoding (a short request behind a long one does not wait one more step)."""
+    ended = {}  # row -> forwards run when its last token was picked
+
+    class Forwards(Hook):
+        count = 0
+
+        def on_forward(self, engine, state, blocks, fed):
+            Forwards.count += 1
+
+        def on_token(self, engine, state, blocks):
+            for r in state.rows:
+                if r.done:
+                    ended.setdefault(r.index, Forwards.count)
+
+    calls = []
+
+    def admit():
+        calls.append(1)
+        return [QUESTIONS[1]] if len(calls) == 3 else []
+
+    done_at = {}
+    for event in gen.stream([QUESTIONS[0]], "slow", max_new_tokens=12, hooks=[Forwards()], admit=admit):
+        if isinstance(event, DoneEvent):
+            done_at[event.row] = Forwards.count
+    assert sorted(done_at) == [0, 1]
+    assert done_at[0] < done_at[1]  # row 0 ended while row 1 still decoded
+    assert done_at == ended  # no forward between a row's last token and its answer
+
+
 def test_sampling_settings_per_prompt(gen):
     """``do_sample``, ``temperature`` and ``top_p`` per prompt (as a server batches requests): each prompt decodes as
     it does alone with its own settings; a list of the wrong length, or a bad value in one, is refused."""
