@@ -28,8 +28,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("KVPROBE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $KVPROBE_API_KEY; unset = no key)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="rows decoded together (n counts n rows)")
-    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms, help="how long a new batch waits for more requests (default 0: arrivals join a running batch at its next step; a "
-                   "wait gathers sample's closed batches)")
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                   help="how long a new batch waits for more requests (default 0: arrivals join a running batch at its "
+                   "next step; a wait gathers sample's closed batches)")
     p.add_argument("--max-waiting", type=int, default=d.max_waiting, help="queued requests beyond this get 429 at once")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds from arrival to the last token")
     p.add_argument("--max-n", type=int, default=d.max_n, help="the largest n a request may ask for")

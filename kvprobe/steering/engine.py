@@ -69,9 +69,9 @@ class DecodeEngine:
         """``run`` for a server (continuous batching): between two steps, the prompts ``admit()`` returns join the
         running batch (prefilled, routed, their cache merged in, ``merge``), and each row finishes on its own: its
         hooks' ``on_finish``, its ``DoneEvent`` and the release of its row come when it ends (before the next
-        forward of the rows still decoding), not when the batch does. Every row decodes in one state whatever its mode. Prompts are numbered in arrival order (an admitted
-        prompt's ``row`` continues the count); ``admit`` may extend ``config.seed`` (a list) for them. Not for hooks
-        that finish a prompt's rows together (``Sampler``)."""
+        forward of the rows still decoding), not when the batch does. Every row decodes in one state whatever its
+        mode. Prompts are numbered in arrival order (an admitted prompt's ``row`` continues the count); ``admit`` may
+        extend ``config.seed`` (a list) for them. Not for hooks that finish a prompt's rows together (``Sampler``)."""
         self.prompts = []
         self.samplers = {}
         live, waiting = None, list(prompts)
