@@ -1,6 +1,6 @@
 """kvprobe serve under load, against the same prompts in process and through `transformers serve`.
 
-    python benchmarks/serve_load.py --dtype bfloat16         # SmolLM2's shipped generator, ~20 min on 2 cores
+    python benchmarks/serve_load.py --dtype bfloat16         # SmolLM2's shipped generator, 13 min on 2 cores (fp32: 19)
     python benchmarks/serve_load.py --generator FOLDER --requests 2 --concurrency 1 2 --no-transformers   # reduced
 
 Everything runs against 127.0.0.1 only, with a fixed number of requests per level and a global deadline. Three
