@@ -61,7 +61,7 @@ def prompts(n: int, seed: int = 0) -> list[str]:
 
 @contextlib.contextmanager
 def process(args: list[str], url: str, deadline: float, env: dict | None = None):
-    """A server process, ready once GET /health says 200 (or /v1/models, for servers without /health)."""
+    """A server process, ready once GET /health says 200."""
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         while time.time() < deadline:
@@ -152,15 +152,20 @@ async def level(url: str, model: str, chats: list[list[dict]], concurrency: int,
     return summary(runs, concurrency, len(chats), wall)
 
 
+def rotated(names: list[str], k: int) -> list[str]:
+    """``names`` rotated by ``k``: the order of pass (or round) ``k``, so that no target always goes first."""
+    k %= len(names)
+    return names[k:] + names[:k]
+
+
 async def one_by_one(targets: dict[str, Callable], requests: int, passes: int) -> dict[str, list[dict]]:
     """Concurrency 1, interleaved request by request: request i goes to every target in turn before request i + 1
     (the order rotating with each pass), so that the machine's drift over minutes falls on every target alike.
     ``targets``: name -> async function of the request's index returning ``one``'s record."""
-    names, runs = list(targets), {n: [] for n in targets}
+    runs = {n: [] for n in targets}
     for p in range(passes):
-        order = names[p % len(names):] + names[:p % len(names)]
         for i in range(requests):
-            for n in order:
+            for n in rotated(list(targets), p):
                 runs[n].append(await targets[n](i))
     return runs
 
@@ -205,6 +210,14 @@ async def overload(url: str, model: str, count: int, max_tokens: int) -> dict:
             "first_429_s": round(min(refused), 4) if refused else None, "last_429_s": round(max(refused), 4) if refused else None}
 
 
+async def idle(url: str, limit: float = 120) -> None:
+    """Until the server has no request running or waiting."""
+    deadline = time.time() + limit
+    while await asyncio.to_thread(lambda: metric(url, "kvprobe_requests_waiting") + metric(url, "kvprobe_requests_running")) > 0 \
+            and time.time() < deadline:
+        await asyncio.sleep(0.05)
+
+
 async def refused_when_full(url: str, model: str, capacity: int, max_waiting: int, fill_tokens: int, probes: int = 5) -> dict:
     """Fill the server with long streamed requests, one at a time until ``/metrics`` says ``max_waiting`` are queued,
     then send ``probes`` requests one at a time, each timed from its own send to its answer; then the long ones hang
@@ -230,14 +243,6 @@ async def refused_when_full(url: str, model: str, capacity: int, max_waiting: in
     refused = [t for s, t, _ in full if s == 429]
     return {"probes": probes, "refused_429": len(refused), "with_retry_after": sum(s == 429 and ra is not None for s, _, ra in full),
             "max_s": round(max(refused), 4) if refused else None, "p50_s": round(pct(refused, 0.5), 4) if refused else None}
-
-
-async def idle(url: str, limit: float = 120) -> None:
-    """Until the server has no request running or waiting."""
-    deadline = time.time() + limit
-    while await asyncio.to_thread(lambda: metric(url, "kvprobe_requests_waiting") + metric(url, "kvprobe_requests_running")) > 0 \
-            and time.time() < deadline:
-        await asyncio.sleep(0.05)
 
 
 async def short_behind_long(url: str, model: str, long_tokens: int, trials: int) -> dict:
@@ -348,8 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
                     return mine.one(questions[i])
 
                 targets = {"kvprobe": served(url, name, lambda i: chats[i]), "in_process": in_process} | {
-                    f"transformers_serve_{path}": served(turl, source, lambda i: answered[i]["answered_in"])
-                    for path, turl in theirs.items()}
+                    path: served(turl, source, lambda i: answered[i]["answered_in"]) for path, turl in theirs.items()}
                 return await one_by_one(targets, len(questions), a.passes)
 
         c1 = asyncio.run(at_one()) if 1 in a.concurrency else {}
@@ -357,11 +361,9 @@ def main(argv: list[str] | None = None) -> dict:
         rounds: dict[int, list[dict[str, dict]]] = {c: [] for c in a.concurrency if c != 1}
         for r in range(a.passes):
             for c in rounds:
-                order = ["kvprobe"] + list(theirs)
-                order = order[r % len(order):] + order[:r % len(order)]
                 rounds[c].append({n: asyncio.run(level(url, name, chats, c, a.max_tokens)) if n == "kvprobe" else
                                   asyncio.run(level(theirs[n], source, [x["answered_in"] for x in answered], c, a.max_tokens))
-                                  for n in order})
+                                  for n in rotated(["kvprobe"] + list(theirs), r)})
         kv_seconds = sum(x["e2e"] for x in c1.get("kvprobe", [])) + sum(p["kvprobe"]["wall_s"] for ps in rounds.values() for p in ps)
         server_probe_s = metric(url, "kvprobe_probe_seconds_total") - probe_s0
         over = asyncio.run(overload(url, name, 2 * (a.max_batch_size + a.max_waiting), a.max_tokens))
@@ -369,15 +371,19 @@ def main(argv: list[str] | None = None) -> dict:
         cut = asyncio.run(short_behind_long(url, name, a.long_tokens, a.trials))
 
     n = len(questions)
+
+    def seconds(runs: list[dict], k: int | None = None) -> float:  # end to end, summed over pass k (or all passes)
+        return sum(x["e2e"] for x in (runs if k is None else runs[k * n:(k + 1) * n]))
+
+    def rate(runs: list[dict], k: int) -> float:  # pass k's tokens/s
+        return sum(x["tokens"] for x in runs[k * n:(k + 1) * n]) / seconds(runs, k)
+
     levels, versus = {}, {}
     if c1:
-        levels[1] = summary(c1["kvprobe"], 1, n, sum(x["e2e"] for x in c1["kvprobe"]))
+        levels[1] = summary(c1["kvprobe"], 1, n, seconds(c1["kvprobe"]))
         if theirs:
-            t = {p: summary(c1[f"transformers_serve_{p}"], 1, n, sum(x["e2e"] for x in c1[f"transformers_serve_{p}"])) for p in theirs}
-            def rate(runs: list[dict], k: int) -> float:  # pass k's tokens/s
-                return sum(x["tokens"] for x in runs[k * n:(k + 1) * n]) / sum(x["e2e"] for x in runs[k * n:(k + 1) * n])
-
-            passes = [rate(c1["kvprobe"], k) / max(rate(c1[f"transformers_serve_{p}"], k) for p in theirs) for k in range(a.passes)]
+            t = {p: summary(c1[p], 1, n, seconds(c1[p])) for p in theirs}
+            passes = [rate(c1["kvprobe"], k) / max(rate(c1[p], k) for p in theirs) for k in range(a.passes)]
             versus[1] = {"kvprobe_over_best": round(levels[1]["tokens_per_s"] / max(x["tokens_per_s"] for x in t.values()), 3),
                          "passes": [round(x, 3) for x in passes]} | {
                 p: {k: v for k, v in x.items() if k != "texts"} for p, x in t.items()}
@@ -389,8 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
             versus[c] = {"kvprobe_over_best": round(ratios[len(ratios) // 2], 3), "rounds": [round(x, 3) for x in ratios]} | {
                 x: {k: v for k, v in mid[x].items() if k != "texts"} for x in theirs}
     top = 8 if 8 in levels else max(levels)
-    pair_ratios = [sum(s["e2e"] for s in c1["kvprobe"][k * n:(k + 1) * n]) / sum(s["e2e"] for s in c1["in_process"][k * n:(k + 1) * n])
-                   for k in range(a.passes)] if c1 else []
+    pass_ratios = [seconds(c1["kvprobe"], k) / seconds(c1["in_process"], k) for k in range(a.passes)] if c1 else []
     local = c1.get("in_process") or answered
     figures = {
         "benchmark": "serve_load", "generator": a.generator, "policy": a.policy, "dtype": dtype, "requests_per_level": n,
@@ -398,8 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
         "lost": sum(r["lost"] for r in levels.values()), "failed": sum(r["failed"] for r in levels.values()),
         "throughput_c8_over_c1": round(levels[top]["tokens_per_s"] / levels[1]["tokens_per_s"], 3) if c1 else None,
         "throughput_level": top,
-        "overhead_c1_over_in_process": round(sum(s["e2e"] for s in c1["kvprobe"]) / sum(s["e2e"] for s in c1["in_process"]), 4) if c1 else None,
-        "overhead_passes": [round(x, 4) for x in pair_ratios],
+        "overhead_c1_over_in_process": round(seconds(c1["kvprobe"]) / seconds(c1["in_process"]), 4) if c1 else None,
+        "overhead_passes": [round(x, 4) for x in pass_ratios],
         "greedy_text_equal_in_process_c1": all(s["text"] == m["text"] for s, m in zip(c1.get("kvprobe", []), c1.get("in_process", []))),
         "steering_share": round(sum(x["probe_s"] for x in local) / sum(x["seconds"] for x in local), 5),
         "server_steering_share": round(server_probe_s / kv_seconds, 5) if kv_seconds else None,
@@ -407,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
         "p95_e2e_s": {c: r["p95_e2e_s"] for c, r in levels.items()},
         "over_transformers_serve": min(v["kvprobe_over_best"] for v in versus.values()) if versus else None,
         "over_transformers_serve_by_level": {c: v["kvprobe_over_best"] for c, v in versus.items()} or None,
-        "transformers_serve_same_text": {p: round(sum(t["text"] == m["text"] for t, m in zip(c1[f"transformers_serve_{p}"], c1["in_process"]))
+        "transformers_serve_same_text": {p: round(sum(t["text"] == m["text"] for t, m in zip(c1[p], c1["in_process"]))
                                                   / len(c1["in_process"]), 3) for p in theirs} if c1 and theirs else None,
         "transformers_serve": versus or None,
         "overload_5xx": over["5xx"], "overload_first_429_s": over["first_429_s"], "overload_last_429_s": over["last_429_s"],
