@@ -108,6 +108,22 @@ def test_serve_load_reduced(trained, tmp_path):
     assert [r["requests"] for r in figures["levels"]] == [3, 3] and figures["throughput_c8_over_c1"] > 0
 
 
+def test_live_loop_reduced(trained, tmp_path):
+    """The live loop against the model's own steps, and a short answer joining an open batch, on a tiny generator."""
+    from kvprobe.models import ModelSpec, load_model
+    from kvprobe.steering import KVProbeGenerator
+
+    root = trained["root"]
+    lm = load_model(ModelSpec(name=str(trained["model"])))
+    folder = KVProbeGenerator.from_probes(lm, root / "difficulty", [root / "correctness"]).save_pretrained(tmp_path / "gen")
+    out = tmp_path / "live_loop.json"
+    figures = load("live_loop").main(["--generator", str(folder), "--tokens", "6", "--short-tokens", "3", "--after", "2",
+                                      "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(figures))
+    assert 1 <= figures["tokens"] <= 6 and set(figures["per_token"]) == {"kvprobe_ms", "model_generate_ms", "bare_steps_ms"}
+    assert all(v > 0 for v in figures["per_token"].values()) and figures["short_joined_s"] > 0 and figures["short_alone_s"] > 0
+
+
 def test_decode_step_reduced(tiny_models, tmp_path):
     out = tmp_path / "decode_step.json"
     figures = load("decode_step").main(["--model", str(tiny_models["llama"]), "--rows", "1", "2", "--steps", "2",
