@@ -7,7 +7,7 @@ Two measurements, each the median of ``--repeats``:
 
 - per token: one slow-mode answer of ``--tokens`` tokens (prefill included) through ``KVProbeGenerator.generate``,
   through ``model.generate`` on the same prompt ids, and as bare ``model(...)`` steps (greedy, no probe, no
-  bookkeeping). The loop's cost over the model's own is what a server adds nothing to.
+  bookkeeping): what the live loop costs over the model's own steps and over transformers' loop.
 - joining an open batch (``stream(admit=...)``, what ``kvprobe serve`` runs): a short answer (``--short-tokens``)
   alone (timed from the ``generate`` call: argument checks and hook set-up included), and admitted into a running
   long answer at a step boundary (timed from its admission to its answer).
@@ -61,9 +61,10 @@ def hf_generate(model, ids: torch.Tensor, tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def live(gen: KVProbeGenerator, tokens: int) -> float:
+def answer(gen: KVProbeGenerator, chat: list[dict], tokens: int) -> float:
+    """One slow-mode answer of at most ``tokens`` tokens through ``KVProbeGenerator.generate``: seconds."""
     t0 = time.perf_counter()
-    gen.generate(LONG, "slow", max_new_tokens=tokens)
+    gen.generate(chat, "slow", max_new_tokens=tokens)
     return time.perf_counter() - t0
 
 
@@ -77,12 +78,6 @@ class RowCap(Hook):
         for r in state.rows:
             if r.index == self.row and r.in_mode >= self.tokens:
                 r.done = True
-
-
-def alone(gen: KVProbeGenerator, tokens: int) -> float:
-    t0 = time.perf_counter()
-    gen.generate(SHORT, "slow", max_new_tokens=tokens)
-    return time.perf_counter() - t0
 
 
 def joined(gen: KVProbeGenerator, tokens: int, after: int) -> float:
@@ -116,14 +111,14 @@ def main(argv: list[str] | None = None) -> dict:
     gen = KVProbeGenerator.from_pretrained(a.generator, dtype=a.dtype)
     model = gen.lm.model
     ids = torch.tensor([gen.prompt_ids(LONG, "slow")])
-    for f in (lambda: live(gen, 4), lambda: hf_generate(model, ids, 4), lambda: bare_steps(model, ids, 4),
-              lambda: alone(gen, a.short_tokens), lambda: joined(gen, a.short_tokens, a.after)):
+    for f in (lambda: answer(gen, LONG, 4), lambda: hf_generate(model, ids, 4), lambda: bare_steps(model, ids, 4),
+              lambda: answer(gen, SHORT, a.short_tokens), lambda: joined(gen, a.short_tokens, a.after)):
         f()  # warm-up
     tokens = len(gen.generate(LONG, "slow", max_new_tokens=a.tokens).token_ids)  # eos may come first: all three decode this many
     per_token = {name: median(f, a.repeats) / tokens * 1000 for name, f in (
-        ("kvprobe_ms", lambda: live(gen, tokens)), ("model_generate_ms", lambda: hf_generate(model, ids, tokens)),
+        ("kvprobe_ms", lambda: answer(gen, LONG, tokens)), ("model_generate_ms", lambda: hf_generate(model, ids, tokens)),
         ("bare_steps_ms", lambda: bare_steps(model, ids, tokens)))}
-    short_alone = median(lambda: alone(gen, a.short_tokens), a.repeats)
+    short_alone = median(lambda: answer(gen, SHORT, a.short_tokens), a.repeats)
     short_joined = median(lambda: joined(gen, a.short_tokens, a.after), a.repeats)
     return emit({"benchmark": "live_loop", "generator": a.generator, "dtype": gen.lm.spec.dtype, "tokens": tokens,
                  "repeats": a.repeats, "per_token": {k: round(v, 2) for k, v in per_token.items()},
